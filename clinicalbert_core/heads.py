@@ -1,0 +1,90 @@
+"""Heads on packed hidden states: pooling, the BERT pooler and the masked-LM head."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import EncoderConfig
+from .model import ACTIVATIONS
+
+POOLINGS = ("cls", "mean", "pooler")
+AGGREGATES = ("mean", "first", "none")
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W · h_cls + b)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h_cls: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h_cls))  # (B, C)
+
+
+def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens[B+1] -> int64[N]: the sequence each packed token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+
+def pool(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, how: str, pooler: Pooler | None = None
+) -> torch.Tensor:
+    """hidden[N, C] packed -> [B, C] one vector per sequence."""
+    starts = cu_seqlens[:-1].long()
+    if how == "cls":
+        return hidden[starts]  # (B, C) the [CLS] token
+    if how == "pooler":
+        assert pooler is not None, "pooling='pooler' needs the pooler head"
+        return pooler(hidden[starts])
+    if how == "mean":  # every real token of the sequence ([CLS]/[SEP] included, like HF)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden.dtype)
+        sums = hidden.new_zeros(len(starts), hidden.shape[1])
+        sums.index_add_(0, segment_ids(cu_seqlens), hidden)  # (B, C)
+        return sums / lengths[:, None]
+    raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
+
+
+class MlmHead(nn.Module):
+    """dense(C->C) + act + LayerNorm + decoder(C->V) + bias, on selected rows only."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        c = config.hidden_size
+        self.dense = nn.Linear(c, c)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.norm = nn.LayerNorm(c, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(c, config.vocab_size)  # weight tied to embeddings at load
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(rows))))  # (M, V) logits
+
+
+def aggregate_windows(
+    vectors: np.ndarray,
+    note: np.ndarray,
+    window_index: np.ndarray,
+    n_tokens: np.ndarray,
+    num_notes: int,
+    how: str,
+) -> np.ndarray:
+    """Per-window vectors [W, C] -> per-note vectors [num_notes, C] float32.
+
+    Windows may come in any order (they are batched by length, across notes): `note[W]` says
+    which note each belongs to, `window_index[W]` its place in the note, `n_tokens[W]` its size.
+    `mean` weighs each window by its token count; `first` keeps window 0.
+    """
+    if how == "first":
+        out = np.zeros((num_notes, vectors.shape[1]), dtype=np.float32)
+        first = window_index == 0
+        out[note[first]] = vectors[first]
+        return out
+    if how == "mean":
+        sums = np.zeros((num_notes, vectors.shape[1]), dtype=np.float64)
+        np.add.at(sums, note, vectors.astype(np.float64) * n_tokens[:, None])
+        total = np.bincount(note, weights=n_tokens, minlength=num_notes)
+        return (sums / total[:, None]).astype(np.float32)
+    raise ValueError(f"unknown window aggregate {how!r}; expected 'mean' or 'first'")

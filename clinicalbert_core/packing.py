@@ -1,0 +1,119 @@
+"""Padding-free batches.
+
+The whole runtime works on packed tokens: the B sequences of a batch are concatenated into
+one row of N tokens, `cu_seqlens` int32[B+1] marks where each starts, `position_ids` int64[N]
+restarts at 0 for every sequence. Only attention needs per-sequence structure; it pads in
+`pad`/`unpad` below, the one place padding exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    input_ids: torch.Tensor  # int64[N]
+    position_ids: torch.Tensor  # int64[N]
+    cu_seqlens: torch.Tensor  # int32[B+1]
+    max_seqlen: int
+    # Attention padding plan, made once per batch and shared by every layer:
+    pad_index: torch.Tensor  # int64[N]: slot of each packed token in the flat [B*L] padded grid
+    key_mask: torch.Tensor | None  # bool[B, 1, 1, L], True = real key; None when no padding
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.cu_seqlens),
+            self.max_seqlen,
+            move(self.pad_index),
+            move(self.key_mask),
+        )
+
+
+def cu_seqlens_from_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """lengths[B] -> cu_seqlens int32[B+1] = [0, l0, l0+l1, ...]."""
+    lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def pack(seqs: Sequence[np.ndarray | Sequence[int]]) -> PackedBatch:
+    """B token-id sequences -> one PackedBatch (on CPU; `.to(device)` moves it)."""
+    if not seqs:
+        raise ValueError("pack() needs at least one sequence")
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    if (lengths == 0).any():
+        raise ValueError("pack() got an empty sequence; every sequence needs >= 1 token")
+    input_ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]))
+    return pack_flat(input_ids, lengths)
+
+
+def pack_flat(input_ids: torch.Tensor, lengths: np.ndarray) -> PackedBatch:
+    """Already-concatenated ids int64[N] with lengths[B] -> PackedBatch."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n, b, max_len = int(lengths.sum()), len(lengths), int(lengths.max())
+    assert input_ids.numel() == n, (input_ids.numel(), n)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # [N] start of each token's seq
+    position_ids = np.arange(n, dtype=np.int64) - starts  # [N]
+    seq_of_token = np.repeat(np.arange(b, dtype=np.int64), lengths)  # [N]
+    pad_index = seq_of_token * max_len + position_ids  # [N]
+    key_mask = None
+    if (lengths != max_len).any():
+        key_mask = torch.from_numpy(np.arange(max_len)[None, :] < lengths[:, None])  # [B, L]
+        key_mask = key_mask[:, None, None, :]  # [B, 1, 1, L]
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=cu_seqlens_from_lengths(lengths),
+        max_seqlen=max_len,
+        pad_index=torch.from_numpy(pad_index),
+        key_mask=key_mask,
+    )
+
+
+def pad(x: torch.Tensor, batch: PackedBatch, value: float = 0.0) -> torch.Tensor:
+    """x[N, *F] packed -> [B, L, *F], `value` in the padded slots."""
+    b, max_len = batch.num_seqs, batch.max_seqlen
+    out = x.new_full((b * max_len, *x.shape[1:]), value)  # [B*L, *F]
+    out.index_copy_(0, batch.pad_index, x)
+    return out.view(b, max_len, *x.shape[1:])
+
+
+def unpad(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """x[B, L, *F] padded -> [N, *F] (padded slots dropped)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, batch.pad_index)
+
+
+def token_budget_batches(lengths: Sequence[int] | np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split sequences into batches of at most `budget` tokens, after sorting by length.
+
+    Returns index arrays into `lengths`; each batch holds similar lengths so the padding that
+    attention adds is small. A sequence longer than the budget gets a batch of its own.
+    Budget counts padded tokens (B * max length), which bounds attention memory too.
+    """
+    if budget <= 0:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        take = max(1, budget // max(longest, 1))
+        batches.append(order[start : start + take])
+        start += take
+    return batches

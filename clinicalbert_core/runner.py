@@ -1,0 +1,392 @@
+"""ClinicalBertRunner: weights, tokenizer, encoder and heads placed once on one device.
+
+Three steps, usable separately (the job layer tokenizes ahead of the encoder and batches
+windows across notes): `tokenize` (notes -> windows), `encode_windows` (windows -> per-window
+vectors and MLM rows, in token-budget batches) and `aggregate` (windows -> notes).
+`encode` and `mlm` chain them for notes in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from . import weights as W
+from .config import EncoderConfig
+from .heads import AGGREGATES, POOLINGS, MlmHead, Pooler, aggregate_windows, pool
+from .hub import ModelBundle
+from .model import Encoder
+from .packing import PackedBatch, pack_flat, token_budget_batches
+from .placement import MlmExecMode, resolve_mlm_mode
+from .tokenizer import NoteTokenizer, Windows
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEADS = ("pooler", "mlm")
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has bf16 matrix units (AMX or AVX512-BF16); else bf16 is emulated."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 where the device computes it natively, else fp32 (fp16 on old GPUs)."""
+    if precision not in (*DTYPES, "auto"):
+        raise ValueError(f"precision must be one of fp32, bf16, fp16, auto; got {precision!r}")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("precision fp16 is not supported on cpu; use fp32 or bf16")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+@dataclass
+class MlmRows:
+    """Top-k predictions at selected token positions, one row per position."""
+
+    window: np.ndarray  # int64[M] window of each row
+    position: np.ndarray  # int32[M] token position inside the window
+    top_ids: np.ndarray  # int64[M, k]
+    top_logprobs: np.ndarray  # float32[M, k]
+    logits: np.ndarray | None = None  # float32[M, V] when asked for
+
+
+@dataclass
+class WindowOutput:
+    vectors: np.ndarray  # float32[w, C] one per window, in the order asked for
+    mlm: MlmRows | None = None
+    hidden: torch.Tensor | None = None  # float32[N, C] packed, windows in the order asked for
+    cu_seqlens: torch.Tensor | None = None  # int32[w+1]
+
+
+@dataclass
+class EncodeOutput:
+    pooled: torch.Tensor  # float32[notes, C] (or [windows, C] with aggregate 'none')
+    windows: Windows
+    hidden: torch.Tensor | None = None  # float32[N, C] packed over windows
+    cu_seqlens: torch.Tensor | None = None  # int32[W+1]
+
+
+@dataclass
+class MlmPrediction:
+    note: int
+    window: int
+    position: int  # token position in the window
+    char_start: int  # in the note
+    ids: list[int]
+    tokens: list[str]
+    log_probs: list[float]
+
+
+class ClinicalBertRunner:
+    def __init__(
+        self,
+        config: EncoderConfig,
+        state: dict[str, torch.Tensor],
+        tokenizer: Tokenizer,
+        *,
+        variant: str = "custom",
+        lowercase: bool | None = None,
+        weights_sha256: str | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        max_seq: int = 512,
+        pooling: str = "cls",
+        heads: Sequence[str] = ("pooler",),
+        mlm_mode: MlmExecMode | str = "auto",
+        long_notes: str = "truncate",
+        stride: int = 128,
+        aggregate: str = "mean",
+        batch_tokens: int = 8192,
+        compile: bool = False,
+        source: str = "checkpoint",
+    ):
+        unknown = set(heads) - set(HEADS)
+        if unknown or not heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {tuple(heads)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if max_seq > config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq {max_seq} exceeds the model's max_position_embeddings "
+                f"{config.max_position_embeddings}"
+            )
+        if batch_tokens < max_seq:
+            raise ValueError(f"batch_tokens {batch_tokens} must be at least max_seq {max_seq}")
+        self.config, self.variant, self.lowercase = config, variant, lowercase
+        self.weights_sha256 = weights_sha256
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
+        self.pooling, self.heads, self.aggregate = pooling, tuple(heads), aggregate
+        self.mlm_mode = MlmExecMode(mlm_mode)
+        self.batch_tokens = batch_tokens
+        self.tokenizer = NoteTokenizer(tokenizer, max_seq, long_notes, stride)
+
+        want_pooler = "pooler" in heads and pooling == "pooler"
+        want_mlm = "mlm" in heads
+        params = W.convert(state, config, pooler=want_pooler, mlm=want_mlm, source=source)
+        self.encoder = _build(Encoder, config, params, "", self.device, self.dtype)
+        varlen = self.device.type == "cuda" and self.dtype != torch.float32 and _has_varlen()
+        self.encoder.use_varlen(varlen)
+        self.pooler = (
+            _build(Pooler, config, params, "pooler.", self.device, self.dtype)
+            if want_pooler
+            else None
+        )
+        self.mlm_head = self.mlm_head_host = None
+        if want_mlm:
+            self.mlm_head = _build(MlmHead, config, params, "mlm.", self.device, self.dtype)
+            self.mlm_head_host = _build(
+                MlmHead, config, params, "mlm.", torch.device("cpu"), torch.float32
+            )
+        self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
+        log.info(
+            "runner ready: variant=%s device=%s precision=%s attention=%s pooling=%s heads=%s",
+            variant, self.device, self.precision, "varlen" if varlen else "sdpa", pooling, heads,
+        )  # fmt: skip
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        variant: str | None = None,
+        config: str | Path | None = None,
+        lowercase: bool | None = None,
+        revision: str | None = None,
+        **options: Any,
+    ) -> ClinicalBertRunner:
+        """From a prepared dir, a raw HF snapshot dir, a model.safetensors file or a hub id."""
+        from .hub import (
+            _checked_config,
+            _own_tokenizer,
+            find_files,
+            load_tokenizer,
+            resolve,
+            resolve_casing,
+        )
+
+        path, _ = resolve(source, revision)
+        files = find_files(path, config)
+        v, cfg = _checked_config(files, variant)
+        casing = resolve_casing(v, lowercase, _own_tokenizer(files))
+        return cls(
+            cfg,
+            W.read_state_dict(files.weights),
+            load_tokenizer(files, casing),
+            variant=v.name,
+            lowercase=casing,
+            weights_sha256=(files.manifest or {}).get("files", {}).get(files.weights.name),
+            source=str(files.weights),
+            **options,
+        )
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle, **options: Any) -> ClinicalBertRunner:
+        """From a ModelBundle (e.g. fetched from Ray's object store)."""
+        return cls(
+            EncoderConfig.from_dict(bundle.config, source="bundle config"),
+            W.read_state_dict(bundle.weights),
+            Tokenizer.from_str(bundle.tokenizer_json),
+            variant=bundle.variant,
+            lowercase=bundle.lowercase,
+            weights_sha256=bundle.weights_sha256,
+            source=f"bundle {bundle.variant}",
+            **options,
+        )
+
+    # ---- the three steps -----------------------------------------------------------------
+    def tokenize(self, notes: Sequence[str]) -> Windows:
+        return self.tokenizer(list(notes))
+
+    @torch.inference_mode()
+    def encode_windows(
+        self,
+        windows: Windows,
+        select: np.ndarray | None = None,
+        *,
+        mlm_positions: str = "mask",
+        top_k: int = 5,
+        return_hidden: bool = False,
+        return_logits: bool = False,
+    ) -> WindowOutput:
+        """Encode windows (all, or `select`) in token-budget batches sorted by length.
+
+        Vectors come back in the order of `select`. MLM rows (when the runner has the MLM
+        head) are computed at [MASK] positions (`mlm_positions='mask'`) or every position
+        ('all').
+        """
+        select = np.arange(windows.num_windows) if select is None else np.asarray(select)
+        lengths = windows.lengths[select]
+        vectors = np.empty((len(select), self.config.hidden_size), dtype=np.float32)
+        hidden_parts: dict[int, torch.Tensor] = {}
+        mlm_parts: list[MlmRows] = []
+        for batch_idx in token_budget_batches(lengths, self.batch_tokens):
+            chosen = select[batch_idx]
+            ids = np.concatenate([windows.window_ids(w) for w in chosen])
+            batch = pack_flat(torch.from_numpy(ids.astype(np.int64)), windows.lengths[chosen])
+            hidden = self._forward(batch.to(self.device))  # (N, C)
+            dev_cu = batch.cu_seqlens.to(self.device)
+            pooled = pool(hidden, dev_cu, self.pooling, self.pooler)  # (b, C)
+            vectors[batch_idx] = pooled.float().cpu().numpy()
+            if self.mlm_head is not None:
+                mlm_parts.append(
+                    self._mlm_rows(hidden, batch, ids, chosen, mlm_positions, top_k, return_logits)
+                )
+            if return_hidden:
+                starts = batch.cu_seqlens.tolist()
+                h = hidden.float().cpu()
+                for j, i in enumerate(batch_idx):
+                    hidden_parts[int(i)] = h[starts[j] : starts[j + 1]]
+        out = WindowOutput(vectors=vectors)
+        if mlm_parts:
+            out.mlm = _concat_mlm(mlm_parts)
+        if return_hidden:
+            seqs = [hidden_parts[i] for i in range(len(select))]
+            out.hidden = torch.cat(seqs) if seqs else torch.zeros(0, self.config.hidden_size)
+            out.cu_seqlens = torch.nn.functional.pad(
+                torch.tensor([len(s) for s in seqs], dtype=torch.int64).cumsum(0), (1, 0)
+            ).to(torch.int32)
+        return out
+
+    def aggregate_vectors(self, windows: Windows, vectors: np.ndarray) -> np.ndarray:
+        """Per-window vectors [W, C] (window order) -> per note [notes, C] by the runner's
+        aggregate; with aggregate 'none' the windows are the rows."""
+        if self.aggregate == "none":
+            return vectors
+        return aggregate_windows(
+            vectors, windows.note, windows.window_index, windows.lengths - 2,
+            windows.num_notes, self.aggregate,
+        )  # fmt: skip
+
+    # ---- conveniences --------------------------------------------------------------------
+    def encode(self, notes: Sequence[str], return_hidden: bool = True) -> EncodeOutput:
+        windows = self.tokenize(notes)
+        out = self.encode_windows(windows, return_hidden=return_hidden)
+        return EncodeOutput(
+            pooled=torch.from_numpy(self.aggregate_vectors(windows, out.vectors)),
+            windows=windows,
+            hidden=out.hidden,
+            cu_seqlens=out.cu_seqlens,
+        )
+
+    def mlm(
+        self, notes: Sequence[str], top_k: int = 5, positions: str = "mask"
+    ) -> list[list[MlmPrediction]]:
+        """Top-k predictions per note at its [MASK] tokens (or at every token: positions='all')."""
+        if self.mlm_head is None:
+            raise ValueError("this runner was loaded without the MLM head: pass heads=(..., 'mlm')")
+        windows = self.tokenize(notes)
+        rows = self.encode_windows(windows, mlm_positions=positions, top_k=top_k).mlm
+        result: list[list[MlmPrediction]] = [[] for _ in notes]
+        if rows is None:
+            return result
+        vocab = self.tokenizer.tokenizer
+        for m in range(len(rows.window)):
+            w, p = int(rows.window[m]), int(rows.position[m])
+            ids = rows.top_ids[m].tolist()
+            result[int(windows.note[w])].append(
+                MlmPrediction(
+                    note=int(windows.note[w]),
+                    window=int(windows.window_index[w]),
+                    position=p,
+                    char_start=int(windows.token_char[windows.bounds[w] + p]),
+                    ids=ids,
+                    tokens=[vocab.id_to_token(i) for i in ids],
+                    log_probs=rows.top_logprobs[m].tolist(),
+                )
+            )
+        return result
+
+    # ---- internals -------------------------------------------------------------------------
+    def _mlm_rows(
+        self,
+        hidden: torch.Tensor,
+        batch: PackedBatch,
+        ids: np.ndarray,
+        chosen: np.ndarray,
+        positions: str,
+        top_k: int,
+        return_logits: bool,
+    ) -> MlmRows:
+        if positions == "mask":
+            rows = np.flatnonzero(ids == self.tokenizer.mask_id)
+        elif positions == "all":
+            rows = np.arange(len(ids))
+        else:
+            raise ValueError(f"mlm positions must be 'mask' or 'all', got {positions!r}")
+        cu = batch.cu_seqlens.numpy()
+        seq = np.searchsorted(cu, rows, side="right") - 1  # sequence of each row
+        mode = resolve_mlm_mode(self.mlm_mode, self.device.type, batch.num_seqs)
+        idx = torch.from_numpy(rows).to(hidden.device)
+        if mode is MlmExecMode.CPU:
+            logits = self.mlm_head_host(hidden.index_select(0, idx).float().cpu())  # (M, V)
+        else:
+            logits = self.mlm_head(hidden.index_select(0, idx)).float()  # (M, V)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        k = min(top_k, logprobs.shape[1])
+        top = logprobs.topk(k, dim=-1)
+        return MlmRows(
+            window=chosen[seq].astype(np.int64),
+            position=(rows - cu[seq]).astype(np.int32),
+            top_ids=top.indices.cpu().numpy(),
+            top_logprobs=top.values.cpu().numpy().astype(np.float32),
+            logits=logits.cpu().numpy() if return_logits else None,
+        )
+
+
+def _build(
+    module_cls: type[torch.nn.Module],
+    config: EncoderConfig,
+    params: dict[str, torch.Tensor],
+    prefix: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.nn.Module:
+    """Build on the meta device, strict-load `prefix`-ed params, place it (eval mode)."""
+    with torch.device("meta"):
+        module = module_cls(config)
+    own = {
+        k[len(prefix) :]: v
+        for k, v in params.items()
+        if k.startswith(prefix) and (prefix or not k.startswith(("pooler.", "mlm.")))
+    }
+    module.load_state_dict(own, strict=True, assign=True)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _concat_mlm(parts: list[MlmRows]) -> MlmRows:
+    logits = [p.logits for p in parts]
+    return MlmRows(
+        window=np.concatenate([p.window for p in parts]),
+        position=np.concatenate([p.position for p in parts]),
+        top_ids=np.concatenate([p.top_ids for p in parts]),
+        top_logprobs=np.concatenate([p.top_logprobs for p in parts]),
+        logits=None if any(x is None for x in logits) else np.concatenate(logits),
+    )
