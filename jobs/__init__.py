@@ -1,0 +1,1 @@
+"""jobs: ClinicalBERT batch jobs on Ray (spec, corpus, actors, dispatch, output)."""

@@ -1,0 +1,259 @@
+"""`clinicalbert bench`: this encoder vs transformers' BertModel on one mixed-length workload.
+
+Everything runs in one process, side by side, on the same token ids (BERT-base shape, random
+weights, lengths spread over 16-512): our packed encoder (fp32, and bf16 where the device has
+bf16 units), transformers fp32 unsorted batches of 16 (as a user would run it), fp32 sorted,
+and its best (bf16 weights, length-sorted). A matmul probe measures the device's peak so the
+achieved GFLOP/s can be read as a fraction of what the hardware can do. Peak memory is the
+high-water mark above the pre-run level (CUDA allocator stats, or sampled RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from clinicalbert_core.config import EncoderConfig
+from clinicalbert_core.runner import DTYPES, ClinicalBertRunner, cpu_has_bf16
+from clinicalbert_core.tokenizer import Windows
+
+BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512)  # fmt: skip
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[np.ndarray]:
+    """`n` id sequences ([CLS] ... [SEP]) with lengths uniform in [lo, hi]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, size=n)
+    return [
+        np.concatenate(([101], rng.integers(1000, vocab, size=ln - 2), [102])) for ln in lengths
+    ]
+
+
+def windows_of(seqs: list[np.ndarray]) -> Windows:
+    lengths = np.array([len(s) for s in seqs])
+    n = len(seqs)
+    return Windows(
+        ids=np.concatenate(seqs).astype(np.int32),
+        token_char=np.zeros(int(lengths.sum()), np.int64),
+        bounds=np.concatenate(([0], np.cumsum(lengths))),
+        note=np.arange(n), window_index=np.zeros(n, np.int32),
+        char_start=np.zeros(n, np.int64), char_end=np.zeros(n, np.int64),
+        note_tokens=lengths - 2, truncated=np.zeros(n, bool),
+    )  # fmt: skip
+
+
+def flops(cfg: EncoderConfig, lengths: np.ndarray) -> float:
+    """Forward FLOPs of the encoder on these sequence lengths (no padding counted)."""
+    c, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    linear = 2 * (4 * c * c + 2 * c * i) * layers * lengths.sum()
+    attn = 4 * layers * c * (lengths.astype(np.float64) ** 2).sum()
+    return float(linear + attn)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _sync(device)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Best wall time of `repeats` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes above the pre-call level at the high-water mark of one call.
+
+    CUDA: the caching allocator's peak. CPU: the kernel's RSS high-water mark (VmHWM), so
+    call this in a fresh process per side (see --memory-of), where no freed memory from an
+    earlier side can be reused unseen.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def hf_side(model: Any, seqs: list[np.ndarray], batch: int, sort: bool, device: torch.device):
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if sort else range(len(seqs))
+    order = list(order)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for s in range(0, len(order), batch):
+                chunk = [seqs[i] for i in order[s : s + batch]]
+                width = max(len(x) for x in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for j, x in enumerate(chunk):
+                    ids[j, : len(x)] = torch.from_numpy(x)
+                    mask[j, : len(x)] = 1
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+    return run
+
+
+def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str, Callable]]:
+    """name -> (precision, factory) where factory() builds the model and returns its run()."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(**BERT_BASE)
+    hf_config = BertConfig(**BERT_BASE)
+    hf_config._attn_implementation = "sdpa"
+    seqs = workload(args.notes, args.min_len, args.max_len, cfg.vocab_size, seed=0)
+    budget = args.batch_tokens or (65536 if device.type == "cuda" else 8192)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
+    make_hf = lambda: BertModel(hf_config, add_pooling_layer=False).eval()  # noqa: E731
+    torch.manual_seed(0)
+    state = {f"bert.{k}": v for k, v in make_hf().state_dict().items()}
+
+    def ours(precision: str) -> Callable:
+        runner = ClinicalBertRunner(
+            cfg, state, tok, device=device, precision=precision, max_seq=512,
+            heads=("pooler",), pooling="cls", batch_tokens=budget,
+        )  # fmt: skip
+        windows = windows_of(seqs)
+        return lambda: runner.encode_windows(windows)
+
+    def theirs(dtype: torch.dtype, sort: bool) -> Callable:
+        torch.manual_seed(0)
+        return hf_side(make_hf().to(device, dtype), seqs, args.hf_batch, sort, device)
+
+    out: dict[str, tuple[str, Callable]] = {
+        "ours fp32": ("fp32", lambda: ours("fp32")),
+        "transformers fp32 unsorted": ("fp32", lambda: theirs(torch.float32, False)),
+        "transformers fp32 sorted": ("fp32", lambda: theirs(torch.float32, True)),
+    }
+    if use_bf16(args, device):
+        out["ours bf16"] = ("bf16", lambda: ours("bf16"))
+        out["transformers bf16 sorted"] = ("bf16", lambda: theirs(torch.bfloat16, True))
+    return out
+
+
+def use_bf16(args: argparse.Namespace, device: torch.device) -> bool:
+    return args.bf16 == "on" or (args.bf16 == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+
+
+def memory_in_subprocess(name: str, argv: list[str]) -> int:
+    cmd = [sys.executable, "-m", "jobs.bench", *argv, "--memory-of", name]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--notes", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=0, help="default: 8192 cpu, 65536 cuda")
+    p.add_argument("--hf-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="auto: only where the device has bf16 units (AMX/AVX512-BF16, CUDA)")  # fmt: skip
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    table = sides(args, device)
+    if args.memory_of:
+        print(peak_memory(table[args.memory_of][1](), device))
+        return 0
+
+    seqs = workload(args.notes, args.min_len, args.max_len, BERT_BASE["vocab_size"], seed=0)
+    lengths = np.array([len(s) for s in seqs])
+    tokens, work = int(lengths.sum()), flops(EncoderConfig(**BERT_BASE), lengths)
+    peaks = {prec: matmul_peak(device, DTYPES[prec]) for prec in {p for p, _ in table.values()}}
+    print(f"bench on {device} ({torch.get_num_threads()} threads): {args.notes} notes, {tokens} tokens "
+          f"({lengths.min()}-{lengths.max()}), {work / 1e9:.0f} GFLOP; matmul peak "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sorted(peaks.items())), flush=True)  # fmt: skip
+    rows: dict[str, dict[str, float]] = {}
+    for name, (precision, factory) in table.items():
+        run = factory()
+        seconds = timed(run, device, args.repeats)
+        if device.type == "cuda":
+            mem = peak_memory(run, device)
+        else:
+            del run
+            gc.collect()
+            mem = memory_in_subprocess(name, argv)
+        rows[name] = {
+            "tok_s": tokens / seconds, "seconds": seconds, "gflops": work / seconds / 1e9,
+            "of_peak": work / seconds / peaks[precision], "peak_mem_mib": mem / 2**20,
+        }  # fmt: skip
+        r = rows[name]
+        print(f"  {name:<28} {r['tok_s']:>9.0f} tok/s {r['gflops']:>9.1f} GFLOP/s "
+              f"({100 * r['of_peak']:3.0f}% of {precision} peak)  peak mem {r['peak_mem_mib']:7.0f} MiB",
+              flush=True)  # fmt: skip
+    pairs = [("ours fp32", "transformers fp32 unsorted"), ("ours fp32", "transformers fp32 sorted"),
+             ("ours bf16", "transformers bf16 sorted")]  # fmt: skip
+    ratios, memory = {}, {}
+    for a, b in pairs:
+        if a in rows and b in rows:
+            ratios[f"{a} / {b}"] = rows[a]["tok_s"] / rows[b]["tok_s"]
+            memory[f"{a} / {b}"] = rows[a]["peak_mem_mib"] / max(rows[b]["peak_mem_mib"], 1e-9)
+            print(f"  speed {a} / {b}: {ratios[f'{a} / {b}']:.2f}x   "
+                  f"peak memory: {memory[f'{a} / {b}']:.2f}x")  # fmt: skip
+    if not use_bf16(args, device):
+        print("  bf16 skipped: this device has no bf16 matrix units (bf16 would be emulated)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "tokens": tokens, "gflop": work / 1e9,
+                       "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+                       "rows": rows, "speed_ratios": ratios, "memory_ratios": memory}, f, indent=2)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Synthetic clinical notes and a small random BERT, made offline.
+
+They drive the demo job, the tests and the benchmarks: nothing is downloaded. The notes look
+like MIMIC discharge summaries (sections, abbreviations, `[**...**]` de-identification spans,
+vitals, medication lists) but are random; the model has random weights in the HF BERT layout
+(a BertForPreTraining-style checkpoint: `bert.` prefix, pooler and MLM head) with a vocab that
+covers the notes' words.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+SECTIONS = [
+    "Chief Complaint", "History of Present Illness", "Past Medical History", "Medications on Admission",
+    "Allergies", "Physical Exam", "Pertinent Results", "Brief Hospital Course", "Discharge Medications",
+    "Discharge Disposition", "Discharge Diagnosis", "Discharge Instructions", "Followup Instructions",
+]  # fmt: skip
+PHRASES = [
+    "pt is a {age} yo {sex} with hx of {dx} who presented with {sx}",
+    "pt was started on {med} for {dx}", "denies {sx}", "{sx} resolved with {med}",
+    "vitals: t {temp} hr {hr} bp {sbp}/{dbp} rr {rr} o2 sat {sat}% ra",
+    "{med} {dose} mg po b.i.d.", "{med} {dose} mg iv q{q}h prn {sx}",
+    "cxr showed {finding}", "echo with ef {ef}% and {finding}", "transferred to the micu for {dx}",
+    "seen by [**First Name8 (NamePattern2) {num}**] [**Last Name (NamePattern1) {num}**] on [**{date}**]",
+    "admitted to [**Hospital {num}**] on [**{date}**]", "follow up with dr. [**Known lastname {num}**] in {q} weeks",
+    "labs notable for cr {cr} wbc {wbc} hct {hct}", "continue home {med}", "holding {med} given {dx}",
+]  # fmt: skip
+FILL = {
+    "sex": ["m", "f", "M", "F"],
+    "dx": ["chf", "afib", "copd exacerbation", "pneumonia", "uti", "dka", "cad", "ckd", "sepsis", "gi bleed", "CHF", "AFib"],
+    "sx": ["chest pain", "sob", "dyspnea", "fevers", "nausea", "abd pain", "doe", "cough", "SOB"],
+    "med": ["lasix", "metoprolol", "heparin", "coumadin", "vancomycin", "zosyn", "insulin", "lisinopril", "aspirin", "Lasix"],
+    "finding": ["bilateral effusions", "rll infiltrate", "no acute process", "lvh", "mild mr", "pulmonary edema"],
+}  # fmt: skip
+
+
+def _fill(rng: random.Random, template: str) -> str:
+    nums = {
+        "age": rng.randint(18, 99), "temp": round(rng.uniform(96.5, 102.5), 1), "hr": rng.randint(50, 130),
+        "sbp": rng.randint(85, 180), "dbp": rng.randint(40, 100), "rr": rng.randint(12, 30),
+        "sat": rng.randint(85, 100), "dose": rng.choice([5, 10, 20, 25, 40, 81, 100, 500]),
+        "q": rng.choice([4, 6, 8, 12]), "ef": rng.randint(15, 70), "num": rng.randint(1, 9999),
+        "date": f"21{rng.randint(10, 99)}-{rng.randint(1, 12)}-{rng.randint(1, 28)}",
+        "cr": round(rng.uniform(0.5, 4.0), 1), "wbc": round(rng.uniform(3, 25), 1), "hct": rng.randint(20, 45),
+    }  # fmt: skip
+    words = {k: rng.choice(v) for k, v in FILL.items()}
+    return template.format(**nums, **words)
+
+
+def make_note(rng: random.Random, target_words: int) -> str:
+    lines, count = [], 0
+    while count < target_words:
+        section = rng.choice(SECTIONS)
+        body = ". ".join(_fill(rng, rng.choice(PHRASES)) for _ in range(rng.randint(1, 6)))
+        lines.append(f"{section}:\n{body}.\n")
+        count += len(body.split()) + 2
+    return "\n".join(lines)
+
+
+def make_notes(n: int, seed: int = 0, min_words: int = 10, max_words: int = 600) -> list[str]:
+    """`n` notes with word counts spread log-uniformly over [min_words, max_words]."""
+    rng = random.Random(seed)
+    lo, hi = np.log(min_words), np.log(max_words)
+    return [make_note(rng, int(np.exp(rng.uniform(lo, hi)))) for _ in range(n)]
+
+
+def write_corpus(path: str | Path, n: int, seed: int = 0, max_words: int = 600) -> Path:
+    """A Parquet corpus: note_id (int64), subject_id, category, text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notes = make_notes(n, seed, max_words=max_words)
+    rng = random.Random(seed + 1)
+    table = pa.table(
+        {
+            "note_id": pa.array(range(1, n + 1), pa.int64()),
+            "subject_id": pa.array([rng.randint(10000, 99999) for _ in range(n)], pa.int64()),
+            "category": pa.array(["Discharge summary"] * n),
+            "text": pa.array(notes),
+        }
+    )
+    pq.write_table(table, path, row_group_size=max(1, n // 8))
+    return path
+
+
+def vocab_for(notes: list[str] | None = None) -> list[str]:
+    """A WordPiece vocab: specials, characters (+ ## forms) and the words of the notes."""
+    chars = [chr(c) for c in range(33, 127)]
+    words: set[str] = set()
+    for note in notes or make_notes(200, seed=1234):
+        for w in note.replace(".", " ").replace(":", " ").split():
+            if w.isalpha():
+                words.update((w, w.lower()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return list(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + sorted(words)))
+
+
+def make_model(
+    out_dir: str | Path,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random BERT checkpoint (config.json, model.safetensors, vocab.txt)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = vocab_for()
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    inter = intermediate or 4 * hidden
+    config = {
+        "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": len(vocab),
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": inter, "hidden_act": "gelu", "max_position_embeddings": max_positions,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    ones, zeros = torch.ones, torch.zeros
+    v, c = len(vocab), hidden
+    state = {
+        "bert.embeddings.word_embeddings.weight": rand(v, c),
+        "bert.embeddings.position_embeddings.weight": rand(max_positions, c),
+        "bert.embeddings.token_type_embeddings.weight": rand(2, c),
+        "bert.embeddings.LayerNorm.weight": ones(c),
+        "bert.embeddings.LayerNorm.bias": zeros(c),
+        "bert.pooler.dense.weight": rand(c, c),
+        "bert.pooler.dense.bias": zeros(c),
+        "cls.predictions.transform.dense.weight": rand(c, c),
+        "cls.predictions.transform.dense.bias": zeros(c),
+        "cls.predictions.transform.LayerNorm.weight": ones(c),
+        "cls.predictions.transform.LayerNorm.bias": zeros(c),
+        "cls.predictions.bias": zeros(v),
+    }
+    for i in range(layers):
+        p = f"bert.encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense"):  # fmt: skip
+            state[p + name + ".weight"], state[p + name + ".bias"] = rand(c, c), zeros(c)
+        state[p + "intermediate.dense.weight"], state[p + "intermediate.dense.bias"] = (
+            rand(inter, c),
+            zeros(inter),
+        )
+        state[p + "output.dense.weight"], state[p + "output.dense.bias"] = rand(c, inter), zeros(c)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            state[p + name + ".weight"], state[p + name + ".bias"] = ones(c), zeros(c)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
