@@ -1,0 +1,532 @@
+"""Corpus readers, staging to Parquet, and shard planning.
+
+Every input ends up as Parquet row groups. Parquet inputs are read in place; jsonl, csv and
+text inputs (plain or compressed, e.g. `.gz`) are staged once into Parquet files under a
+staging dir, with row groups of `shard_rows` rows. A `Shard` is a deterministic slice of one
+Parquet file: a run of its row groups, optionally cut at `row_limit` rows (only for
+`corpus.limit`). Paths are local paths or URIs `pyarrow.fs` understands.
+
+Pure functions, no Ray: the driver passes its own `map_fn` to `plan_shards` to stage sources in
+parallel tasks, and actors call `read_shard`. Nothing here logs or raises with note text.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.fs as pa_fs
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
+
+STAGING_VERSION = 1  # bump when the staged layout changes: old staged files are then ignored
+INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
+_ARROW_TYPES = {
+    "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
+    "date32": pa.date32(), "timestamp": pa.timestamp("s"),
+}  # fmt: skip
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One unit of input: a file, or (format text) a chunk of the files under `path`."""
+
+    path: str  # file, or for text the dir ids are relative to (local path or URI)
+    size: int
+    mtime_ns: int | None
+    files: tuple[tuple[str, int, int | None], ...] = ()  # text: (relative path, size, mtime_ns)
+
+
+@dataclass(frozen=True)
+class ParquetInput:
+    """A Parquet file ready to shard: an input itself, or the staged copy of a Source."""
+
+    path: str
+    identity: str  # hex key: what the shard ids of this file derive from
+    row_group_rows: tuple[int, ...]
+    source: str  # the original input, for reports
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A deterministic slice of one Parquet file; plain fields, cheap to ship to actors."""
+
+    id: str  # hex hash of (file identity: path/size/mtime, row_groups, row_limit)
+    path: str  # Parquet file to read (local path or URI)
+    row_groups: tuple[int, ...]
+    num_rows: int  # input rows the shard covers (before `where`)
+    source: str  # the original input path, for reports
+    row_limit: int | None = None  # read only the first row_limit rows (set by corpus.limit)
+
+
+class ShardReader(Iterator[pa.RecordBatch]):
+    """Iterates a shard's record batches; `rows_in` and `rows_filtered` count as it goes.
+
+    Each batch has columns `id`, `text`, the keep columns (input names and types), and
+    `row_index` (int64, the row's position within the shard, before `where`). Rows failing
+    `where` are dropped and counted in `rows_filtered`; when exhausted,
+    rows_in = rows yielded + rows_filtered. Text is passed through as stored: it may be
+    null, empty, binary (staged csv/text inputs always are) or not text at all.
+    """
+
+    def __init__(self, shard: Shard, corpus: CorpusSpec, batch_rows: int):
+        self.shard, self.corpus, self.batch_rows = shard, corpus, batch_rows
+        self.rows_in = 0
+        self.rows_filtered = 0
+        self._batches = self._read()
+
+    def __next__(self) -> pa.RecordBatch:
+        return next(self._batches)
+
+    def _read(self) -> Iterator[pa.RecordBatch]:
+        shard, corpus = self.shard, self.corpus
+        columns = corpus.read_columns()
+        keep = list(corpus.keep_columns)
+        limit = shard.num_rows
+        fs, path = filesystem(shard.path)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            check_columns(pf.schema_arrow.names, corpus, shard.path)
+            batches = pf.iter_batches(
+                batch_size=self.batch_rows, row_groups=list(shard.row_groups), columns=list(columns)
+            )
+            for batch in batches:
+                if self.rows_in >= limit:
+                    break
+                batch = batch.slice(0, limit - self.rows_in)
+                n, start = batch.num_rows, self.rows_in
+                self.rows_in += n
+                out = pa.RecordBatch.from_arrays(
+                    [
+                        batch.column(corpus.id_column),
+                        batch.column(corpus.text_column),
+                        *(batch.column(c) for c in keep),
+                        pa.array(np.arange(start, start + n, dtype=np.int64)),
+                    ],
+                    names=["id", "text", *keep, "row_index"],
+                )
+                if corpus.where:
+                    out = out.filter(where_mask(batch, corpus.where, shard.path))
+                    self.rows_filtered += n - out.num_rows
+                if out.num_rows:
+                    yield out
+
+
+def read_shard(shard: Shard, corpus: CorpusSpec, batch_rows: int) -> ShardReader:
+    """Stream a shard as record batches of at most `batch_rows` rows (see ShardReader)."""
+    return ShardReader(shard, corpus, batch_rows)
+
+
+def plan_shards(
+    corpus: CorpusSpec,
+    staging_dir: str,
+    shard_rows: int,
+    map_fn: Callable[
+        [Callable[[Source], ParquetInput], Iterable[Source]], Iterable[ParquetInput]
+    ] = map,
+) -> list[Shard]:
+    """List the corpus, stage what needs it, and cut it into shards, in a deterministic order.
+
+    map_fn(fn, sources) must return fn's results in order (the builtin `map`, or the driver's
+    parallel map over Ray tasks; `fn` pickles). Inputs: spec path order, then sorted within a
+    dir or glob; a file matched twice is used once. Parquet row groups are grouped greedily up
+    to `shard_rows` rows (a larger row group is a shard of its own). `corpus.limit`: shards are
+    kept in order until N rows pass `where`; the shard crossing the limit gets a `row_limit`
+    (input rows to read) and later shards are dropped.
+    """
+    sources = list_sources(corpus, shard_rows)
+    fn = partial(stage_source, corpus=corpus, staging_dir=staging_dir, shard_rows=shard_rows)
+    shards = [s for parquet in map_fn(fn, sources) for s in _split(parquet, shard_rows)]
+    return shards if corpus.limit is None else _apply_limit(shards, corpus)
+
+
+def list_sources(corpus: CorpusSpec, shard_rows: int) -> list[Source]:
+    """The corpus's inputs in plan order; text files are grouped `shard_rows` to a Source."""
+    seen: set[str] = set()
+    sources: list[Source] = []
+    for spec_path in corpus.paths:
+        base, files = _expand(spec_path)
+        files = [f for f in files if f.path not in seen]
+        seen.update(f.path for f in files)
+        if corpus.format != "text":
+            sources += [Source(_uri(spec_path, f.path), f.size, f.mtime_ns) for f in files]
+            continue
+        rel = [(_relative(base, f.path), f.size, f.mtime_ns) for f in files]
+        for i in range(0, len(rel), shard_rows):
+            chunk = tuple(rel[i : i + shard_rows])
+            size = sum(s for _, s, _ in chunk)
+            sources.append(Source(_uri(spec_path, base), size, None, chunk))
+    return sources
+
+
+def stage_source(
+    source: Source, corpus: CorpusSpec, staging_dir: str, shard_rows: int
+) -> ParquetInput:
+    """Describe a Parquet input, or stage a jsonl/csv/text source into Parquet and describe that.
+
+    The staged file's name derives from the source (path, size, mtime, files), the columns
+    read, the csv options and `shard_rows`; it is written under a temporary name and renamed,
+    so a staged file that exists is complete and is reused as is.
+    """
+    if corpus.format == "parquet":
+        fs, path = filesystem(source.path)
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        check_columns(meta.schema.to_arrow_schema().names, corpus, source.path)
+        rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        identity = _hash(["parquet", source.path, source.size, source.mtime_ns])
+        return ParquetInput(source.path, identity, rows, source.path)
+
+    key = _hash(
+        [
+            STAGING_VERSION, corpus.format, source.path, source.size, source.mtime_ns,
+            source.files, corpus.read_columns(), (corpus.csv or CsvOptions()).model_dump(),
+            shard_rows,
+        ]
+    )  # fmt: skip
+    name = f"{_safe_stem(source)}-{key[:16]}.parquet"
+    final = _join(staging_dir, name)
+    fs, final_path = filesystem(final)
+    if fs.get_file_info(final_path).type != pa_fs.FileType.File:
+        batches = (
+            _text_batches(source) if corpus.format == "text" else _table_batches(source, corpus)
+        )
+        _write_atomic(fs, final_path, batches, shard_rows)
+    with fs.open_input_file(final_path) as f:
+        meta = pq.ParquetFile(f).metadata
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return ParquetInput(final, key, rows, source.path)
+
+
+def check_columns(available: list[str], corpus: CorpusSpec, path: str) -> None:
+    """Raise ValueError naming the first column the corpus needs that `available` lacks."""
+    roles = [("id_column", corpus.id_column), ("text_column", corpus.text_column)]
+    roles += [("keep_columns", c) for c in corpus.keep_columns]
+    roles += [("where", c) for c in corpus.where or {}]
+    for role, column in roles:
+        if column not in available:
+            raise ValueError(
+                f"{path}: column {column!r} (corpus.{role}) not found; available columns: "
+                f"{', '.join(map(repr, available)) or 'none'}"
+            )
+
+
+def where_mask(batch: pa.RecordBatch, where: dict[str, Any], path: str) -> pa.BooleanArray:
+    """True for rows matching every condition (value: equality, tuple: membership, None: null)."""
+    mask = None
+    for column, value in where.items():
+        arr = batch.column(column)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        values = value if isinstance(value, tuple) else (value,)
+        wanted = [v for v in values if v is not None]
+        match = None
+        if wanted:
+            try:
+                value_set = pa.array(wanted).cast(arr.type)
+                match = pc.is_in(arr, value_set=value_set)
+            except _ARROW_ERRORS as e:
+                raise ValueError(
+                    f"{path}: corpus.where.{column}: cannot compare {value!r} with column type "
+                    f"{arr.type}"
+                ) from e
+        if len(wanted) < len(values):
+            nulls = pc.is_null(arr)
+            match = nulls if match is None else pc.or_(match, nulls)
+        mask = match if mask is None else pc.and_(mask, match)
+    assert mask is not None, "where must not be empty"
+    return mask
+
+
+def filesystem(path: str) -> tuple[pa_fs.FileSystem, str]:
+    """The pyarrow file system for a local path or URI, and the path within it."""
+    return pa_fs.FileSystem.from_uri(path if is_uri(path) else os.path.abspath(path))
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str  # path within the file system
+    size: int
+    mtime_ns: int | None
+
+
+def _expand(spec_path: str) -> tuple[str, list[_File]]:
+    """(base dir, files) for a file, dir (recursive) or glob; files sorted, base in fs terms."""
+    fs, path = filesystem(spec_path)
+    if has_glob(path):
+        parts = path.split("/")
+        fixed = next(i for i, p in enumerate(parts) if has_glob(p))
+        base = "/".join(parts[:fixed]) or "/"
+        recursive = "**" in parts or len(parts) - fixed > 1
+        infos = _list(fs, base, recursive) if _is_dir(fs, base) else []
+        files = [i for i in infos if _glob_match(parts, i.path.split("/"))]
+        if not files:
+            raise ValueError(f"corpus path {spec_path!r} matches no file")
+        return base, files
+    info = fs.get_file_info(path)
+    if info.type == pa_fs.FileType.Directory:
+        return path, [f for f in _list(fs, path) if not _hidden(_relative(path, f.path))]
+    if info.type == pa_fs.FileType.File:
+        return os.path.dirname(path), [_File(info.path, info.size, info.mtime_ns)]
+    raise ValueError(f"corpus path {spec_path!r} does not exist")
+
+
+def _is_dir(fs: pa_fs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pa_fs.FileType.Directory
+
+
+def _list(fs: pa_fs.FileSystem, base: str, recursive: bool = True) -> list[_File]:
+    infos = fs.get_file_info(pa_fs.FileSelector(base, recursive=recursive))
+    files = [_File(i.path, i.size, i.mtime_ns) for i in infos if i.type == pa_fs.FileType.File]
+    return sorted(files, key=lambda f: f.path)
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """Component-wise glob: `*`, `?`, `[..]` stay within one component; `**` spans any number."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _glob_match(pattern[1:], parts[1:])
+    )
+
+
+def _relative(base: str, path: str) -> str:
+    return path[len(base) :].lstrip("/") if path.startswith(base) else os.path.basename(path)
+
+
+def _uri(spec_path: str, fs_path: str) -> str:
+    """Turn a path within the spec path's file system back into a path `filesystem` accepts."""
+    if not is_uri(spec_path):
+        return fs_path
+    _, inner = pa_fs.FileSystem.from_uri(spec_path)
+    prefix = spec_path[: len(spec_path) - len(inner)] if spec_path.endswith(inner) else None
+    return (prefix if prefix is not None else spec_path.split("://", 1)[0] + "://") + fs_path
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory.rstrip('/')}/{name}" if is_uri(directory) else os.path.join(directory, name)
+
+
+# -- staging ---------------------------------------------------------------------------------
+
+
+def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatch]:
+    """Stream a csv or jsonl file as record batches of the columns the corpus reads."""
+    columns = list(corpus.read_columns())
+    fs, path = filesystem(source.path)
+    try:
+        if corpus.format == "csv":
+            batches = _csv_reader(fs, path, source.path, corpus, columns)
+        else:
+            batches = _jsonl_reader(fs, path, source.path, corpus, columns)
+        for batch in batches:
+            yield batch.select(columns)
+    except _ARROW_ERRORS as e:
+        hint = ""
+        if "conversion error" in str(e):
+            hint = (
+                " (types are inferred from the first 16 MiB: pin them with corpus.csv.column_types)"
+            )
+        # from None: pyarrow's own message may quote the row, i.e. note text
+        raise ValueError(
+            f"{source.path}: cannot read as {corpus.format}: {_redact(e)}{hint}"
+        ) from None
+
+
+def _redact(error: Exception) -> str:
+    """pyarrow's parse errors quote the offending row or value: keep only the part before it."""
+    message = (str(error).splitlines() or [""])[0]
+    message = re.sub(r"(got \d+):.*", r"\1", message)
+    return re.sub(r"(invalid value).*", r"\1", message)
+
+
+def _csv_reader(
+    fs: pa_fs.FileSystem, path: str, name: str, corpus: CorpusSpec, columns: list[str]
+) -> Iterator[pa.RecordBatch]:
+    opts = corpus.csv or CsvOptions()
+    read = pa_csv.ReadOptions(block_size=INFER_BLOCK_BYTES)
+    parse = pa_csv.ParseOptions(
+        delimiter=opts.delimiter, quote_char=opts.quote_char, newlines_in_values=True
+    )
+    types = {c: _ARROW_TYPES[t] for c, t in opts.column_types.items()}
+    types[corpus.text_column] = pa.binary()  # raw bytes: undecodable notes become error rows
+    with fs.open_input_stream(path, compression="detect") as f:
+        probe = pa_csv.open_csv(f, read, parse, pa_csv.ConvertOptions(column_types=types))
+        schema = probe.schema
+    check_columns(schema.names, corpus, name)
+    types |= {
+        c: pa.string() for c in columns if c not in types and schema.field(c).type == pa.null()
+    }
+    # unquoted empty fields are null (as pandas reads MIMIC), a quoted "" is an empty string
+    convert = pa_csv.ConvertOptions(
+        column_types=types,
+        include_columns=columns,
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+    )
+    with fs.open_input_stream(path, compression="detect") as f:
+        yield from pa_csv.open_csv(f, read, parse, convert)
+
+
+def _jsonl_reader(
+    fs: pa_fs.FileSystem, path: str, name: str, corpus: CorpusSpec, columns: list[str]
+) -> Iterator[pa.RecordBatch]:
+    read = pa_json.ReadOptions(block_size=INFER_BLOCK_BYTES)
+    with fs.open_input_stream(path, compression="detect") as f:
+        schema = pa_json.open_json(f, read_options=read).schema
+    check_columns(schema.names, corpus, name)
+    nulls = [pa.field(c, pa.string()) for c in columns if schema.field(c).type == pa.null()]
+    parse = pa_json.ParseOptions(explicit_schema=pa.schema(nulls) if nulls else None)
+    with fs.open_input_stream(path, compression="detect") as f:
+        yield from pa_json.open_json(f, read_options=read, parse_options=parse)
+
+
+def _text_batches(source: Source) -> Iterator[pa.RecordBatch]:
+    """One row per file: id = path relative to the source dir, text = the file's bytes."""
+    fs, root = filesystem(source.path)
+    ids, texts = [], []
+    for rel, _, _ in source.files:
+        with fs.open_input_stream(f"{root.rstrip('/')}/{rel}", compression="detect") as f:
+            texts.append(f.read())
+        ids.append(rel)
+    yield pa.RecordBatch.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(texts, pa.binary())], names=["id", "text"]
+    )
+
+
+def _write_atomic(
+    fs: pa_fs.FileSystem, final: str, batches: Iterator[pa.RecordBatch], shard_rows: int
+) -> None:
+    """Write batches as Parquet with row groups of `shard_rows` rows: temp name, then rename."""
+    directory, name = final.rsplit("/", 1)
+    fs.create_dir(directory, recursive=True)
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            writer: pq.ParquetWriter | None = None
+            pending: list[pa.RecordBatch] = []
+            buffered = 0
+            schema: pa.Schema | None = None
+            for batch in batches:
+                if writer is None:
+                    schema = batch.schema
+                    writer = pq.ParquetWriter(out, schema, compression="zstd")
+                pending.append(batch)
+                buffered += batch.num_rows
+                while buffered >= shard_rows:
+                    table = pa.Table.from_batches(pending, schema)
+                    writer.write_table(table.slice(0, shard_rows), row_group_size=shard_rows)
+                    rest = table.slice(shard_rows)
+                    pending, buffered = rest.to_batches(), rest.num_rows
+            if writer is None:  # no rows at all: an empty file with no row groups
+                empty = pa.schema([])
+                writer = pq.ParquetWriter(out, empty)
+            elif buffered:
+                writer.write_table(
+                    pa.Table.from_batches(pending, schema), row_group_size=shard_rows
+                )
+            writer.close()
+        fs.move(tmp, final)
+    except BaseException:
+        if fs.get_file_info(tmp).type == pa_fs.FileType.File:
+            fs.delete_file(tmp)
+        raise
+
+
+def _safe_stem(source: Source) -> str:
+    stem = os.path.basename(source.path.rstrip("/")) or "input"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:40]
+
+
+def _hash(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- shards ----------------------------------------------------------------------------------
+
+
+def _split(parquet: ParquetInput, shard_rows: int) -> list[Shard]:
+    """Group consecutive row groups greedily into shards of at most `shard_rows` rows."""
+    groups: list[list[int]] = []
+    rows: list[int] = []
+    for i, n in enumerate(parquet.row_group_rows):
+        if not groups or (rows[-1] and rows[-1] + n > shard_rows):
+            groups.append([])
+            rows.append(0)
+        groups[-1].append(i)
+        rows[-1] += n
+    return [
+        _shard(parquet.path, parquet.identity, tuple(g), n, parquet.source)
+        for g, n in zip(groups, rows)
+        if n
+    ]
+
+
+def _shard(
+    path: str,
+    identity: str,
+    row_groups: tuple[int, ...],
+    num_rows: int,
+    source: str,
+    row_limit: int | None = None,
+) -> Shard:
+    shard_id = _hash([identity, list(row_groups), row_limit])[:16]
+    return Shard(shard_id, path, row_groups, num_rows, source, row_limit)
+
+
+def _apply_limit(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
+    """Keep shards in order until `corpus.limit` rows pass `where`; cut the crossing shard."""
+    assert corpus.limit is not None
+    remaining, kept = corpus.limit, []
+    for shard in shards:
+        passing = _passing_rows(shard, corpus)  # input-row positions that pass `where`
+        if len(passing) < remaining:
+            kept.append(shard)
+            remaining -= len(passing)
+            continue
+        cut = int(passing[remaining - 1]) + 1
+        if cut < shard.num_rows:  # the uncut shard's id already hashes the file identity
+            shard = _shard(shard.path, shard.id, shard.row_groups, cut, shard.source, cut)
+        kept.append(shard)
+        break
+    return kept
+
+
+def _passing_rows(shard: Shard, corpus: CorpusSpec) -> np.ndarray:
+    """Positions (within the shard) of the rows that pass `where`."""
+    if not corpus.where:
+        return np.arange(shard.num_rows)
+    fs, path = filesystem(shard.path)
+    masks = []
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        check_columns(pf.schema_arrow.names, corpus, shard.path)
+        for batch in pf.iter_batches(row_groups=list(shard.row_groups), columns=list(corpus.where)):
+            masks.append(where_mask(batch, corpus.where, shard.path).to_numpy(zero_copy_only=False))
+    return np.flatnonzero(np.concatenate(masks)) if masks else np.arange(0)

@@ -1,0 +1,391 @@
+"""Corpus readers, staging and shards: every row exactly once, deterministic ids, filters."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import corpus as corpus_mod
+from jobs.corpus import Shard, plan_shards, read_shard
+from jobs.spec import CorpusSpec
+
+TRICKY = [
+    'Pt is a 67 yo M, "CHF" hx.\nDischarge:\n  lasix, "metoprolol", 25 mg',
+    "single line",
+    'quotes "" and commas,,, and\r\nCRLF lines',
+    "[**2112-4-18**] seen by [**Known lastname 658**]\n\n\nend",
+]
+
+
+def spec(**kw) -> CorpusSpec:
+    return CorpusSpec.model_validate(kw)
+
+
+def read_all(
+    shards: list[Shard], corpus: CorpusSpec, batch_rows: int = 4
+) -> tuple[list[dict], int, int]:
+    """(rows with their shard id, rows_in, rows_filtered) over all shards."""
+    rows, rows_in, filtered = [], 0, 0
+    for shard in shards:
+        reader = read_shard(shard, corpus, batch_rows)
+        for batch in reader:
+            assert 0 < batch.num_rows <= batch_rows
+            assert (
+                batch.schema.names[:2] == ["id", "text"] and batch.schema.names[-1] == "row_index"
+            )
+            assert batch.schema.field("row_index").type == pa.int64()
+            rows += [dict(r, shard=shard.id) for r in batch.to_pylist()]
+        assert reader.rows_in == shard.num_rows
+        rows_in, filtered = rows_in + reader.rows_in, filtered + reader.rows_filtered
+    return rows, rows_in, filtered
+
+
+def write_parquet_dir(
+    root: Path, files: int = 3, rows: int = 25, group: int = 10
+) -> dict[int, str]:
+    root.mkdir(parents=True, exist_ok=True)
+    expected, next_id = {}, 0
+    for f in range(files):
+        ids = list(range(next_id, next_id + rows))
+        texts = [f"note {i} " + TRICKY[i % len(TRICKY)] for i in ids]
+        table = pa.table({
+            "note_id": pa.array(ids, pa.int64()),
+            "TEXT": texts,
+            "category": ["Discharge summary" if i % 3 else "Nursing" for i in ids],
+            "subject": [1000 + i for i in ids],
+        })  # fmt: skip
+        pq.write_table(table, root / f"part-{f}.parquet", row_group_size=group)
+        expected.update(zip(ids, texts))
+        next_id += rows
+    (root / "_SUCCESS").write_text("")  # skipped: names starting with '_' or '.'
+    return expected
+
+
+def test_parquet_every_row_once(tmp_path: Path):
+    expected = write_parquet_dir(tmp_path / "pq")
+    corpus = spec(format="parquet", paths=[str(tmp_path / "pq")], id_column="note_id",
+                  text_column="TEXT", keep_columns=["subject"])  # fmt: skip
+    shards = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=20)
+    # 3 files x row groups (10, 10, 5): groups of <= 20 rows -> (0, 1), (2,) per file
+    assert [s.row_groups for s in shards] == [(0, 1), (2,)] * 3
+    assert [s.num_rows for s in shards] == [20, 5] * 3
+    assert not (tmp_path / "staging").exists()  # parquet is read in place
+    rows, rows_in, filtered = read_all(shards, corpus)
+    assert {r["id"]: r["text"] for r in rows} == expected and len(rows) == len(expected)
+    assert (rows_in, filtered) == (75, 0)
+    assert all(r["subject"] == 1000 + r["id"] for r in rows)
+    first = [r for r in rows if r["shard"] == shards[1].id]
+    assert [r["row_index"] for r in first] == list(range(5))
+    assert [r["id"] for r in first] == list(range(20, 25))
+
+
+def test_globs_dedupe_and_file_uris(tmp_path: Path):
+    expected = write_parquet_dir(tmp_path / "pq", files=2, rows=6, group=3)
+    corpus = spec(
+        format="parquet",
+        paths=[f"file://{tmp_path}/pq/part-1.parquet", str(tmp_path / "pq" / "*.parquet")],
+        id_column="note_id", text_column="TEXT",
+    )  # fmt: skip
+    shards = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=100)
+    assert [s.path for s in shards] == [
+        f"file://{tmp_path}/pq/part-1.parquet",
+        str(tmp_path / "pq" / "part-0.parquet"),
+    ]  # spec order first; part-1 is not read twice
+    rows, _, _ = read_all(shards, corpus)
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+
+
+def test_shard_ids_deterministic_and_change_with_the_file(tmp_path: Path):
+    write_parquet_dir(tmp_path / "pq")
+    corpus = spec(
+        format="parquet", paths=[str(tmp_path / "pq")], id_column="note_id", text_column="TEXT"
+    )
+    plan = lambda: plan_shards(corpus, str(tmp_path / "staging"), shard_rows=20)  # noqa: E731
+    first = plan()
+    assert plan() == first
+    assert len({s.id for s in first}) == len(first)
+    path = tmp_path / "pq" / "part-1.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 24), path, row_group_size=10)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = plan()
+    changed = {s.id for s in first} ^ {s.id for s in second}
+    assert {s.id for s in first if s.path == str(path)} <= changed
+    assert [s.id for s in first if s.path != str(path)] == [
+        s.id for s in second if s.path != str(path)
+    ]
+
+
+def test_jsonl_gz_staged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    records = [{"id": f"n{i}", "text": TRICKY[i % 4], "dept": i % 2} for i in range(23)]
+    src = tmp_path / "notes.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    corpus = spec(format="jsonl", paths=[str(src)], keep_columns=["dept"])
+    staging = tmp_path / "out" / "_staging"
+    calls = []
+    # like Ray tasks: fn and each source travel pickled
+    tracking_map = lambda fn, xs: [calls.append(x) or pickle.loads(pickle.dumps(fn))(x) for x in xs]  # noqa: E731
+    shards = plan_shards(corpus, str(staging), shard_rows=10, map_fn=tracking_map)
+    assert len(calls) == 1 and calls[0].path == str(src)
+    staged = sorted(staging.iterdir())
+    assert len(staged) == 1 and staged[0].name.startswith("notes.jsonl.gz-")
+    assert [s.num_rows for s in shards] == [10, 10, 3] and {s.path for s in shards} == {
+        str(staged[0])
+    }
+    assert all(s.source == str(src) for s in shards)
+    rows, _, _ = read_all(shards, corpus)
+    assert [(r["id"], r["text"], r["dept"]) for r in rows] == [
+        (r["id"], r["text"], r["dept"]) for r in records
+    ]
+    # a second plan reuses the staged file without reading the source
+    mtime = staged[0].stat().st_mtime_ns
+    monkeypatch.setattr(corpus_mod, "_table_batches", lambda *a: pytest.fail("restaged"))
+    assert plan_shards(corpus, str(staging), shard_rows=10) == shards
+    assert staged[0].stat().st_mtime_ns == mtime
+
+
+def mimic_csv(path: Path, with_errors: bool) -> list[dict]:
+    """NOTEEVENTS-like csv.gz: quoted multi-line TEXT with commas and doubled quotes.
+
+    CHARTTIME is always empty, ISERROR empty except (with_errors) some 1s and 0s.
+    """
+    rows = []
+    for i in range(30):
+        error = "1" if i % 10 == 0 else "0" if i % 5 == 0 else ""
+        rows.append({
+            "ROW_ID": 100 + i, "SUBJECT_ID": 7000 + i, "CHARTTIME": "",
+            "CATEGORY": "Discharge summary" if i % 2 == 0 else "Nursing/other",
+            "ISERROR": error if with_errors else "",
+            "TEXT": TRICKY[i % 4],
+        })  # fmt: skip
+    header = list(rows[0])
+    lines = [",".join(header)]
+    for r in rows:
+        cells = [str(r[c]) for c in header[:-1]] + ['"' + r["TEXT"].replace('"', '""') + '"']
+        lines.append(",".join(cells))
+    with gzip.open(path, "wb") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    return rows
+
+
+@pytest.mark.parametrize("with_errors", [True, False])
+def test_csv_gz_multiline_with_where(tmp_path: Path, with_errors: bool):
+    rows = mimic_csv(tmp_path / "NOTEEVENTS.csv.gz", with_errors)
+    corpus = spec(
+        format="csv", paths=[str(tmp_path / "NOTEEVENTS.csv.gz")], id_column="ROW_ID", text_column="TEXT",
+        keep_columns=["SUBJECT_ID", "CHARTTIME"],
+        where={"CATEGORY": "Discharge summary", "ISERROR": [None, 0]},
+    )  # fmt: skip
+    shards = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=8)
+    assert [s.num_rows for s in shards] == [8, 8, 8, 6]
+    got, rows_in, filtered = read_all(shards, corpus)
+    want = [r for r in rows if r["CATEGORY"] == "Discharge summary" and r["ISERROR"] != "1"]
+    assert len(want) == (12 if with_errors else 15)
+    assert [r["id"] for r in got] == [r["ROW_ID"] for r in want]
+    assert [r["text"] for r in got] == [r["TEXT"].encode() for r in want]  # raw bytes
+    assert all(r["SUBJECT_ID"] == r["id"] + 6900 for r in got)
+    assert {r["CHARTTIME"] for r in got} == {None}  # all empty: read as string, empty = null
+    assert rows_in == 30 and rows_in == len(got) + filtered
+
+
+def test_csv_bad_bytes_and_empty_text_pass_through(tmp_path: Path):
+    src = tmp_path / "notes.csv"
+    src.write_bytes(b'id,text\n1,"ok"\n2,"bad \xff\xfe bytes"\n3,""\n4,"multi\nline"\n5,\n')
+    corpus = spec(format="csv", paths=[str(src)])
+    rows, _, _ = read_all(plan_shards(corpus, str(tmp_path / "s"), 10), corpus)
+    texts = [r["text"] for r in rows]
+    assert texts == [b"ok", b"bad \xff\xfe bytes", b"", b"multi\nline", None]  # "" empty, bare null
+
+
+def test_csv_options_and_column_types(tmp_path: Path):
+    src = tmp_path / "notes.tsv"
+    src.write_text("id;code;text\n1;007;'a; b'\n2;010;'c'\n")
+    corpus = spec(format="csv", paths=[str(src)], keep_columns=["code"],
+                  csv={"delimiter": ";", "quote_char": "'", "column_types": {"code": "string"}})  # fmt: skip
+    rows, _, _ = read_all(plan_shards(corpus, str(tmp_path / "s"), 10), corpus)
+    assert [(r["id"], r["code"], r["text"]) for r in rows] == [
+        (1, "007", b"a; b"),
+        (2, "010", b"c"),
+    ]
+
+
+def test_text_dir_nested(tmp_path: Path):
+    root = tmp_path / "notes"
+    files = {"a/1.txt": TRICKY[0], "a/b/2.txt": TRICKY[1], "c.txt": TRICKY[2], "d/e/f/3.txt": ""}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    with gzip.open(root / "z.txt.gz", "wt") as f:
+        f.write(TRICKY[3])
+    (root / ".hidden").write_text("skipped")
+    (root / "bad.txt").write_bytes(b"\xff\xfe")
+    expected = {k: v.encode() for k, v in files.items()} | {
+        "z.txt.gz": TRICKY[3].encode(),
+        "bad.txt": b"\xff\xfe",
+    }
+    corpus = spec(format="text", paths=[str(root)])
+    shards = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=3)
+    assert [s.num_rows for s in shards] == [3, 3]
+    rows, _, _ = read_all(shards, corpus)
+    assert [r["id"] for r in rows] == sorted(expected)
+    assert {r["id"]: r["text"] for r in rows} == expected
+    assert plan_shards(corpus, str(tmp_path / "staging"), shard_rows=3) == shards
+    (root / "a" / "1.txt").write_text("changed, longer text")
+    changed = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=3)
+    assert changed[0].id != shards[0].id and changed[1].id == shards[1].id
+
+
+def test_text_glob_ids_relative_to_glob_base(tmp_path: Path):
+    for rel in ("x/1.txt", "y/2.txt", "y/3.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    corpus = spec(format="text", paths=[str(tmp_path / "*" / "*.txt")])
+    rows, _, _ = read_all(plan_shards(corpus, str(tmp_path / "s"), 10), corpus)
+    assert [r["id"] for r in rows] == ["x/1.txt", "y/2.txt"]
+
+
+def test_odd_text_values_pass_through(tmp_path: Path):
+    path = tmp_path / "odd.parquet"
+    texts = pa.array([b"fine", None, b"", b"\xff\xfe"], pa.binary())
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "text": texts}), path)
+    corpus = spec(format="parquet", paths=[str(path)])
+    shards = plan_shards(corpus, str(tmp_path / "s"), 10)
+    batch = next(iter(read_shard(shards[0], corpus, 10)))
+    assert batch.schema.field("text").type == pa.binary()  # binary stays binary
+    assert batch.column("text").to_pylist() == [b"fine", None, b"", b"\xff\xfe"]
+    nums = tmp_path / "nums.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": pa.array([3], pa.int64())}), nums)
+    corpus = spec(format="parquet", paths=[str(nums)])
+    batch = next(iter(read_shard(plan_shards(corpus, str(tmp_path / "s"), 10)[0], corpus, 10)))
+    assert batch.column("text").to_pylist() == [3]
+
+
+def test_where_equality_and_membership(tmp_path: Path):
+    path = tmp_path / "w.parquet"
+    table = pa.table({"id": range(8), "text": ["t"] * 8,
+                      "cat": ["a", "b", None, "a", "c", "a", None, "b"],
+                      "err": pa.array([0, 1, None, None, 0, 1, 0, 0], pa.int64())})  # fmt: skip
+    pq.write_table(table, path, row_group_size=3)
+    cases = [
+        ({"cat": "a"}, [0, 3, 5]),
+        ({"cat": ["a", "b"]}, [0, 1, 3, 5, 7]),
+        ({"cat": [None, "c"]}, [2, 4, 6]),
+        ({"cat": None}, [2, 6]),
+        ({"cat": "a", "err": [None, 0]}, [0, 3]),
+        ({"err": 1}, [1, 5]),
+    ]
+    for where, ids in cases:
+        corpus = spec(format="parquet", paths=[str(path)], where=where)
+        rows, rows_in, filtered = read_all(plan_shards(corpus, str(tmp_path / "s"), 100), corpus)
+        assert [r["id"] for r in rows] == ids, where
+        assert (rows_in, filtered) == (8, 8 - len(ids))
+        assert [r["row_index"] for r in rows] == ids  # index within the shard, before where
+
+
+def test_where_type_mismatch_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"id": [1], "text": ["t"], "n": [1]}), path)
+    corpus = spec(format="parquet", paths=[str(path)], where={"n": "abc"})
+    shard = plan_shards(corpus, str(tmp_path / "s"), 10)[0]
+    with pytest.raises(
+        ValueError, match=r"corpus\.where\.n: cannot compare 'abc' with column type int64"
+    ):
+        list(read_shard(shard, corpus, 10))
+
+
+def test_limit(tmp_path: Path):
+    path = tmp_path / "l.parquet"
+    table = pa.table({"id": range(30), "text": ["t"] * 30, "keep": [i % 3 == 0 for i in range(30)]})
+    pq.write_table(table, path, row_group_size=5)
+    plain = spec(format="parquet", paths=[str(path)])
+    full = plan_shards(plain, str(tmp_path / "s"), 10)
+    corpus = spec(format="parquet", paths=[str(path)], limit=13)
+    shards = plan_shards(corpus, str(tmp_path / "s"), 10)
+    assert [(s.num_rows, s.row_limit) for s in shards] == [(10, None), (3, 3)]
+    assert shards[0] == full[0] and shards[1].id != full[1].id
+    assert [r["id"] for r in read_all(shards, corpus)[0]] == list(range(13))
+    assert plan_shards(corpus, str(tmp_path / "s"), 10) == shards
+    exact = spec(format="parquet", paths=[str(path)], limit=20)
+    assert plan_shards(exact, str(tmp_path / "s"), 10) == full[:2]
+    filtered = spec(format="parquet", paths=[str(path)], where={"keep": True}, limit=5)
+    shards = plan_shards(filtered, str(tmp_path / "s"), 10)
+    rows, rows_in, n_filtered = read_all(shards, filtered)
+    assert [r["id"] for r in rows] == [0, 3, 6, 9, 12]
+    assert [s.num_rows for s in shards] == [10, 3] and rows_in == len(rows) + n_filtered
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_missing_column_names_it(tmp_path: Path, fmt: str):
+    src = tmp_path / f"x.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"id": [1], "body": ["t"]}), src)
+    elif fmt == "csv":
+        src.write_text("id,body\n1,t\n")
+    else:
+        src.write_text('{"id": 1, "body": "t"}\n')
+    corpus = spec(format=fmt, paths=[str(src)], keep_columns=["hadm"])
+    with pytest.raises(
+        ValueError,
+        match=r"column 'text' \(corpus\.text_column\) not found; available columns: 'id', 'body'",
+    ):
+        plan_shards(corpus, str(tmp_path / "s"), 10)
+    good = spec(format=fmt, paths=[str(src)], text_column="body", keep_columns=["hadm"])
+    with pytest.raises(
+        ValueError, match=r"x\.\w+: column 'hadm' \(corpus\.keep_columns\) not found"
+    ):
+        plan_shards(good, str(tmp_path / "s"), 10)
+
+
+def test_missing_path_at_plan_time(tmp_path: Path):
+    corpus = spec(format="parquet", paths=[str(tmp_path / "none" / "*.parquet")])
+    with pytest.raises(ValueError, match="matches no file"):
+        plan_shards(corpus, str(tmp_path / "s"), 10)
+
+
+def test_staging_is_atomic_on_failure(tmp_path: Path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": 5}\n' * 3)
+    corpus = spec(format="jsonl", paths=[str(src)])
+    with pytest.raises(ValueError, match=r"bad\.jsonl: cannot read as jsonl"):
+        plan_shards(corpus, str(tmp_path / "s"), 10)
+    assert list((tmp_path / "s").iterdir()) == []  # no partial or temp file left
+
+
+def test_shard_is_plain_data():
+    shard = Shard("ab", "/x.parquet", (0, 1), 10, "/x.parquet")
+    assert shard == Shard(**{f: getattr(shard, f) for f in shard.__dataclass_fields__})
+    assert hash(shard) == hash(Shard("ab", "/x.parquet", (0, 1), 10, "/x.parquet"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'id,text\n1,"ok"\n2,"CANARY, more",x\n',  # too many columns: pyarrow quotes the row
+        b"id,n,text\n1,2,a\n2,CANARY,b\n",  # conversion error: pyarrow quotes the value
+    ],
+)
+def test_csv_errors_do_not_quote_data(tmp_path: Path, data: bytes):
+    src = tmp_path / "x.csv"
+    src.write_bytes(data)
+    corpus = spec(format="csv", paths=[str(src)], csv={"column_types": {"n": "int64"}})
+    with pytest.raises(ValueError, match=r"x\.csv: cannot read as csv") as e:
+        plan_shards(corpus, str(tmp_path / "s"), 10)
+    assert "CANARY" not in str(e.value) and e.value.__suppress_context__
+
+
+def test_staging_dir_as_uri(tmp_path: Path):
+    src = tmp_path / "n.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(5)))
+    corpus = spec(format="jsonl", paths=[f"file://{src}"])
+    shards = plan_shards(corpus, f"file://{tmp_path}/out/_staging", shard_rows=2)
+    assert all(s.path.startswith(f"file://{tmp_path}/out/_staging/") for s in shards)
+    assert [r["id"] for r in read_all(shards, corpus)[0]] == list(range(5))

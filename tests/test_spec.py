@@ -1,0 +1,331 @@
+"""The job spec: configs validate, bad specs fail with field paths and values, hashing."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import spec as spec_mod
+from jobs.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def base(tmp_path: Path) -> dict:
+    (tmp_path / "notes.parquet").write_bytes(b"")
+    (tmp_path / "model").mkdir(exist_ok=True)
+    return {
+        "name": "t",
+        "corpus": {"format": "parquet", "paths": ["notes.parquet"]},
+        "model": {"variant": "custom", "path": "model"},
+        "device_pool": [{"name": "cpu", "device": "cpu"}],
+        "output": {"path": "out"},
+    }
+
+
+def errors(data: dict, tmp_path: Path, **kw) -> str:
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, tmp_path, source="job.yaml", **kw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_configs_validate(path: Path):
+    spec = load_spec(path, check_paths=False)
+    assert isinstance(spec, JobSpec)
+    assert len(spec.spec_hash()) == 64
+
+
+def test_configs_cover_the_examples():
+    assert {p.name for p in CONFIGS} >= {
+        "demo.yaml", "mimic3_noteevents.yaml", "mimic4_discharge.yaml", "mixed_pool.yaml",
+    }  # fmt: skip
+
+
+def test_defaults_and_resolved_paths(tmp_path: Path):
+    spec = parse_spec(base(tmp_path), tmp_path)
+    assert spec.corpus.paths == (str(tmp_path / "notes.parquet"),)
+    assert spec.model.path == str(tmp_path / "model")
+    assert spec.output.path == str(tmp_path / "out")
+    assert (spec.corpus.id_column, spec.corpus.text_column) == ("id", "text")
+    assert spec.model.long_notes.strategy == "windows" and spec.model.max_seq == 512
+    assert spec.heads.embeddings and not spec.heads.mlm.enabled
+    assert spec.run.shard_rows == 20000
+    assert spec.device_pool[0].precision == "auto"
+    data = spec.resolved_json()
+    assert data["run"]["max_shard_attempts"] == 3
+    assert parse_spec(data, "/elsewhere") == spec  # the resolved spec round-trips
+
+
+def test_uris_are_kept_and_not_checked(tmp_path: Path):
+    data = base(tmp_path)
+    data["corpus"]["paths"] = ["s3://bucket/notes/*.parquet", "file:///nonexistent/x.parquet"]
+    data["output"]["path"] = "gs://bucket/out"
+    spec = parse_spec(data, tmp_path)
+    assert spec.corpus.paths == ("s3://bucket/notes/*.parquet", "file:///nonexistent/x.parquet")
+    assert spec.output.path == "gs://bucket/out"
+
+
+@pytest.mark.parametrize(
+    "edit, path, value",
+    [
+        (lambda d: d["corpus"].update(bogus=1), "corpus.bogus", "1"),
+        (lambda d: d.update(extra={"a": 1}), "extra", "{'a': 1}"),
+        (lambda d: d["run"].update(shard_rows="100"), "run.shard_rows", "'100'"),
+        (lambda d: d["run"].update(shard_rows=True), "run.shard_rows", "True"),
+        (lambda d: d["run"].update(shard_rows=0), "run.shard_rows", "0"),
+        (lambda d: d["corpus"].update(format="xml"), "corpus.format", "'xml'"),
+        (lambda d: d["heads"].update(pooling="max"), "heads.pooling", "'max'"),
+        (lambda d: d["model"].update(variant="gpt2"), "model.variant", "'gpt2'"),
+        (lambda d: d["model"].update(max_seq=1024), "model.max_seq", "1024"),
+        (
+            lambda d: d["device_pool"][1].update(device="cuda:0"),
+            "device_pool[1].device",
+            "'cuda:0'",
+        ),
+        (lambda d: d["device_pool"][1].update(device="tpu"), "device_pool[1].device", "'tpu'"),
+        (
+            lambda d: d["device_pool"][1].update(precision="fp16"),
+            "device_pool[1].precision",
+            "'fp16'",
+        ),
+        (
+            lambda d: d["device_pool"][1].update(precision="fp64"),
+            "device_pool[1].precision",
+            "'fp64'",
+        ),
+        (lambda d: d["device_pool"][1].update(name="gpu"), "device_pool[1].name", "'gpu'"),
+        (
+            lambda d: d["device_pool"][1].update(accelerator_type="H100"),
+            "device_pool[1].accelerator_type",
+            "'H100'",
+        ),
+        (
+            lambda d: d["device_pool"][0].update(batch_tokens=100),
+            "device_pool[0].batch_tokens",
+            "100",
+        ),
+        (lambda d: d.update(device_pool=[]), "device_pool", "[]"),
+        (lambda d: d.update(name="bad name"), "name", "'bad name'"),
+        (
+            lambda d: d["corpus"].update(paths=["missing.parquet"]),
+            "corpus.paths[0]",
+            "'missing.parquet'",
+        ),
+        (
+            lambda d: d["corpus"].update(paths=["notes.parquet", "*.nothing"]),
+            "corpus.paths[1]",
+            "'*.nothing'",
+        ),
+        (lambda d: d["corpus"].update(paths=["x.parquet.gz"]), "corpus.paths[0]", "'x.parquet.gz'"),
+        (lambda d: d["corpus"].update(paths=[]), "corpus.paths", "[]"),
+        (lambda d: d["corpus"].update(where={"A": {"b": 1}}), "corpus.where.A", "{'b': 1}"),
+        (lambda d: d["corpus"].update(keep_columns=["a", "a"]), "corpus.keep_columns[1]", "'a'"),
+        (
+            lambda d: d["corpus"].update(keep_columns=["row_index"]),
+            "corpus.keep_columns[0]",
+            "'row_index'",
+        ),
+        (lambda d: d["corpus"].update(text_column="id"), "corpus.text_column", "'id'"),
+        (lambda d: d["corpus"].update(csv={"delimiter": ";"}), "corpus.csv", "{'delimiter': ';'"),
+        (
+            lambda d: d["corpus"].update(format="text", id_column="ROW_ID"),
+            "corpus.id_column",
+            "'ROW_ID'",
+        ),
+        (lambda d: d["corpus"].update(limit=0), "corpus.limit", "0"),
+        (lambda d: d["model"].update(path="nope"), "model.path", "'nope'"),
+        (lambda d: d["model"].update(hub={"repo": "a/b"}), "model.hub", "{'repo': 'a/b'"),
+        (lambda d: d["model"].pop("path"), "model.path", "None"),
+        (lambda d: d["model"].update(long_notes={"stride": 510}), "model.long_notes.stride", "510"),
+        (
+            lambda d: d["model"].update(long_notes={"strategy": "chunks"}),
+            "model.long_notes.strategy",
+            "'chunks'",
+        ),
+        (lambda d: d["heads"].update(embeddings=False), "heads.embeddings", "False"),
+        (lambda d: d["heads"].update(mlm={"enabled": True, "top_k": 0}), "heads.mlm.top_k", "0"),
+        (lambda d: d["output"].update(vector_dtype="bf16"), "output.vector_dtype", "'bf16'"),
+    ],
+)
+def test_bad_specs_name_field_and_value(tmp_path: Path, edit, path: str, value: str):
+    data = base(tmp_path)
+    data["device_pool"].append({"name": "gpu2", "device": "cpu"})
+    data["device_pool"][0] = {"name": "gpu", "device": "cuda"}
+    data.update(heads={}, run={})
+    edit(data)
+    message = errors(data, tmp_path)
+    line = next((ln for ln in message.splitlines() if f": {path}: " in ln), None)
+    assert line is not None, message
+    assert line.startswith("job.yaml: ")
+    assert f"(got {value}" in line, line
+
+
+def test_missing_required_field(tmp_path: Path):
+    data = base(tmp_path)
+    del data["output"]
+    assert errors(data, tmp_path) == "job.yaml: output: required field is missing"
+
+
+def test_every_problem_reported_one_per_line(tmp_path: Path):
+    data = base(tmp_path)
+    data["corpus"]["bogus"] = 1
+    data["device_pool"][0]["device"] = "gpu"
+    data["run"] = {"batch_rows": -1}
+    lines = errors(data, tmp_path).splitlines()
+    assert [ln.split(": ")[1] for ln in lines] == [
+        "corpus.bogus",
+        "device_pool[0].device",
+        "run.batch_rows",
+    ]
+
+
+def test_long_values_are_truncated(tmp_path: Path):
+    data = base(tmp_path)
+    data["corpus"]["format"] = "x" * 500
+    (line,) = errors(data, tmp_path).splitlines()
+    assert len(line) < 250 and line.endswith("...)")
+
+
+def test_check_paths_false_skips_existence(tmp_path: Path):
+    data = base(tmp_path)
+    data["corpus"]["paths"] = ["missing/*.parquet"]
+    data["model"]["path"] = "missing_model"
+    spec = parse_spec(data, tmp_path, check_paths=False)
+    assert spec.corpus.paths == (str(tmp_path / "missing/*.parquet"),)
+
+
+def test_hub_and_variant_sources(tmp_path: Path):
+    data = base(tmp_path)
+    data["model"] = {"variant": "bio_clinicalbert"}  # the variant's hub id is used
+    assert parse_spec(data, tmp_path).model.hub is None
+    data["model"] = {"variant": "custom", "hub": {"repo": "org/model", "revision": "abc123"}}
+    assert parse_spec(data, tmp_path).model.hub.revision == "abc123"
+
+
+def test_text_format_takes_dirs_and_rejects_columns(tmp_path: Path):
+    data = base(tmp_path)
+    (tmp_path / "notes").mkdir()
+    data["corpus"] = {"format": "text", "paths": ["notes"]}
+    assert parse_spec(data, tmp_path).corpus.read_columns() == ("id", "text")
+    data["corpus"]["keep_columns"] = ["a"]
+    assert "corpus.keep_columns: " in errors(data, tmp_path)
+
+
+def test_where_values(tmp_path: Path):
+    data = base(tmp_path)
+    data["corpus"]["where"] = {"CATEGORY": "Discharge summary", "ISERROR": [None, 0]}
+    spec = parse_spec(data, tmp_path)
+    assert spec.corpus.where == {"CATEGORY": "Discharge summary", "ISERROR": (None, 0)}
+    assert spec.resolved_json()["corpus"]["where"]["ISERROR"] == [None, 0]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
+    path = write(tmp_path, "name: t\ncorpus:\n  format: parquet\n  paths: [a, b\nmodel: {}\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert str(path) in str(e.value) and "line 5" in str(e.value)
+
+
+def test_yaml_duplicate_key_is_an_error(tmp_path: Path):
+    path = write(tmp_path, "name: t\nname: u\n")
+    with pytest.raises(SpecError, match=r"line 2, column 1: .*duplicate key 'name'"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str):
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        load_spec(write(tmp_path, text))
+
+
+def test_missing_spec_file(tmp_path: Path):
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_load_spec_resolves_against_the_file_dir(tmp_path: Path):
+    sub = tmp_path / "specs"
+    sub.mkdir()
+    data = base(tmp_path)
+    data["corpus"]["paths"] = ["../notes.parquet"]
+    data["model"]["path"] = "../model"
+    (sub / "job.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(sub / "job.yaml")
+    assert spec.corpus.paths == (str(tmp_path / "notes.parquet"),)
+    bad = copy.deepcopy(data)
+    bad["corpus"]["paths"] = ["notes.parquet"]  # relative to specs/, where it does not exist
+    (sub / "job.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(SpecError, match=r"job\.yaml: corpus\.paths\[0\]: does not exist"):
+        load_spec(sub / "job.yaml")
+
+
+def test_spec_hash(tmp_path: Path):
+    data = base(tmp_path)
+    h = parse_spec(data, tmp_path).spec_hash()
+    assert parse_spec(copy.deepcopy(data), tmp_path).spec_hash() == h
+    same = copy.deepcopy(data)
+    same["device_pool"] = [{"name": "g", "device": "cuda", "actors": 8, "precision": "bf16"}]
+    same["run"] = {"progress_interval_s": 1, "dry_run_notes": 5, "batch_rows": 7}
+    assert parse_spec(same, tmp_path).spec_hash() == h
+    for section, key, value in [
+        ("corpus", "where", {"a": 1}),
+        ("corpus", "text_column", "TEXT"),
+        ("model", "max_seq", 256),
+        ("run", "shard_rows", 10),
+    ]:
+        other = copy.deepcopy(data)
+        other.setdefault(section, {})[key] = value
+        assert parse_spec(other, tmp_path).spec_hash() != h, key
+    (tmp_path / "other.parquet").write_bytes(b"")
+    other = copy.deepcopy(data)
+    other["corpus"]["paths"] = ["other.parquet"]
+    assert parse_spec(other, tmp_path).spec_hash() != h
+
+
+def test_spec_is_frozen(tmp_path: Path):
+    spec = parse_spec(base(tmp_path), tmp_path)
+    with pytest.raises(ValueError):
+        spec.name = "x"
+
+
+def test_json_schema():
+    schema = json_schema()
+    assert set(schema["properties"]) == {
+        "name",
+        "corpus",
+        "model",
+        "heads",
+        "device_pool",
+        "output",
+        "run",
+    }
+    assert set(schema["required"]) == {"name", "corpus", "model", "device_pool", "output"}
+    assert schema["additionalProperties"] is False
+    defs = schema["$defs"]
+    assert "bio_clinicalbert" in defs["ModelSpec"]["properties"]["variant"]["enum"]
+    assert defs["PoolSpec"]["properties"]["device"]["enum"] == ["cpu", "cuda"]
+    assert defs["RunSpec"]["properties"]["shard_rows"]["default"] == 20000
+    assert all(p.get("description") for p in defs["CorpusSpec"]["properties"].values())
+
+
+def test_variant_names_without_the_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from clinicalbert_core.variants import VARIANTS
+
+    assert {n: v.hub_id for n, v in VARIANTS.items()} == spec_mod._FALLBACK_VARIANTS
+    monkeypatch.setitem(sys.modules, "clinicalbert_core.variants", None)  # import fails
+    data = base(tmp_path)
+    data["model"] = {"variant": "bio_clinicalbert"}
+    assert parse_spec(data, tmp_path).model.variant == "bio_clinicalbert"
+    data["model"] = {"variant": "nope", "path": "model"}
+    assert "model.variant: unknown variant" in errors(data, tmp_path)
