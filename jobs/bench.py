@@ -150,7 +150,7 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
     hf_config = BertConfig(**BERT_BASE)
     hf_config._attn_implementation = "sdpa"
     seqs = workload(args.notes, args.min_len, args.max_len, cfg.vocab_size, seed=0)
-    budget = args.batch_tokens or (65536 if device.type == "cuda" else 8192)
+    budget = args.batch_tokens or args.hf_batch * args.max_len
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
     make_hf = lambda: BertModel(hf_config, add_pooling_layer=False).eval()  # noqa: E731
@@ -190,6 +190,57 @@ def memory_in_subprocess(name: str, argv: list[str]) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def mlm_placement(args: argparse.Namespace, device: torch.device) -> dict[str, dict[int, float]]:
+    """Seconds per batch of the MLM head in_graph vs on the host, by batch size (sequences).
+
+    Each sequence is 128 tokens with 15% of them masked (BERT's rate), BERT-base vocab.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    cfg = EncoderConfig(**BERT_BASE)
+    rng = np.random.default_rng(0)
+    c, v = cfg.hidden_size, cfg.vocab_size
+    state = {
+        "cls.predictions.transform.dense.weight": torch.randn(c, c) * 0.02,
+        "cls.predictions.transform.dense.bias": torch.zeros(c),
+        "cls.predictions.transform.LayerNorm.weight": torch.ones(c),
+        "cls.predictions.transform.LayerNorm.bias": torch.zeros(c),
+        "cls.predictions.bias": torch.zeros(v),
+    }
+    torch.manual_seed(0)
+    from transformers import BertConfig, BertModel
+
+    base = BertModel(BertConfig(**BERT_BASE), add_pooling_layer=False).state_dict()
+    state |= {f"bert.{k}": t for k, t in base.items()}
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
+    out: dict[str, dict[int, float]] = {}
+    for mode in ("in_graph", "cpu"):
+        runner = ClinicalBertRunner(
+            cfg, state, tok, device=device, precision="auto", max_seq=512, pooling="cls",
+            heads=("pooler", "mlm"), mlm_mode=mode, batch_tokens=1 << 20,
+        )  # fmt: skip
+        out[mode] = {}
+        for b in args.mlm_batches:
+            seqs = [
+                np.concatenate(([101], rng.integers(1000, v, size=126), [102])) for _ in range(b)
+            ]
+            for s in seqs:
+                s[1:-1][rng.random(126) < 0.15] = 4  # [MASK] id in this WordLevel vocab
+            windows = windows_of(seqs)
+            out[mode][b] = timed(
+                lambda w=windows, r=runner: r.encode_windows(w, top_k=5), device, 3
+            )
+        del runner
+    print(f"MLM head placement on {device} (seconds per batch of 128-token sequences, 15% masked):")
+    print(f"  {'batch':>6} {'in_graph':>10} {'cpu':>10}  faster")
+    for b in args.mlm_batches:
+        a, h = out["in_graph"][b], out["cpu"][b]
+        print(f"  {b:>6} {a:>10.4f} {h:>10.4f}  {'in_graph' if a <= h else 'cpu'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
@@ -197,15 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=int, default=64)
     p.add_argument("--min-len", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--batch-tokens", type=int, default=0, help="default: 8192 cpu, 65536 cuda")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="our token budget; default hf-batch x max-len, the tokens of "
+                   "transformers' largest batch, so both sides hold the same work at once")  # fmt: skip
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="auto: only where the device has bf16 units (AMX/AVX512-BF16, CUDA)")  # fmt: skip
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--mlm-placement", action="store_true",
+                   help="time the MLM head in_graph vs cpu by batch size instead")  # fmt: skip
+    p.add_argument("--mlm-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.mlm_placement:
+        result = mlm_placement(args, device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": str(device), "mlm_placement_s": result}, f, indent=2)
+        return 0
     table = sides(args, device)
     if args.memory_of:
         print(peak_memory(table[args.memory_of][1](), device))

@@ -44,6 +44,39 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    pools = ", ".join(f"{p.name} ({p.actors}x {p.device})" for p in spec.device_pool)
+    print(f"{args.spec}: valid. job {spec.name!r}, {spec.corpus.format} corpus, "
+          f"variant {spec.model.variant}, pools {pools}, spec hash {spec.spec_hash()[:12]}")  # fmt: skip
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from .spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .driver import print_dry_run, run_job
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite, address=args.address)
+    if args.dry_run:
+        print_dry_run(report)
+    failed = report["shards"]["failed"]
+    print(f"{'dry run' if args.dry_run else 'job'} {spec.name}: {report['rows_in']:,} rows in, "
+          f"{report['rows_out']:,} notes out, {report['error_rows']:,} error rows, "
+          f"{report['filtered_rows']:,} filtered; {report['tokens']:,} tokens in {report['wall_s']:.1f}s; "
+          f"{len(failed)} failed shards -> {report['output']}")  # fmt: skip
+    return 1 if failed else 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from clinicalbert_core.hub import prepare
 
@@ -67,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clinicalbert", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)")
+    s.add_argument("spec", help="job spec YAML")
+    s.add_argument("--dry-run", action="store_true",
+                   help="sample the corpus on a local Ray, print rates and projections")  # fmt: skip
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an output dir written by a different spec")  # fmt: skip
+    s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    s.set_defaults(func=_run)
+
+    s = sub.add_parser("validate", help="check a job spec without running anything")
+    s.add_argument("spec")
+    s.set_defaults(func=_validate)
+
+    s = sub.add_parser("schema", help="print the job spec's JSON Schema")
+    s.set_defaults(func=_schema)
 
     s = sub.add_parser("prepare", help="make a self-contained model dir from a local dir or hub id")
     s.add_argument("source", help="local dir, model.safetensors, or hub repo id (org/name)")

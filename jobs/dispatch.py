@@ -1,0 +1,213 @@
+"""Pull-based shard dispatch over heterogeneous actors, with retries and progress.
+
+Every actor slot holds at most `max_in_flight` shards; when one finishes, that slot pulls the
+next. A fast GPU actor therefore takes proportionally more shards than a slow CPU one, which
+row-balanced splitting (`streaming_split`) cannot do (DESIGN.md, decision 1). A shard whose
+actor died or whose processing raised goes back to the front of the queue until it has had
+`max_attempts`; then it is recorded as failed and the rest of the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    """What an actor reports for one committed shard (counts only, never text)."""
+
+    shard_id: str
+    pool: str
+    actor: str
+    rows_in: int = 0  # rows read from the shard
+    rows_out: int = 0  # notes written (each note once, whatever its window rows)
+    output_rows: int = 0  # rows in the part file (windows when not aggregated)
+    error_rows: int = 0
+    filtered_rows: int = 0  # dropped by corpus.where
+    windows: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    token_lengths: list[int] = field(default_factory=list)  # per note; kept for dry runs only
+    seconds: float = 0.0  # busy time in the actor
+
+
+@dataclass
+class Slot:
+    pool: str
+    index: int
+    handle: Any
+    restarts: int = 0
+    in_flight: int = 0
+    alive: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.pool}-{self.index}"
+
+
+@dataclass
+class FailedShard:
+    shard_id: str
+    attempts: int
+    error: str
+
+
+@dataclass
+class DispatchOutcome:
+    results: list[ShardResult]
+    failed: list[FailedShard]
+    retries: int
+    actor_restarts: int
+
+
+class Dispatcher:
+    """Runs shards on actor slots. `submit(handle, shard)` returns a Ray ObjectRef."""
+
+    def __init__(
+        self,
+        slots: list[Slot],
+        submit: Callable[[Any, Any], Any],
+        restart: Callable[[Slot], Any],
+        max_attempts: int = 3,
+        max_in_flight: int = 2,
+        max_restarts: int = 2,
+        on_result: Callable[[ShardResult, Slot], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ):
+        self.slots, self.submit, self.restart = slots, submit, restart
+        self.max_attempts, self.max_in_flight, self.max_restarts = (
+            max_attempts, max_in_flight, max_restarts,
+        )  # fmt: skip
+        self.on_result, self.on_tick = on_result, on_tick
+
+    def run(self, shards: Sequence[Any]) -> DispatchOutcome:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending: deque[tuple[Any, int]] = deque((s, 1) for s in shards)
+        in_flight: dict[Any, tuple[Slot, Any, Any, int]] = {}  # ref -> slot, handle, shard, try
+        results: list[ShardResult] = []
+        failed: list[FailedShard] = []
+        retries = restarts = 0
+
+        def retry_or_fail(shard: Any, attempt: int, error: str) -> None:
+            nonlocal retries
+            if attempt < self.max_attempts:
+                retries += 1
+                log.warning("shard %s attempt %d failed (%s); re-queued", shard.id, attempt, error)
+                pending.appendleft((shard, attempt + 1))
+            else:
+                log.error("shard %s failed after %d attempts: %s", shard.id, attempt, error)
+                failed.append(FailedShard(shard.id, attempt, error))
+
+        while pending or in_flight:
+            for slot in sorted(self.slots, key=lambda s: s.in_flight):  # fill idle slots first
+                while slot.alive and slot.in_flight < self.max_in_flight and pending:
+                    shard, attempt = pending.popleft()
+                    ref = self.submit(slot.handle, shard)
+                    in_flight[ref] = (slot, slot.handle, shard, attempt)
+                    slot.in_flight += 1
+            if not in_flight:  # shards left but no live actor to run them
+                for shard, attempt in pending:
+                    failed.append(FailedShard(shard.id, attempt - 1, "no live actor left"))
+                pending.clear()
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                slot, handle, shard, attempt = in_flight.pop(ref)
+                if handle is slot.handle:  # refs of a replaced handle no longer count
+                    slot.in_flight -= 1
+                try:
+                    result: ShardResult = ray.get(ref)
+                except RayActorError as e:
+                    retry_or_fail(shard, attempt, f"actor {slot.name} died: {type(e).__name__}")
+                    if handle is slot.handle and slot.alive:  # first news of this death
+                        slot.alive, slot.in_flight = False, 0
+                        if slot.restarts < self.max_restarts:
+                            slot.handle, slot.alive = self.restart(slot), True
+                            slot.restarts += 1
+                            restarts += 1
+                            log.warning("actor %s restarted (%d)", slot.name, slot.restarts)
+                except RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    retry_or_fail(shard, attempt, f"{type(cause).__name__}: {_first_line(cause)}")
+                else:
+                    results.append(result)
+                    if self.on_result:
+                        self.on_result(result, slot)
+            if self.on_tick:
+                self.on_tick()
+        return DispatchOutcome(results, failed, retries, restarts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+class Progress:
+    """Rows, tokens/s per pool and ETA: a tqdm bar on a terminal, else one line per interval."""
+
+    def __init__(self, total_rows: int, interval_s: float = 10.0, stream: Any = None):
+        self.total, self.interval = total_rows, interval_s
+        self.stream = stream or sys.stderr
+        self.rows = 0
+        self.tokens: dict[str, int] = {}
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_rows, unit="note", file=self.stream, dynamic_ncols=True)
+
+    def update(self, result: ShardResult, slot: Slot | None = None) -> None:
+        self.rows += result.rows_in
+        self.tokens[result.pool] = self.tokens.get(result.pool, 0) + result.tokens
+        if self.bar is not None:
+            self.bar.update(result.rows_in)
+            self.bar.set_postfix_str(self._rates())
+        self.tick()
+
+    def _rates(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return " ".join(f"{p} {t / elapsed:,.0f} tok/s" for p, t in sorted(self.tokens.items()))
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.rows / elapsed
+        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
+        pct = 100 * self.rows / self.total if self.total else 100.0
+        return (
+            f"progress: {self.rows:,}/{self.total:,} rows ({pct:.1f}%), {rate:,.1f} rows/s, "
+            f"{self._rates() or 'no shard done yet'}, elapsed {elapsed:,.0f}s, ETA {_fmt_eta(eta)}"
+        )
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        print(self.line().replace("progress:", "done:"), file=self.stream, flush=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

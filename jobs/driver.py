@@ -1,0 +1,332 @@
+"""The driver: plan a job, start one actor per device slot, dispatch shards, report.
+
+spec -> ModelBundle (resolved once, shipped through the object store)
+     -> shards (non-splittable inputs staged in parallel Ray tasks) minus committed ones
+     -> Dispatcher over the pools' actors -> part files -> _report.json -> _SUCCESS
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from clinicalbert_core.hub import ModelBundle
+
+from .corpus import Shard, plan_shards
+from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot
+from .output import OutputDir
+from .spec import JobSpec, PoolSpec
+
+log = logging.getLogger(__name__)
+
+
+def load_bundle(spec: JobSpec) -> ModelBundle:
+    m = spec.model
+    if m.path is not None:
+        source, revision = m.path, None
+    elif m.hub is not None:
+        source, revision = m.hub.repo, m.hub.revision
+    else:  # the variant's own hub repo (validated to exist)
+        from clinicalbert_core.variants import get_variant
+
+        v = get_variant(m.variant)
+        source, revision = v.hub_id, v.revision
+    return ModelBundle.load(source, variant=m.variant, lowercase=m.lowercase, revision=revision)
+
+
+def scale_pools(pools: tuple[PoolSpec, ...], cpus: int, gpus: int) -> tuple[PoolSpec, ...]:
+    """The spec's pools shrunk to fit one machine (dry runs): GPU pools need a GPU here."""
+    scaled: list[PoolSpec] = []
+    cpu_left = max(cpus - 1, 1)  # leave a core to the driver
+    for pool in pools:
+        if pool.device == "cuda":
+            if gpus:
+                scaled.append(pool.model_copy(update={"actors": min(pool.actors, gpus)}))
+            continue
+        per = min(pool.cpus_per_actor, cpu_left)
+        actors = max(1, min(pool.actors, cpu_left // per))
+        scaled.append(pool.model_copy(update={"actors": actors, "cpus_per_actor": per}))
+    return tuple(scaled)
+
+
+def _apply(fn: Any, item: Any) -> Any:
+    return fn(item)
+
+
+def _ray_map(fn: Any, items: Any) -> list[Any]:
+    """map() over Ray tasks, results in order (staging inputs in parallel)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_apply)
+    return ray.get([task.remote(fn, x) for x in items])
+
+
+def _start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, lengths: bool) -> Any:
+    import ray
+
+    from .actor import EncoderActor
+
+    options: dict[str, Any] = {"num_cpus": pool.cpus_per_actor, "name": None}
+    if pool.device == "cuda":
+        options["num_gpus"] = 1
+        if pool.accelerator_type:
+            options["accelerator_type"] = pool.accelerator_type
+    options.pop("name")
+    env = {"OMP_NUM_THREADS": str(pool.cpus_per_actor), "TOKENIZERS_PARALLELISM": "false"}
+    cls = ray.remote(EncoderActor).options(**options, runtime_env={"env_vars": env})
+    return cls.remote(bundle_ref, spec, pool.name, f"{pool.name}-{index}", lengths)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    on_result: Any = None,
+) -> dict[str, Any]:
+    """Run (or dry-run) a job to completion; returns the report. Raises on setup errors."""
+    import ray
+
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    # staged inputs live under the real output dir, so a dry run's staging is reused later
+    staging = OutputDir(spec.output.path).staging_dir
+    full = spec
+    if dry_run:
+        scratch = tempfile.mkdtemp(prefix=f"clinicalbert-dry-run-{spec.name}-")
+        spec = spec.model_copy(
+            update={
+                "output": spec.output.model_copy(update={"path": scratch}),
+                "corpus": spec.corpus.model_copy(update={"limit": spec.run.dry_run_notes}),
+            }
+        )
+    log.info("resolving model %s", spec.model.variant)
+    bundle = load_bundle(spec)
+    out = OutputDir(spec.output.path)
+    out.check_spec(
+        spec.spec_hash(), {**spec.resolved_json(), "model_identity": _identity(bundle)}, overwrite
+    )
+
+    if not ray.is_initialized():
+        if dry_run:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    pools = spec.device_pool
+    if dry_run:
+        res = ray.cluster_resources()
+        pools = scale_pools(pools, int(res.get("CPU", 1)), int(res.get("GPU", 0)))
+        if not pools:
+            raise RuntimeError("dry run: no pool of the spec can run on this machine")
+        skipped = {p.name for p in spec.device_pool} - {p.name for p in pools}
+        for name in sorted(skipped):
+            log.warning("dry run: pool %s skipped (no GPU on this machine)", name)
+    _check_resources(pools, dry_run)
+
+    log.info("planning shards")
+    shards = plan_shards(spec.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
+    committed = out.committed()
+    todo = [s for s in shards if s.id not in committed]
+    log.info("%d shards (%d rows), %d already committed, %d to run",
+             len(shards), sum(s.num_rows for s in shards), len(shards) - len(todo), len(todo))  # fmt: skip
+
+    bundle_ref = ray.put(bundle)
+    slots = [
+        Slot(p.name, i, _start_actor(p, i, bundle_ref, spec, dry_run))
+        for p in pools
+        for i in range(p.actors)
+    ]
+    pool_of = {p.name: p for p in pools}
+    progress = Progress(sum(s.num_rows for s in todo), spec.run.progress_interval_s)
+
+    def result_hook(result: ShardResult, slot: Slot) -> None:
+        progress.update(result, slot)
+        if on_result is not None:
+            on_result(result, slot, slots)
+
+    dispatcher = Dispatcher(
+        slots,
+        submit=lambda handle, shard: handle.process.remote(shard),
+        restart=lambda slot: _start_actor(
+            pool_of[slot.pool], slot.index, bundle_ref, spec, dry_run
+        ),
+        max_attempts=spec.run.max_shard_attempts,
+        on_result=result_hook,
+        on_tick=progress.tick,
+    )
+    try:
+        outcome = dispatcher.run(todo)
+    finally:  # also on Ctrl-C: no actor of this run may go on writing
+        progress.close()
+        for slot in slots:
+            ray.kill(slot.handle)
+    report = build_report(spec, shards, len(shards) - len(todo), outcome, pools, started, t0)
+    out.write_json("_report.json", report)
+    if not outcome.failed:
+        out.mark_success()
+    report["output"] = spec.output.path
+    if dry_run:
+        full_shards = plan_shards(full.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
+        report["dry_run"] = dry_run_summary(full, full_shards, report, outcome)
+    return report
+
+
+def _identity(bundle: ModelBundle) -> dict[str, Any]:
+    return {
+        "variant": bundle.variant,
+        "weights_sha256": bundle.weights_sha256,
+        "lowercase": bundle.lowercase,
+        "source": bundle.source,
+    }
+
+
+def _check_resources(pools: tuple[PoolSpec, ...], dry_run: bool) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    need_gpu = sum(p.actors for p in pools if p.device == "cuda")
+    if need_gpu and not res.get("GPU"):
+        raise RuntimeError(
+            f"the spec's GPU pools need {need_gpu} GPU(s) but this Ray cluster has none; "
+            "run on a cluster with GPU workers, or use --dry-run to test on this machine"
+        )
+
+
+def build_report(
+    spec: JobSpec,
+    shards: list[Shard],
+    resumed: int,
+    outcome: DispatchOutcome,
+    pools: tuple[PoolSpec, ...],
+    started: datetime,
+    t0: float,
+) -> dict[str, Any]:
+    results = outcome.results
+    wall = time.monotonic() - t0
+    total = lambda key: sum(getattr(r, key) for r in results)  # noqa: E731
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r.reasons.items():
+            reasons[k] = reasons.get(k, 0) + v
+    per_pool: dict[str, Any] = {}
+    per_actor: dict[str, Any] = {}
+    for p in pools:
+        mine = [r for r in results if r.pool == p.name]
+        busy = sum(r.seconds for r in mine)
+        tokens = sum(r.tokens for r in mine)
+        per_pool[p.name] = {
+            "device": p.device, "actors": p.actors, "shards": len(mine),
+            "rows": sum(r.rows_in for r in mine), "tokens": tokens, "busy_s": round(busy, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+        }  # fmt: skip
+    for r in results:
+        a = per_actor.setdefault(
+            r.actor, {"pool": r.pool, "shards": 0, "rows": 0, "tokens": 0, "busy_s": 0.0}
+        )
+        a["shards"] += 1
+        a["rows"] += r.rows_in
+        a["tokens"] += r.tokens
+        a["busy_s"] = round(a["busy_s"] + r.seconds, 3)
+    for a in per_actor.values():
+        a["tokens_per_busy_s"] = round(a["tokens"] / a["busy_s"], 1) if a["busy_s"] else 0.0
+    rows_in, rows_out, errors, filtered = (
+        total(k) for k in ("rows_in", "rows_out", "error_rows", "filtered_rows")
+    )
+    if rows_in != rows_out + errors + filtered:
+        raise RuntimeError(
+            f"row counts do not add up: in {rows_in} != out {rows_out} + errors {errors} + filtered {filtered}"
+        )
+    return {
+        "name": spec.name,
+        "spec_hash": spec.spec_hash(),
+        "rows_in": rows_in, "rows_out": rows_out, "error_rows": errors, "filtered_rows": filtered,
+        "errors_by_reason": reasons,
+        "windows": total("windows"), "tokens": total("tokens"), "truncated_notes": total("truncated"),
+        "shards": {
+            "total": len(shards), "committed_before": resumed, "processed": len(results),
+            "failed": [asdict(f) for f in outcome.failed],
+        },
+        "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
+        "per_pool": per_pool, "per_actor": per_actor,
+        "wall_s": round(wall, 3), "tokens_per_s": round(total("tokens") / wall, 1) if wall else 0.0,
+        "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+    }  # fmt: skip
+
+
+def dry_run_summary(
+    spec: JobSpec, full_shards: list[Shard], report: dict[str, Any], outcome: DispatchOutcome
+) -> dict[str, Any]:
+    """Rates of the sample, token lengths, and the projected wall time of the whole corpus."""
+    results = outcome.results
+    lengths = np.array([n for r in results for n in r.token_lengths], dtype=np.int64)
+    notes, rows_in = report["rows_out"], report["rows_in"]
+    tokens = report["tokens"]
+    body = spec.model.max_seq - 2
+    corpus_rows = sum(s.num_rows for s in full_shards)
+    kept = (notes / rows_in) if rows_in else 0.0  # share of rows that become notes
+    corpus_tokens = corpus_rows * kept * (tokens / notes if notes else 0.0)
+    summary: dict[str, Any] = {
+        "sampled_rows": rows_in,
+        "sampled_notes": notes,
+        "notes_per_s": notes / report["wall_s"] if report["wall_s"] else 0.0,
+        "tokens_per_s": report["tokens_per_s"],
+        "windows_per_note": report["windows"] / notes if notes else 0.0,
+        "corpus_rows": corpus_rows,
+        "corpus_tokens_estimate": int(corpus_tokens),
+        "projection": {},
+    }
+    if len(lengths):
+        summary["token_length"] = {
+            "p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+            "max": int(lengths.max()), "share_over_max_seq": float((lengths > body).mean()),
+        }  # fmt: skip
+    # per pool of the *spec* (full size): measured tokens per busy second of one actor of the
+    # same device, times the spec's actor count
+    per_actor_rate: dict[str, list[float]] = {}
+    for a in report["per_actor"].values():
+        per_actor_rate.setdefault(a["pool"], []).append(a["tokens_per_busy_s"])
+    total_rate = 0.0
+    for pool in spec.device_pool:
+        rates = per_actor_rate.get(pool.name)
+        if not rates:
+            summary["projection"][pool.name] = {"measured": False}
+            continue
+        rate = float(np.mean(rates)) * pool.actors
+        total_rate += rate
+        summary["projection"][pool.name] = {
+            "measured": True, "tokens_per_s": rate,
+            "hours_alone": corpus_tokens / rate / 3600 if rate else None,
+        }  # fmt: skip
+    summary["projected_hours_all_measured_pools"] = (
+        corpus_tokens / total_rate / 3600 if total_rate else None
+    )
+    return summary
+
+
+def print_dry_run(report: dict[str, Any]) -> None:
+    d = report["dry_run"]
+    print(f"dry run sample: {d['sampled_notes']:,} notes ({d['sampled_rows']:,} rows), "
+          f"{d['notes_per_s']:.1f} notes/s, {d['tokens_per_s']:,.0f} tokens/s, "
+          f"{d['windows_per_note']:.2f} windows/note")  # fmt: skip
+    if "token_length" in d:
+        t = d["token_length"]
+        print(f"token length per note: p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, max {t['max']}, "
+              f"{100 * t['share_over_max_seq']:.1f}% over max_seq")  # fmt: skip
+    print(f"full corpus: {d['corpus_rows']:,} rows, ~{d['corpus_tokens_estimate']:,} tokens")
+    for name, p in d["projection"].items():
+        if not p["measured"]:
+            print(f"  pool {name}: not measured here (its device is not on this machine)")
+        else:
+            print(f"  pool {name}: ~{p['tokens_per_s']:,.0f} tokens/s at full size -> "
+                  f"{p['hours_alone']:.2f} h alone")  # fmt: skip
+    if d["projected_hours_all_measured_pools"] is not None:
+        print(f"  measured pools together: {d['projected_hours_all_measured_pools']:.2f} h")
+    print(f"scratch output: {report['output']}")

@@ -1,0 +1,279 @@
+"""Jobs end to end on a local Ray: exactly-once output, pools, actor death, resume, PHI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clinicalbert_core import ClinicalBertRunner
+from clinicalbert_core.hub import prepare
+from jobs.synthetic import make_model, make_notes
+from jobs.spec import parse_spec
+
+pytestmark = pytest.mark.ray
+CANARY = "ZQXJ-CANARY-7781"  # planted in notes; must never appear in logs, errors or reports
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    raw = make_model(root / "raw", hidden=32, layers=2, heads=4, max_positions=128, seed=3)
+    return prepare(raw, root / "prepared", variant="custom", lowercase=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def notes_table(n: int, seed: int = 0) -> pa.Table:
+    notes = make_notes(n, seed=seed, max_words=150)
+    notes = [f"{t} {CANARY}" if i % 5 == 0 else t for i, t in enumerate(notes)]
+    return pa.table({
+        "note_id": pa.array(range(100, 100 + n), pa.int64()),
+        "subject_id": pa.array([7000 + i % 9 for i in range(n)], pa.int64()),
+        "text": notes,
+    })  # fmt: skip
+
+
+def job(tmp: Path, model_path: Path, corpus: dict, **over) -> dict:
+    spec = {
+        "name": "t",
+        "corpus": corpus,
+        "model": {"variant": "custom", "path": str(model_path), "max_seq": 64,
+                  "long_notes": {"strategy": "windows", "stride": 16, "aggregate": "mean"}},
+        "heads": {"pooling": "cls"},
+        "device_pool": [{"name": "cpu", "device": "cpu", "actors": 2, "cpus_per_actor": 1,
+                         "precision": "fp32", "batch_tokens": 1024}],
+        "output": {"path": str(tmp / "out")},
+        "run": {"shard_rows": 10, "batch_rows": 4, "progress_interval_s": 0.5},
+    }  # fmt: skip
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+def run(spec: dict, base: Path, **kw):
+    from jobs.driver import run_job
+
+    return run_job(parse_spec(spec, base), **kw)
+
+
+def read_out(path: Path) -> tuple[pa.Table, pa.Table | None]:
+    parts = sorted(path.glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    errs = sorted((path / "errors").glob("part-*.parquet"))
+    return table, (pa.concat_tables([pq.read_table(p) for p in errs]) if errs else None)
+
+
+def direct_vectors(model: Path, notes: list[str]) -> np.ndarray:
+    runner = ClinicalBertRunner.load(model, precision="fp32", max_seq=64, long_notes="windows",
+                                     stride=16, aggregate="mean", batch_tokens=1024)  # fmt: skip
+    return runner.encode(notes, return_hidden=False).pooled.numpy()
+
+
+def check_exactly_once(ids_in: list, out: pa.Table, errors: pa.Table | None) -> None:
+    got = out["id"].to_pylist() + ([] if errors is None else errors["id"].to_pylist())
+    assert sorted(got, key=str) == sorted(ids_in, key=str)
+
+
+def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_local):
+    table = notes_table(45)
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")],
+              "id_column": "note_id", "keep_columns": ["subject_id"]}  # fmt: skip
+    report = run(job(tmp_path, model_dir, corpus), tmp_path)
+    out, errors = read_out(tmp_path / "out")
+    check_exactly_once(table["note_id"].to_pylist(), out, errors)
+    assert errors is None and report["rows_in"] == 45 == report["rows_out"]
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    by_id = {i: k for i, k in zip(out["id"].to_pylist(), range(out.num_rows))}
+    order = [by_id[i] for i in table["note_id"].to_pylist()]
+    assert out["subject_id"].to_pylist() == [out["subject_id"][k].as_py() for k in range(out.num_rows)]
+    assert [out["subject_id"][k].as_py() for k in order] == table["subject_id"].to_pylist()
+    vectors = np.stack(out["embedding"].to_numpy(zero_copy_only=False))[order]
+    expected = direct_vectors(model_dir, table["text"].to_pylist())
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    meta = pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata
+    assert meta[b"casing"] == b"cased" and meta[b"pooling"] == b"cls"
+
+
+def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, capfd):
+    notes = make_notes(12, seed=5, max_words=80)
+    notes[1] = f"multi\nline, \"quoted\" note {CANARY}\n\nend"
+    rows = [{"id": f"n{i}", "text": t} for i, t in enumerate(notes)]
+    rows += [{"id": "null", "text": None}, {"id": "blank", "text": "   \n "}]
+    with gzip.open(tmp_path / "notes.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    csv = "ROW_ID,TEXT\n" + "".join(
+        f'{i},"{t.replace(chr(34), chr(34) * 2)}"\n' for i, t in enumerate(notes)
+    )
+    with gzip.open(tmp_path / "notes.csv.gz", "wb") as f:
+        f.write(csv.encode() + b'77,"bad \xff\xfe bytes ' + CANARY.encode() + b'"\n')
+    (tmp_path / "txt" / "sub").mkdir(parents=True)
+    for i, t in enumerate(notes[:5]):
+        (tmp_path / "txt" / ("sub" if i % 2 else "") / f"note{i}.txt").write_text(t)
+    (tmp_path / "txt" / "empty.txt").write_text("")
+    cases = {
+        "jsonl": ({"format": "jsonl", "paths": [str(tmp_path / "notes.jsonl.gz")]},
+                  [r["id"] for r in rows], {"null": 1, "empty": 1}),
+        "csv": ({"format": "csv", "paths": [str(tmp_path / "notes.csv.gz")],
+                 "id_column": "ROW_ID", "text_column": "TEXT"},
+                list(range(len(notes))) + [77], {"undecodable": 1}),
+        "text": ({"format": "text", "paths": [str(tmp_path / "txt")]},
+                 ["note0.txt", "sub/note1.txt", "note2.txt", "sub/note3.txt", "note4.txt",
+                  "empty.txt"], {"empty": 1}),
+    }  # fmt: skip
+    for name, (corpus, ids, reasons) in cases.items():
+        root = tmp_path / name
+        root.mkdir()
+        report = run(job(root, model_dir, corpus), root)
+        out, errors = read_out(root / "out")
+        check_exactly_once(ids, out, errors)
+        assert report["errors_by_reason"] == reasons, name
+        assert report["rows_in"] == report["rows_out"] + report["error_rows"]
+        assert set(errors.column_names) == {"id", "shard", "row_index", "reason"}
+        text = json.dumps(report) + (root / "out" / "_job.json").read_text()
+        assert CANARY not in text
+    if "csv" in cases:  # the csv notes equal the runner's vectors on the same text
+        out, _ = read_out(tmp_path / "csv" / "out")
+        got = dict(zip(out["id"].to_pylist(), out["embedding"].to_pylist()))
+        expected = direct_vectors(model_dir, notes)
+        np.testing.assert_allclose(np.array([got[i] for i in range(len(notes))]), expected, atol=1e-5)
+    captured = capfd.readouterr()
+    assert CANARY not in captured.out + captured.err
+
+
+def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
+    table = notes_table(80)
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    pools = [
+        {"name": "fast", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
+        {"name": "slow", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
+    ]
+    monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "slow=0.6")
+    spec = job(tmp_path, model_dir, corpus, device_pool=pools, run={"shard_rows": 5, "batch_rows": 5})
+    import ray
+
+    ray.shutdown()  # actors inherit the env of the Ray started after setenv
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    report = run(spec, tmp_path)
+    out, errors = read_out(tmp_path / "out")
+    check_exactly_once(table["note_id"].to_pylist(), out, errors)
+    shards = {k: v["shards"] for k, v in report["per_pool"].items()}
+    assert shards["fast"] + shards["slow"] == 16
+    assert shards["fast"] > 2 * shards["slow"], shards
+
+
+def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local):
+    import ray
+
+    table = notes_table(60)
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    killed = []
+
+    def kill_one(result, slot, slots):
+        if not killed:
+            victim = next(s for s in slots if s is not slot)
+            killed.append(victim.name)
+            ray.kill(victim.handle)
+
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    report = run(spec, tmp_path, on_result=kill_one)
+    out, errors = read_out(tmp_path / "out")
+    check_exactly_once(table["note_id"].to_pylist(), out, errors)
+    assert killed and report["actor_restarts"] >= 1
+    assert not report["shards"]["failed"]
+
+
+def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_local):
+    table = notes_table(50)
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    done = []
+
+    def interrupt(result, slot, slots):
+        done.append(result.shard_id)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path, on_result=interrupt)
+    committed = len(list((tmp_path / "out").glob("part-*.parquet")))
+    assert 3 <= committed < 10 and not (tmp_path / "out" / "_SUCCESS").exists()
+    report = run(spec, tmp_path)
+    assert report["shards"]["committed_before"] == committed
+    assert report["shards"]["processed"] == 10 - committed
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    run(job(fresh, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5}), fresh)
+    a, _ = read_out(tmp_path / "out")
+    b, _ = read_out(fresh / "out")
+    a, b = a.sort_by("id"), b.sort_by("id")
+    assert a["id"].equals(b["id"])
+    np.testing.assert_allclose(np.stack(a["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(b["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+
+
+def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local):
+    table = notes_table(10)
+    pq.write_table(table, tmp_path / "notes.parquet")
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    run(job(tmp_path, model_dir, corpus), tmp_path)
+    other = job(tmp_path, model_dir, corpus, heads={"pooling": "mean"})
+    with pytest.raises(ValueError, match="overwrite"):
+        run(other, tmp_path)
+    report = run(other, tmp_path, overwrite=True)
+    assert report["rows_out"] == 10
+
+
+def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
+    notes = ["Pt was started on [MASK] for afib. " * 12, "Pt is a 67 yo M [MASK] hx of chf."]
+    table = pa.table({"note_id": ["a", "b"], "text": notes})
+    pq.write_table(table, tmp_path / "notes.parquet")
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    spec = job(tmp_path, model_dir, corpus,
+               model={"long_notes": {"strategy": "windows", "stride": 16, "aggregate": "none"}},
+               heads={"pooling": "cls", "mlm": {"enabled": True, "top_k": 3}})  # fmt: skip
+    run(spec, tmp_path)
+    out, _ = read_out(tmp_path / "out")
+    rows_a = [r for r in out.to_pylist() if r["id"] == "a"]
+    assert len(rows_a) > 1 and [r["window_index"] for r in rows_a] == list(range(len(rows_a)))
+    for r in out.to_pylist():
+        note = notes[0] if r["id"] == "a" else notes[1]
+        assert 0 <= r["char_start"] < r["char_end"] <= len(note)
+        for c, ids, lps in zip(r["mlm_char_start"], r["mlm_top_ids"], r["mlm_top_logprobs"]):
+            assert note[c : c + 6] == "[MASK]"
+            assert len(ids) == 3 and lps == sorted(lps, reverse=True)
+    masks = sum(len(r["mlm_position"]) for r in out.to_pylist())
+    assert masks >= 13  # every [MASK] in every window (overlaps count once per window)
+
+
+def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
+    table = notes_table(40)
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
+    report = run(spec, tmp_path, dry_run=True)
+    d = report["dry_run"]
+    assert d["sampled_notes"] == 15 and d["corpus_rows"] == 40
+    assert d["token_length"]["max"] >= d["token_length"]["p95"] >= d["token_length"]["p50"] > 0
+    assert d["projection"]["cpu"]["hours_alone"] > 0
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
