@@ -14,8 +14,8 @@ import pytest
 
 from clinicalbert_core import ClinicalBertRunner
 from clinicalbert_core.hub import prepare
-from jobs.synthetic import make_model, make_notes
 from jobs.spec import parse_spec
+from jobs.synthetic import make_model, make_notes
 
 pytestmark = pytest.mark.ray
 CANARY = "ZQXJ-CANARY-7781"  # planted in notes; must never appear in logs, errors or reports
@@ -103,7 +103,9 @@ def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_l
     assert (tmp_path / "out" / "_SUCCESS").exists()
     by_id = {i: k for i, k in zip(out["id"].to_pylist(), range(out.num_rows))}
     order = [by_id[i] for i in table["note_id"].to_pylist()]
-    assert out["subject_id"].to_pylist() == [out["subject_id"][k].as_py() for k in range(out.num_rows)]
+    assert out["subject_id"].to_pylist() == [
+        out["subject_id"][k].as_py() for k in range(out.num_rows)
+    ]
     assert [out["subject_id"][k].as_py() for k in order] == table["subject_id"].to_pylist()
     vectors = np.stack(out["embedding"].to_numpy(zero_copy_only=False))[order]
     expected = direct_vectors(model_dir, table["text"].to_pylist())
@@ -114,7 +116,7 @@ def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_l
 
 def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, capfd):
     notes = make_notes(12, seed=5, max_words=80)
-    notes[1] = f"multi\nline, \"quoted\" note {CANARY}\n\nend"
+    notes[1] = f'multi\nline, "quoted" note {CANARY}\n\nend'
     rows = [{"id": f"n{i}", "text": t} for i, t in enumerate(notes)]
     rows += [{"id": "null", "text": None}, {"id": "blank", "text": "   \n "}]
     with gzip.open(tmp_path / "notes.jsonl.gz", "wt") as f:
@@ -153,7 +155,9 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
         out, _ = read_out(tmp_path / "csv" / "out")
         got = dict(zip(out["id"].to_pylist(), out["embedding"].to_pylist()))
         expected = direct_vectors(model_dir, notes)
-        np.testing.assert_allclose(np.array([got[i] for i in range(len(notes))]), expected, atol=1e-5)
+        np.testing.assert_allclose(
+            np.array([got[i] for i in range(len(notes))]), expected, atol=1e-5
+        )
     captured = capfd.readouterr()
     assert CANARY not in captured.out + captured.err
 
@@ -161,13 +165,19 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
 def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
     table = notes_table(80)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     pools = [
         {"name": "fast", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
         {"name": "slow", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
     ]
     monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "slow=0.6")
-    spec = job(tmp_path, model_dir, corpus, device_pool=pools, run={"shard_rows": 5, "batch_rows": 5})
+    spec = job(
+        tmp_path, model_dir, corpus, device_pool=pools, run={"shard_rows": 5, "batch_rows": 5}
+    )
     import ray
 
     ray.shutdown()  # actors inherit the env of the Ray started after setenv
@@ -185,7 +195,11 @@ def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local)
 
     table = notes_table(60)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     killed = []
 
     def kill_one(result, slot, slots):
@@ -205,7 +219,11 @@ def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local)
 def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_local):
     table = notes_table(50)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
     done = []
 
@@ -235,7 +253,11 @@ def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_
 def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local):
     table = notes_table(10)
     pq.write_table(table, tmp_path / "notes.parquet")
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     run(job(tmp_path, model_dir, corpus), tmp_path)
     other = job(tmp_path, model_dir, corpus, heads={"pooling": "mean"})
     with pytest.raises(ValueError, match="overwrite"):
@@ -248,7 +270,11 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
     notes = ["Pt was started on [MASK] for afib. " * 12, "Pt is a 67 yo M [MASK] hx of chf."]
     table = pa.table({"note_id": ["a", "b"], "text": notes})
     pq.write_table(table, tmp_path / "notes.parquet")
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     spec = job(tmp_path, model_dir, corpus,
                model={"long_notes": {"strategy": "windows", "stride": 16, "aggregate": "none"}},
                heads={"pooling": "cls", "mlm": {"enabled": True, "top_k": 3}})  # fmt: skip
@@ -269,7 +295,11 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
     table = notes_table(40)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
-    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")], "id_column": "note_id"}
+    corpus = {
+        "format": "parquet",
+        "paths": [str(tmp_path / "notes.parquet")],
+        "id_column": "note_id",
+    }
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
     report = run(spec, tmp_path, dry_run=True)
     d = report["dry_run"]
@@ -277,3 +307,26 @@ def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
     assert d["token_length"]["max"] >= d["token_length"]["p95"] >= d["token_length"]["p50"] > 0
     assert d["projection"]["cpu"]["hours_alone"] > 0
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+
+
+def test_encoder_predictor_plain_and_in_ray_data(model_dir, ray_local):
+    import ray
+
+    from jobs import EncoderPredictor
+
+    notes = make_notes(9, seed=11, max_words=120)
+    notes[4] = None
+    opts = {"model": str(model_dir), "precision": "fp32", "max_seq": 64, "long_notes": "windows",
+            "stride": 16, "batch_tokens": 1024}  # fmt: skip
+    plain = EncoderPredictor(**opts)({"text": np.array(notes, dtype=object)})
+    assert plain["error"][4] == "null" and np.isnan(plain["embedding"][4]).all()
+    good = [n for n in notes if n is not None]
+    expected = direct_vectors(model_dir, good)
+    np.testing.assert_allclose(np.delete(plain["embedding"], 4, axis=0), expected, atol=1e-5)
+
+    ds = ray.data.from_items([{"k": i, "text": t} for i, t in enumerate(notes)])
+    ds = ds.map_batches(EncoderPredictor, fn_constructor_kwargs=opts, concurrency=1, batch_size=4)
+    rows = sorted(ds.take_all(), key=lambda r: r["k"])
+    assert [r["error"] for r in rows] == [None] * 4 + ["null"] + [None] * 4
+    got = np.stack([r["embedding"] for r in rows if r["error"] is None])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
