@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -241,6 +242,74 @@ def mlm_placement(args: argparse.Namespace, device: torch.device) -> dict[str, d
     return out
 
 
+def job_vs_runner(args: argparse.Namespace) -> dict[str, Any]:
+    """The full job (local Ray, 2 CPU actors) vs the bare runner loop, same corpus and model."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from clinicalbert_core.hub import prepare
+
+    from .driver import run_job
+    from .spec import parse_spec
+    from .synthetic import make_model, write_corpus
+
+    root = Path(tempfile.mkdtemp(prefix="clinicalbert-jobbench-"))
+    corpus = write_corpus(root / "notes.parquet", args.job_notes, seed=7, max_words=400)
+    raw = make_model(root / "raw", hidden=args.job_hidden, layers=args.job_layers, heads=4)
+    model = prepare(raw, root / "model", variant="custom", lowercase=False)
+    cpus = os.cpu_count() or 2
+    max_seq, budget = 256, 4096
+    spec = parse_spec(
+        {
+            "name": "bench",
+            "corpus": {"format": "parquet", "paths": [str(corpus)], "id_column": "note_id"},
+            "model": {"variant": "custom", "path": str(model), "max_seq": max_seq,
+                      "long_notes": {"strategy": "windows", "stride": 32}},
+            "device_pool": [{"name": "cpu", "device": "cpu", "actors": cpus, "cpus_per_actor": 1,
+                             "precision": "fp32", "batch_tokens": budget}],
+            "output": {"path": str(root / "out")},
+            "run": {"shard_rows": max(1, args.job_notes // (4 * cpus)), "progress_interval_s": 30},
+        },
+        root,
+    )  # fmt: skip
+    texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()
+    torch.set_num_threads(cpus)
+    runner = ClinicalBertRunner.load(model, precision="fp32", max_seq=max_seq, long_notes="windows",
+                                     stride=32, batch_tokens=budget)  # fmt: skip
+    t0 = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(texts), 512):  # the bare loop: tokenize, encode, aggregate
+        windows = runner.tokenize(texts[start : start + 512])
+        runner.aggregate_vectors(windows, runner.encode_windows(windows).vectors)
+        tokens += int(windows.lengths.sum())
+    bare_s = time.perf_counter() - t0
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        t0 = time.perf_counter()
+        report = run_job(spec)
+        job_s = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    assert report["tokens"] == tokens, (report["tokens"], tokens)
+    result = {
+        "notes": len(texts), "tokens": tokens, "bare_runner_s": bare_s, "job_s": job_s,
+        "bare_tok_s": tokens / bare_s, "job_tok_s": tokens / job_s, "ratio": bare_s / job_s,
+        "model": f"hidden {args.job_hidden}, {args.job_layers} layers", "cpus": cpus,
+    }  # fmt: skip
+    print(
+        f"job vs bare runner on {cpus} CPUs ({result['model']}, {len(texts)} notes, {tokens:,} tokens):"
+    )
+    print(f"  bare runner loop ({cpus} threads): {bare_s:7.1f} s  {tokens / bare_s:9,.0f} tok/s")
+    print(f"  full job ({cpus} actors x 1 thread, local Ray, incl. planning, actor start, writes): "
+          f"{job_s:7.1f} s  {tokens / job_s:9,.0f} tok/s")  # fmt: skip
+    print(f"  job / bare runner throughput: {100 * result['ratio']:.0f}%")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
@@ -259,9 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlm-placement", action="store_true",
                    help="time the MLM head in_graph vs cpu by batch size instead")  # fmt: skip
     p.add_argument("--mlm-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    p.add_argument("--job", action="store_true",
+                   help="time the full job vs the bare runner loop instead")  # fmt: skip
+    p.add_argument("--job-notes", type=int, default=4000)
+    p.add_argument("--job-hidden", type=int, default=256)
+    p.add_argument("--job-layers", type=int, default=4)
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.job:
+        result = job_vs_runner(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     if args.mlm_placement:
         result = mlm_placement(args, device)
         if args.json:
