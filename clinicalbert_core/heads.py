@@ -41,9 +41,9 @@ def pool(
         assert pooler is not None, "pooling='pooler' needs the pooler head"
         return pooler(hidden[starts])
     if how == "mean":  # every real token of the sequence ([CLS]/[SEP] included, like HF)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden.dtype)
-        sums = hidden.new_zeros(len(starts), hidden.shape[1])
-        sums.index_add_(0, segment_ids(cu_seqlens), hidden)  # (B, C)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).float()
+        sums = hidden.new_zeros(len(starts), hidden.shape[1], dtype=torch.float32)
+        sums.index_add_(0, segment_ids(cu_seqlens), hidden.float())  # (B, C) summed in fp32
         return sums / lengths[:, None]
     raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 
-class MlmExecMode(str, enum.Enum):
+class MlmExecMode(enum.StrEnum):
     AUTO = "auto"
     CPU = "cpu"  # move the needed hidden rows to the host, run the head there in fp32
     IN_GRAPH = "in_graph"  # run the head on the encoder's device, in the encoder's dtype

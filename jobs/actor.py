@@ -140,16 +140,15 @@ class ShardProcessor:
                 if self.slowdown_s:
                     time.sleep(self.slowdown_s)
             error_table = pa.concat_tables(errors) if errors else None
-            writer.commit(error_table)  # errors part first, then the part under its name
-        result.rows_in = reader.rows_in
-        result.filtered_rows = reader.rows_filtered
-        if error_table is not None:
-            result.error_rows = error_table.num_rows
-            for reason, count in zip(
-                *np.unique(error_table["reason"].to_numpy(False), return_counts=True)
-            ):
-                result.reasons[str(reason)] = int(count)
-        result.seconds = time.perf_counter() - t0
+            result.rows_in = reader.rows_in
+            result.filtered_rows = reader.rows_filtered
+            if error_table is not None:
+                result.error_rows = error_table.num_rows
+                reasons = error_table["reason"].to_numpy(False)
+                for reason, count in zip(*np.unique(reasons, return_counts=True)):
+                    result.reasons[str(reason)] = int(count)
+            result.seconds = time.perf_counter() - t0
+            writer.commit(error_table, result.stats())
         return result
 
     # ---- steps -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class ShardResult:
     reasons: dict[str, int] = field(default_factory=dict)
     token_lengths: list[int] = field(default_factory=list)  # per note; kept for dry runs only
     seconds: float = 0.0  # busy time in the actor
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for the part file's footer (no per-note lists)."""
+        return {k: v for k, v in asdict(self).items() if k != "token_lengths"}
 
 
 @dataclass

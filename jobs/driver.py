@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -73,12 +73,11 @@ def _start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, len
 
     from .actor import EncoderActor
 
-    options: dict[str, Any] = {"num_cpus": pool.cpus_per_actor, "name": None}
+    options: dict[str, Any] = {"num_cpus": pool.cpus_per_actor}
     if pool.device == "cuda":
         options["num_gpus"] = 1
         if pool.accelerator_type:
             options["accelerator_type"] = pool.accelerator_type
-    options.pop("name")
     env = {"OMP_NUM_THREADS": str(pool.cpus_per_actor), "TOKENIZERS_PARALLELISM": "false"}
     cls = ray.remote(EncoderActor).options(**options, runtime_env={"env_vars": env})
     return cls.remote(bundle_ref, spec, pool.name, f"{pool.name}-{index}", lengths)
@@ -95,7 +94,7 @@ def run_job(
     """Run (or dry-run) a job to completion; returns the report. Raises on setup errors."""
     import ray
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.monotonic()
     # staged inputs live under the real output dir, so a dry run's staging is reused later
     staging = OutputDir(spec.output.path).staging_dir
@@ -143,6 +142,7 @@ def run_job(
         Slot(p.name, i, _start_actor(p, i, bundle_ref, spec, dry_run))
         for p in pools
         for i in range(p.actors)
+        if todo  # nothing left to run: no actors to start
     ]
     pool_of = {p.name: p for p in pools}
     progress = Progress(sum(s.num_rows for s in todo), spec.run.progress_interval_s)
@@ -168,7 +168,8 @@ def run_job(
         progress.close()
         for slot in slots:
             ray.kill(slot.handle)
-    report = build_report(spec, shards, len(shards) - len(todo), outcome, pools, started, t0)
+    earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
+    report = build_report(spec, shards, earlier, outcome, pools, started, t0)
     out.write_json("_report.json", report)
     if not outcome.failed:
         out.mark_success()
@@ -203,17 +204,20 @@ def _check_resources(pools: tuple[PoolSpec, ...], dry_run: bool) -> None:
 def build_report(
     spec: JobSpec,
     shards: list[Shard],
-    resumed: int,
+    earlier: list[ShardResult],
     outcome: DispatchOutcome,
     pools: tuple[PoolSpec, ...],
     started: datetime,
     t0: float,
 ) -> dict[str, Any]:
+    """Counts cover the whole output (shards committed by earlier runs included); throughput
+    and per-pool/per-actor figures cover this run."""
     results = outcome.results
     wall = time.monotonic() - t0
-    total = lambda key: sum(getattr(r, key) for r in results)  # noqa: E731
+    everything = earlier + results
+    total = lambda key: sum(getattr(r, key) for r in everything)  # noqa: E731
     reasons: dict[str, int] = {}
-    for r in results:
+    for r in everything:
         for k, v in r.reasons.items():
             reasons[k] = reasons.get(k, 0) + v
     per_pool: dict[str, Any] = {}
@@ -251,13 +255,14 @@ def build_report(
         "errors_by_reason": reasons,
         "windows": total("windows"), "tokens": total("tokens"), "truncated_notes": total("truncated"),
         "shards": {
-            "total": len(shards), "committed_before": resumed, "processed": len(results),
+            "total": len(shards), "committed_before": len(earlier), "processed": len(results),
             "failed": [asdict(f) for f in outcome.failed],
         },
         "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
         "per_pool": per_pool, "per_actor": per_actor,
-        "wall_s": round(wall, 3), "tokens_per_s": round(total("tokens") / wall, 1) if wall else 0.0,
-        "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(sum(r.tokens for r in results) / wall, 1) if wall else 0.0,
+        "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
     }  # fmt: skip
 
 

@@ -27,9 +27,10 @@ from .corpus import filesystem
 
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-"
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
+STATS_KEY = "clinicalbert_shard_stats"
 
 
-class ReasonCode(str, enum.Enum):
+class ReasonCode(enum.StrEnum):
     """Why an input row has no output row (errors parts hold only these codes, never text)."""
 
     NULL = "null"  # text is null
@@ -110,7 +111,11 @@ class PartWriter:
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table.replace_schema_metadata(self.schema.metadata))
 
-    def commit(self, errors: pa.Table | None) -> None:
+    def commit(self, errors: pa.Table | None, stats: dict[str, Any] | None = None) -> None:
+        """Errors part first, then the part under its final name. `stats` (counts only) go in
+        the part's footer so a resumed job can still report the whole output."""
+        if stats is not None:
+            self._writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
         self._writer.close()
         if errors is not None and errors.num_rows:
             self.out._write_atomic(
@@ -238,6 +243,12 @@ class OutputDir:
         self._write_atomic(self._join("_SUCCESS"), lambda sink: sink.write(b""))
 
     # ---- reading ---------------------------------------------------------------------------
+    def shard_stats(self, shard_id: str) -> dict[str, Any]:
+        """The counts a committed shard's writer recorded (read from the footer only)."""
+        with self.fs.open_input_file(self.part_path(shard_id)) as f:
+            meta = pq.read_metadata(f).metadata or {}
+        return json.loads(meta.get(STATS_KEY.encode(), b"{}"))
+
     def read_table(self) -> pa.Table:
         paths = [self.part_path(s) for s in sorted(self.committed())]
         return pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in paths)
