@@ -1,0 +1,476 @@
+"""clinicalbert_core: packing, parity with transformers, tokenizer, weights, hub, placement."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clinicalbert_core import ClinicalBertRunner, ModelBundle, inspect, prepare
+from clinicalbert_core.hub import MANIFEST, download, resolve
+from clinicalbert_core.model import attention
+from clinicalbert_core.packing import pack, pad, token_budget_batches, unpad
+from clinicalbert_core.placement import MlmExecMode, resolve_mlm_mode
+from clinicalbert_core.tokenizer import NoteTokenizer, wordpiece_from_vocab
+from clinicalbert_core.weights import read_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    "pt",
+    "is",
+    "a",
+    "yo",
+    "m",
+    "f",
+    "with",
+    "hx",
+    "of",
+    "chf",
+    "afib",
+    "was",
+    "started",
+    "on",
+    "for",
+    "the",
+    "and",
+    "to",
+    "in",
+    "no",
+    "at",
+    "by",
+    "dr",
+    "seen",
+    "known",
+    "lastname",
+    "hospital",
+    "first",
+    "name",
+    "admitted",
+    "discharge",
+    "lasix",
+    "metoprolol",
+    "heparin",
+    "mg",
+    "po",
+    "b",
+    "i",
+    "d",
+    "bp",
+    "hr",
+    "denies",
+    "chest",
+    "pain",
+    "sob",
+    "cxr",
+    "showed",
+    "bilateral",
+    "effusions",
+    "follow",
+    "up",
+    "weeks",
+    "labs",
+    "cr",
+    "wbc",
+    "hct",
+]
+NOTES = [
+    "Pt is a 67 yo M with [**Hospital 123**] hx of CHF, afib.",
+    "Pt was started on [MASK] for afib.",
+    "Seen by Dr. [**Known lastname 658**] on [**2112-4-18**]. BP 120/80, HR 72. Lasix 40 mg PO b.i.d.",
+    "denies chest pain",
+    "cxr showed bilateral effusions. " * 6,
+    "a",
+]
+
+
+def vocab_list() -> list[str]:
+    chars = [chr(c) for c in range(33, 127)]
+    words = WORDS + [w.capitalize() for w in WORDS] + ["CHF", "BP", "HR", "PO"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return list(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + words))
+
+
+def hf_config(**kw):
+    base = dict(vocab_size=len(vocab_list()), hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertConfig(**{**base, **kw})
+
+
+def save_hf(model, path: Path, safe: bool = True) -> Path:
+    """save_pretrained (safetensors), or config + a pickled `pytorch_model.bin` as the
+    Bio_ClinicalBERT repos ship it (transformers 5 no longer writes .bin itself)."""
+    model.save_pretrained(path)
+    if not safe:
+        (path / "model.safetensors").unlink()
+        torch.save(model.state_dict(), path / "pytorch_model.bin")  # tied tensors share storage
+    (path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    out = {}
+    for name, cls, safe in (
+        ("mlm", transformers.BertForMaskedLM, True),
+        ("pretraining", transformers.BertForPreTraining, True),
+        ("pretraining_bin", transformers.BertForPreTraining, False),
+        ("base", transformers.BertModel, True),
+    ):
+        model = cls(hf_config()).eval()
+        out[name] = (save_hf(model, root / name, safe), model)
+    return out
+
+
+def load(path, **kw) -> ClinicalBertRunner:
+    opts = dict(variant="custom", lowercase=False, precision="fp32", max_seq=64, batch_tokens=256)
+    return ClinicalBertRunner.load(path, **{**opts, **kw})
+
+
+def hf_run(model, runner: ClinicalBertRunner, note: str):
+    ids = torch.tensor([runner.tokenizer.tokenizer.encode(note).ids[:64]])
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True)
+
+
+# ---- packing ---------------------------------------------------------------------------------
+def test_pack_exact_layout():
+    b = pack([[5, 6, 7], [8], [9, 10]])
+    assert b.cu_seqlens.tolist() == [0, 3, 4, 6]
+    assert b.position_ids.tolist() == [0, 1, 2, 0, 0, 1]
+    assert b.pad_index.tolist() == [0, 1, 2, 3, 6, 7]  # grid [3 seqs x 3 slots]
+    assert b.max_seqlen == 3 and b.key_mask.squeeze().tolist() == [
+        [True, True, True], [True, False, False], [True, True, False]]  # fmt: skip
+    x = torch.arange(6.0)[:, None]
+    padded = pad(x, b, value=-1.0)
+    assert padded.squeeze(-1).tolist() == [[0, 1, 2], [3, -1, -1], [4, 5, -1]]
+    assert torch.equal(unpad(padded, b), x)
+    assert pack([[1, 2], [3, 4]]).key_mask is None  # equal lengths: no mask at all
+    with pytest.raises(ValueError, match="empty sequence"):
+        pack([[1], []])
+
+
+def test_token_budget_batches_exact():
+    batches = token_budget_batches([5, 100, 30, 100, 7, 60], budget=200)
+    assert [b.tolist() for b in batches] == [[1, 3], [5, 2, 4], [0]]
+    assert [b.tolist() for b in token_budget_batches([300, 10], 100)] == [[0], [1]]
+
+
+def test_padded_slots_never_reach_the_output():
+    torch.manual_seed(1)
+    lengths = [5, 2, 4]
+    b = pack([list(range(n)) for n in lengths])
+    qkv = torch.randn(sum(lengths), 3, 2, 8)
+    clean = attention(qkv, b, pad_value=0.0)
+    poisoned = attention(qkv, b, pad_value=1e30)
+    assert torch.isfinite(poisoned).all()
+    torch.testing.assert_close(poisoned, clean)
+    for a, e in zip(b.cu_seqlens[:-1], b.cu_seqlens[1:]):  # per-sequence reference
+        q, k, v = qkv[a:e].permute(1, 2, 0, 3)  # 3 x (H, L, D)
+        ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+        torch.testing.assert_close(clean[a:e], ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+# ---- parity with transformers ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mlm", "pretraining", "pretraining_bin", "base"])
+def test_fp32_parity_hidden_pooled_logits(ckpts, kind):
+    path, model = ckpts[kind]
+    heads = {"mlm": ("pooler", "mlm"), "base": ("pooler",)}.get(kind, ("pooler", "mlm"))
+    pooling = "cls" if kind == "mlm" else "pooler"
+    r = load(path, heads=heads, pooling=pooling)
+    windows = r.tokenize(NOTES)
+    out = r.encode_windows(windows, return_hidden=True, mlm_positions="all", return_logits=True)
+    bert = getattr(model, "bert", model)
+    for i, note in enumerate(NOTES):
+        ref = hf_run(bert, r, note)
+        h = ref.last_hidden_state[0]
+        a, e = out.cu_seqlens[i], out.cu_seqlens[i + 1]
+        assert (out.hidden[a:e] - h).abs().max() <= 1e-4
+        want = ref.pooler_output[0] if pooling == "pooler" else h[0]
+        assert np.abs(out.vectors[i] - want.numpy()).max() <= 1e-4
+        if "mlm" in heads:
+            rows = np.flatnonzero(out.mlm.window == i)
+            logits = out.mlm.logits[rows[np.argsort(out.mlm.position[rows])]]
+            with torch.no_grad():
+                head = model.cls if hasattr(model, "cls") else None
+                ref_logits = head.predictions(h[None])[0] if kind != "mlm" else head(h[None])[0]
+            assert np.abs(logits - ref_logits.numpy()).max() <= 1e-4
+
+
+def test_mean_pooling_parity(ckpts):
+    path, model = ckpts["base"]
+    r = load(path, pooling="mean")
+    vectors = r.encode(NOTES[:4], return_hidden=False).pooled
+    for i, note in enumerate(NOTES[:4]):
+        h = hf_run(model, r, note).last_hidden_state[0]
+        assert (vectors[i] - h.mean(0)).abs().max() <= 1e-5
+
+
+def test_bf16_cosine(ckpts):
+    path, model = ckpts["pretraining"]
+    r = load(path, precision="bf16", pooling="pooler", heads=("pooler", "mlm"))
+    out = r.encode_windows(r.tokenize(NOTES), return_hidden=True)
+    for i, note in enumerate(NOTES):
+        ref = hf_run(model.bert, r, note)
+        a, e = out.cu_seqlens[i], out.cu_seqlens[i + 1]
+        cos = torch.nn.functional.cosine_similarity(out.hidden[a:e], ref.last_hidden_state[0], -1)
+        assert cos.min() >= 0.99
+        v, w = torch.from_numpy(out.vectors[i]), ref.pooler_output[0]
+        assert torch.nn.functional.cosine_similarity(v, w, 0) >= 0.99
+
+
+def test_alone_equals_in_mixed_batch(ckpts):
+    path, _ = ckpts["mlm"]
+    r = load(path, batch_tokens=96, long_notes="windows", stride=8)
+    together = r.encode(NOTES, return_hidden=False).pooled
+    for i, note in enumerate(NOTES):
+        alone = r.encode([note], return_hidden=False).pooled[0]
+        assert (alone - together[i]).abs().max() <= 1e-5
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_vocab_tokenizer_equals_transformers(tmp_path, lowercase):
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
+    ours = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase)
+    ref = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=lowercase)
+    for note in NOTES + ["Pt's b.i.d. 120/80 mg [**First Name8 (NamePattern2) 45**] Ünïcode"]:
+        assert ours.encode(note).ids == ref(note)["input_ids"]
+
+
+def test_casing_per_variant(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
+    cased = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=False)
+    uncased = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=True)
+    assert cased.encode("Pt").ids != cased.encode("pt").ids
+    assert uncased.encode("Pt").ids == uncased.encode("pt").ids
+
+
+def test_windows_cover_every_token_with_offsets(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
+    tok = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=False)
+    note = " ".join(NOTES) * 3
+    full = tok.encode(note, add_special_tokens=False)
+    nt = NoteTokenizer(tok, max_seq=20, policy="windows", stride=5)
+    w = nt([note, ""])
+    mine = np.flatnonzero(w.note == 0)
+    starts, covered = [], []
+    for k, win in enumerate(mine):
+        ids = w.window_ids(win)
+        assert ids[0] == nt.cls_id and ids[-1] == nt.sep_id and len(ids) <= 20
+        assert w.window_index[win] == k
+        body = ids[1:-1].tolist()
+        start = k * (18 - 5)
+        assert body == full.ids[start : start + 18]
+        starts.append(start)
+        covered += range(start, start + len(body))
+        chars = w.char_start[win], w.char_end[win]
+        assert chars == (full.offsets[start][0], full.offsets[start + len(body) - 1][1])
+    assert set(covered) == set(range(len(full.ids)))
+    assert w.note_tokens[0] == len(full.ids) and not w.truncated[0]
+    empty = np.flatnonzero(w.note == 1)
+    assert len(empty) == 1 and w.lengths[empty[0]] == 2  # [CLS] [SEP]
+    trunc = NoteTokenizer(tok, max_seq=20, policy="truncate")([note])
+    assert trunc.num_windows == 1 and trunc.truncated[0]
+    assert trunc.window_ids(0)[1:-1].tolist() == full.ids[:18]
+
+
+# ---- weights and config errors ---------------------------------------------------------------------
+def test_config_and_weight_errors(ckpts, tmp_path):
+    path, _ = ckpts["mlm"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    state = load_file(bad / "model.safetensors")
+    state["bert.encoder.layer.0.attention.self.query.weight"] = torch.zeros(31, 32)
+    del state["bert.encoder.layer.1.output.dense.bias"]
+    state["bert.surprise.weight"] = torch.zeros(1)
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        load(bad)
+    msg = str(e.value)
+    assert "missing tensors: layers.1.ffn_out.bias" in msg
+    assert (
+        "bert.surprise.weight" in msg
+        and "layers.0.q.weight: expected (32, 32), got (31, 32)" in msg
+    )
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        load(path, variant="nope")
+    with pytest.raises(ValueError, match="vocab_size: preset 'bio_clinicalbert' expects 28996"):
+        load(path, variant="bio_clinicalbert")
+    with pytest.raises(ValueError, match="no pooler weights"):
+        load(path, pooling="pooler")  # BertForMaskedLM has no pooler
+    with pytest.raises(ValueError, match="no cls.predictions"):
+        load(ckpts["base"][0], heads=("pooler", "mlm"))
+    (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:500])
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        load(bad)
+    with pytest.raises(ValueError, match="weights bytes are not a valid safetensors"):
+        read_state_dict(b"garbage bytes")
+    cfg = json.loads((path / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta"}))
+    with pytest.raises(ValueError, match="model_type 'roberta' is not supported"):
+        load(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key' is not supported"):
+        load(bad)
+
+
+def test_tied_decoder_and_legacy_checkpoint(ckpts, tmp_path):
+    path, model = ckpts["pretraining"]
+    untied = tmp_path / "untied"
+    shutil.copytree(path, untied)
+    state = load_file(untied / "model.safetensors")
+    state.pop("cls.predictions.decoder.weight", None)
+    save_file(state, untied / "model.safetensors")
+    a = load(path, heads=("pooler", "mlm")).mlm(["Pt was started on [MASK] for afib."])
+    b = load(untied, heads=("pooler", "mlm")).mlm(["Pt was started on [MASK] for afib."])
+    assert a[0][0].ids == b[0][0].ids
+    np.testing.assert_allclose(a[0][0].log_probs, b[0][0].log_probs, atol=1e-5)
+
+    legacy = tmp_path / "legacy"  # bert_config.json, gamma/beta, bert. prefix, .bin, vocab only
+    legacy.mkdir()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
+    (legacy / "bert_config.json").write_text(json.dumps(cfg))
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in model.state_dict().items()}  # fmt: skip
+    torch.save(sd, legacy / "pytorch_model.bin")
+    shutil.copy(path / "vocab.txt", legacy / "vocab.txt")
+    r_legacy, r = load(legacy, pooling="pooler"), load(path, pooling="pooler")
+    np.testing.assert_allclose(r_legacy.encode(NOTES).pooled, r.encode(NOTES).pooled, atol=1e-6)
+
+
+# ---- hub, prepare, bundle --------------------------------------------------------------------------
+def fake_hub_cache(cache: Path, repo: str, src: Path, commit: str = "a" * 40) -> Path:
+    """The layout huggingface_hub keeps: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, snap / f.name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_offline_cache_and_prepare(ckpts, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    src, _ = ckpts["pretraining_bin"]
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/tiny-bert", src)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    local = download("org/tiny-bert")
+    assert (local / "pytorch_model.bin").exists() and local.name == "a" * 40
+    with pytest.raises(RuntimeError, match="'org/absent'.*not in the local cache"):
+        download("org/absent")
+    path, provenance = resolve("org/tiny-bert")
+    assert provenance == {"hub": "org/tiny-bert", "revision": "main", "commit": "a" * 40}
+
+    out = prepare("org/tiny-bert", tmp_path / "prepared", variant="custom", lowercase=False)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [MANIFEST, "config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["source"]["hub"] == "org/tiny-bert" and manifest["lowercase"] is False
+    assert set(manifest["files"]) == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+    }
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    prepare("org/tiny-bert", tmp_path / "prepared", variant="custom", lowercase=False)
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # idempotent
+
+    info = inspect(out)
+    assert info["heads"] == {"pooler": True, "mlm": True} and info["parameters"] > 0
+    raw = load(src, pooling="pooler").encode(NOTES).pooled
+    np.testing.assert_allclose(load(out, pooling="pooler").encode(NOTES).pooled, raw, atol=1e-6)
+    bundle = ModelBundle.load(out)
+    assert bundle.lowercase is False and bundle.variant == "custom"
+    from_bundle = ClinicalBertRunner.from_bundle(
+        bundle, precision="fp32", max_seq=64, pooling="pooler"
+    )
+    np.testing.assert_allclose(from_bundle.encode(NOTES).pooled, raw, atol=1e-6)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ---- MLM placement and heads -------------------------------------------------------------------
+def test_mlm_placement_cpu_vs_in_graph_and_auto(ckpts):
+    path, _ = ckpts["mlm"]
+    outs = {}
+    for mode in ("cpu", "in_graph"):
+        r = load(path, heads=("pooler", "mlm"), mlm_mode=mode)
+        outs[mode] = r.encode_windows(
+            r.tokenize(NOTES), mlm_positions="all", return_logits=True
+        ).mlm
+    np.testing.assert_allclose(outs["cpu"].logits, outs["in_graph"].logits, atol=1e-5)
+    r16 = load(path, heads=("pooler", "mlm"), mlm_mode="in_graph", precision="bf16")
+    bf = r16.encode_windows(r16.tokenize(NOTES), mlm_positions="all", return_logits=True).mlm
+    cos = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(bf.logits), torch.from_numpy(outs["cpu"].logits), -1
+    )
+    assert cos.min() >= 0.99
+    assert resolve_mlm_mode("auto", "cpu", 1000) is MlmExecMode.IN_GRAPH
+    assert resolve_mlm_mode("auto", "cuda", 512) is MlmExecMode.IN_GRAPH  # measured on H100
+    assert resolve_mlm_mode("auto", "mps", 8) is MlmExecMode.IN_GRAPH  # reference table
+    assert resolve_mlm_mode("auto", "mps", 9) is MlmExecMode.CPU
+    assert resolve_mlm_mode("cpu", "cuda", 1) is MlmExecMode.CPU
+
+
+def test_mlm_api_top_k_at_mask(ckpts):
+    r = load(ckpts["mlm"][0], heads=("pooler", "mlm"))
+    note = "Pt was started on [MASK] for afib."
+    (preds,) = r.mlm([note], top_k=5)
+    (p,) = preds
+    assert note[p.char_start : p.char_start + 6] == "[MASK]"
+    assert len(p.ids) == len(p.tokens) == len(p.log_probs) == 5
+    assert p.log_probs == sorted(p.log_probs, reverse=True) and p.log_probs[0] <= 0
+    assert r.mlm(["no mask here"])[0] == []
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "first", "none"])
+def test_window_aggregation(ckpts, aggregate):
+    r = load(ckpts["mlm"][0], long_notes="windows", stride=4, aggregate=aggregate, max_seq=16)
+    windows = r.tokenize(NOTES)
+    per_window = r.encode_windows(windows).vectors
+    pooled = r.encode(NOTES).pooled.numpy()
+    if aggregate == "none":
+        assert pooled.shape == (windows.num_windows, 32)
+        return
+    assert pooled.shape == (len(NOTES), 32)
+    for n in range(len(NOTES)):
+        mine = np.flatnonzero(windows.note == n)
+        if aggregate == "first":
+            want = per_window[mine[windows.window_index[mine] == 0][0]]
+        else:
+            weights = windows.lengths[mine] - 2
+            want = (per_window[mine] * weights[:, None]).sum(0) / weights.sum()
+        np.testing.assert_allclose(pooled[n], want, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_parity_and_bf16(ckpts):
+    path, model = ckpts["pretraining"]
+    for precision, tol in (("fp32", 1e-4), ("bf16", None)):
+        r = load(
+            path, device="cuda", precision=precision, pooling="pooler", heads=("pooler", "mlm")
+        )
+        out = r.encode_windows(r.tokenize(NOTES), return_hidden=True)
+        for i, note in enumerate(NOTES):
+            h = hf_run(model.bert, r, note).last_hidden_state[0]
+            a, e = out.cu_seqlens[i], out.cu_seqlens[i + 1]
+            if tol:
+                assert (out.hidden[a:e] - h).abs().max() <= tol
+            else:
+                assert torch.nn.functional.cosine_similarity(out.hidden[a:e], h, -1).min() >= 0.99
