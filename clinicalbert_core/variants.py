@@ -27,6 +27,8 @@ class Variant:
     description: str = ""
 
 
+_BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
+
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
@@ -36,9 +38,7 @@ VARIANTS: dict[str, Variant] = {
             revision=None,
             lowercase=False,
             vocab_size=28996,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            **_BERT_BASE,
             description="Alsentzer et al. 2019, BioBERT init, all MIMIC-III notes (cased)",
         ),
         Variant(
@@ -47,9 +47,7 @@ VARIANTS: dict[str, Variant] = {
             revision=None,
             lowercase=False,
             vocab_size=28996,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            **_BERT_BASE,
             description="Alsentzer et al. 2019, BioBERT init, MIMIC-III discharge summaries (cased)",
         ),
         Variant(
@@ -58,9 +56,7 @@ VARIANTS: dict[str, Variant] = {
             revision=None,
             lowercase=True,
             vocab_size=30522,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            **_BERT_BASE,
             description="Huang et al. 2019, bert-base-uncased init; local path only (not on the hub)",
         ),
         Variant(

@@ -5,8 +5,9 @@
     <out>/_job.json  _report.json  _SUCCESS (last)   <out>/_staged/ (staged inputs)
 
 A shard is committed when its part file exists under its final name. Writers stream to a
-temporary name in the same dir and rename at the end, after the errors part, so a crash never
-leaves a partial file under a final name. Paths are local or URIs (pyarrow.fs).
+temporary name (`.tmp-...`) in the same dir and rename at the end, after the errors part, so a
+crash never leaves a partial file under a final name and a committed shard's errors part is
+always complete. Paths are local paths or URIs (`pyarrow.fs`). No Ray here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -27,7 +29,8 @@ from .corpus import filesystem
 
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-"
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
-STATS_KEY = "clinicalbert_shard_stats"
+STATS_KEY = "clinicalbert_shard_stats"  # footer key: the shard's counts (see PartWriter.commit)
+VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 class ReasonCode(enum.StrEnum):
@@ -42,6 +45,7 @@ class ReasonCode(enum.StrEnum):
 
 
 def package_version() -> str:
+    """The installed version of this project ("0+unknown" when run from a bare checkout)."""
     try:
         return importlib_metadata.version("clinicalbert-jobs")
     except importlib_metadata.PackageNotFoundError:
@@ -57,24 +61,36 @@ def output_schema(
     windows: bool,
     mlm: bool,
 ) -> pa.Schema:
-    """Schema of a part file. `windows`: one row per window (with char offsets)."""
-    fields = [pa.field("id", id_type), *keep_fields]
+    """Schema of a part file.
+
+    id (input type), kept columns, [embedding fixed_size_list<vector_dtype>[hidden]], n_tokens
+    (word pieces of the note, or of the window), n_windows, truncated; `windows` (one row per
+    window): window_index, char_start, char_end; `mlm`: one list entry per predicted position,
+    in (window, position) order: mlm_window, mlm_position (token index in that window),
+    mlm_char_start, and per position the top-k mlm_top_ids / mlm_top_tokens / mlm_top_logprobs.
+    """
+    if vector_dtype not in VECTOR_TYPES:
+        raise ValueError(
+            f"vector_dtype must be one of {sorted(VECTOR_TYPES)}, got {vector_dtype!r}"
+        )
+    if embeddings and hidden < 1:
+        raise ValueError(f"hidden must be positive, got {hidden}")
+    fields_ = [pa.field("id", id_type), *keep_fields]
     if embeddings:
-        value = pa.float16() if vector_dtype == "float16" else pa.float32()
-        fields.append(pa.field("embedding", pa.list_(value, hidden)))
-    fields += [
-        pa.field("n_tokens", pa.int64()),  # word pieces of the note (of the window: windows)
+        fields_.append(pa.field("embedding", pa.list_(VECTOR_TYPES[vector_dtype], hidden)))
+    fields_ += [
+        pa.field("n_tokens", pa.int64()),
         pa.field("n_windows", pa.int32()),
         pa.field("truncated", pa.bool_()),
     ]
     if windows:
-        fields += [
+        fields_ += [
             pa.field("window_index", pa.int32()),
             pa.field("char_start", pa.int64()),
             pa.field("char_end", pa.int64()),
         ]
     if mlm:
-        fields += [
+        fields_ += [
             pa.field("mlm_window", pa.list_(pa.int32())),
             pa.field("mlm_position", pa.list_(pa.int32())),
             pa.field("mlm_char_start", pa.list_(pa.int64())),
@@ -82,10 +98,15 @@ def output_schema(
             pa.field("mlm_top_tokens", pa.list_(pa.list_(pa.string()))),
             pa.field("mlm_top_logprobs", pa.list_(pa.list_(pa.float32()))),
         ]
-    return pa.schema(fields)
+    names = [f.name for f in fields_]
+    if len(set(names)) != len(names):
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"kept columns clash with output columns: {clash}")
+    return pa.schema(fields_)
 
 
 def errors_schema(id_type: pa.DataType) -> pa.Schema:
+    """Schema of an errors part: id (input type, nullable), shard, row_index, reason code."""
     return pa.schema(
         [
             pa.field("id", id_type),
@@ -104,55 +125,76 @@ class PartWriter:
         self.schema = schema.with_metadata(
             {**meta, "version": package_version(), "shard": shard_id}
         )
+        out.fs.create_dir(out.root, recursive=True)
         self.tmp = out._join(f"{TMP_PREFIX}{shard_id}-{uuid.uuid4().hex}.parquet")
-        self._writer = pq.ParquetWriter(self.out.fs.open_output_stream(self.tmp), self.schema)
+        self._sink = out.fs.open_output_stream(self.tmp)
+        try:
+            self._writer = pq.ParquetWriter(self._sink, self.schema)
+        except BaseException:
+            self._sink.close()
+            _delete(out.fs, self.tmp)
+            raise
         self.committed = False
 
     def write(self, table: pa.Table) -> None:
+        """Append rows (a table of the writer's schema; its own metadata is ignored)."""
         self._writer.write_table(table.replace_schema_metadata(self.schema.metadata))
 
     def commit(self, errors: pa.Table | None, stats: dict[str, Any] | None = None) -> None:
-        """Errors part first, then the part under its final name. `stats` (counts only) go in
-        the part's footer so a resumed job can still report the whole output."""
+        """Errors part first (or a stale one removed), then the part under its final name.
+        `stats` (counts only) go in the part's footer so a resumed job can report the whole
+        output without reading its rows."""
         if stats is not None:
             self._writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
-        self._writer.close()
+        self._close()
+        errors_path = self.out.errors_path(self.shard_id)
         if errors is not None and errors.num_rows:
-            self.out._write_atomic(
-                self.out.errors_path(self.shard_id),
-                lambda sink: pq.write_table(errors, sink),
-            )
+            self.out._write_atomic(errors_path, lambda sink: pq.write_table(errors, sink))
+        else:  # left by an earlier attempt that crashed between the two renames
+            _delete(self.out.fs, errors_path)
         self.out.fs.move(self.tmp, self.out.part_path(self.shard_id))
         self.committed = True
 
     def abort(self) -> None:
+        """Drop the temporary file (the shard stays uncommitted)."""
         try:
-            self._writer.close()
+            self._close()
         finally:
             _delete(self.out.fs, self.tmp)
 
+    def _close(self) -> None:
+        # ParquetWriter does not close a stream it was handed; an S3 upload completes on close
+        try:
+            self._writer.close()
+        finally:
+            if not self._sink.closed:
+                self._sink.close()
+
 
 class OutputDir:
+    """A job's output dir (local path or URI): paths, resume state, atomic writes, reading."""
+
     def __init__(self, path: str):
-        self.uri = path
-        self.fs, self.root = filesystem(path)
-        self.root = self.root.rstrip("/")
+        self.uri = path.rstrip("/") or path
+        self.fs, root = filesystem(path)
+        self.root = root.rstrip("/") or root
 
     # ---- paths -----------------------------------------------------------------------------
     def _join(self, *names: str) -> str:
         return "/".join([self.root, *names])
 
     def part_path(self, shard_id: str) -> str:
+        """Path (within `fs`) of a shard's part file."""
         return self._join(f"{PART_PREFIX}{shard_id}.parquet")
 
     def errors_path(self, shard_id: str) -> str:
+        """Path (within `fs`) of a shard's errors part."""
         return self._join("errors", f"{PART_PREFIX}{shard_id}.parquet")
 
     @property
     def staging_dir(self) -> str:
         """Where non-Parquet inputs are staged (a path or URI like the output's)."""
-        base = self.uri.rstrip("/")
-        return f"{base}/_staged"
+        return f"{self.uri}/_staged"
 
     # ---- state -----------------------------------------------------------------------------
     def _names(self, sub: str = "") -> list[str]:
@@ -164,7 +206,7 @@ class OutputDir:
         return [i.base_name for i in infos]
 
     def committed(self) -> set[str]:
-        """Shard ids whose part file is present under its final name."""
+        """Shard ids whose part file is present under its final name (temp files ignored)."""
         return {
             n[len(PART_PREFIX) : -len(".parquet")]
             for n in self._names()
@@ -172,19 +214,34 @@ class OutputDir:
         }
 
     def check_spec(self, spec_hash: str, resolved: dict[str, Any], overwrite: bool) -> None:
-        """Resume (same spec), refuse (other spec), or wipe and start over (`overwrite`)."""
+        """Resume (same spec hash: nothing deleted), refuse (another spec's output: ValueError),
+        or with `overwrite` delete that output and start over; writes `_job.json` if absent."""
         self.fs.create_dir(self.root, recursive=True)
-        job = self._read_json("_job.json")
+        try:
+            job = self.read_json("_job.json")
+            if job is not None and not isinstance(job, dict):
+                raise ValueError(f"{self.uri}/_job.json is not a JSON object")
+        except ValueError as e:
+            if not overwrite:
+                raise ValueError(f"{e}; use another output.path, or --overwrite") from e
+            job = {}  # unreadable: another job's, replaced below
         parts = self.committed()
         if job is not None and job.get("spec_hash") == spec_hash:
+            had, has = _weights(job.get("spec", {})), _weights(resolved)
+            if had and has and had != has:
+                raise ValueError(
+                    f"output dir {self.uri} was written with model weights sha256 {had}; this "
+                    f"run's model has {has} (same spec, changed model files). Use another "
+                    "output.path, or --overwrite to delete that output"
+                )
             self.clean_temp()
             return
         if job is not None or parts:
             if not overwrite:
-                have = job.get("spec_hash", "?")[:12] if job else "none (no _job.json)"
+                have = f"spec hash {job.get('spec_hash')}" if job else "no _job.json"
                 raise ValueError(
-                    f"output dir {self.uri} holds the output of a different job spec (spec hash "
-                    f"{have}, this spec {spec_hash[:12]}, {len(parts)} part files); use another "
+                    f"output dir {self.uri} holds another job's output ({have}, "
+                    f"{len(parts)} part files); this spec's hash is {spec_hash}. Use another "
                     "output.path, or --overwrite to delete that output"
                 )
             self.clear()
@@ -192,13 +249,19 @@ class OutputDir:
         self.write_json("_job.json", {"spec_hash": spec_hash, "spec": resolved})
 
     def clear(self) -> None:
-        """Delete the previous job's outputs (not staged inputs: they depend on the corpus)."""
+        """Delete a previous job's outputs: parts, errors, temp files, _job/_report/_SUCCESS.
+
+        `_staged/` stays: staged files are named by their source and read options, not by the
+        spec, so they are valid for any job over the same corpus (see corpus.stage_source).
+        """
         for name in self._names():
             if name.startswith((PART_PREFIX, TMP_PREFIX)) or name in META_FILES:
                 _delete(self.fs, self._join(name))
-        _delete_dir(self.fs, self._join("errors"))
+        with suppress(FileNotFoundError):
+            self.fs.delete_dir(self._join("errors"))
 
     def clean_temp(self) -> None:
+        """Delete temporary files left by writers that crashed (call before a run starts)."""
         for sub in ("", "errors"):
             for name in self._names(sub):
                 if name.startswith(TMP_PREFIX):
@@ -209,6 +272,7 @@ class OutputDir:
     def part_writer(
         self, shard_id: str, schema: pa.Schema, meta: dict[str, str]
     ) -> Iterator[PartWriter]:
+        """A PartWriter whose temp file is removed unless `commit` was called."""
         writer = PartWriter(self, shard_id, schema, meta)
         try:
             yield writer
@@ -216,10 +280,18 @@ class OutputDir:
             if not writer.committed:
                 writer.abort()
 
-    def _write_atomic(self, path: str, write: Any) -> None:
-        parent = path.rsplit("/", 1)[0]
+    def write_part(
+        self, shard_id: str, table: pa.Table, errors: pa.Table | None, metadata: dict[str, str]
+    ) -> None:
+        """Commit a whole shard at once: errors part (if rows), then the part file."""
+        with self.part_writer(shard_id, table.schema, metadata) as writer:
+            writer.write(table)
+            writer.commit(errors)
+
+    def _write_atomic(self, path: str, write: Callable[[pa.NativeFile], Any]) -> None:
+        parent, name = path.rsplit("/", 1)
         self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = f"{parent}/{TMP_PREFIX}{name}-{uuid.uuid4().hex}"
         try:
             with self.fs.open_output_stream(tmp) as sink:
                 write(sink)
@@ -229,44 +301,126 @@ class OutputDir:
             raise
 
     def write_json(self, name: str, obj: Any) -> None:
+        """Write `<out>/<name>` atomically as indented JSON."""
         data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
         self._write_atomic(self._join(name), lambda sink: sink.write(data))
 
-    def _read_json(self, name: str) -> Any:
+    def read_json(self, name: str) -> Any:
+        """`<out>/<name>` parsed, or None when absent; ValueError when it is not JSON."""
         try:
             with self.fs.open_input_stream(self._join(name)) as f:
-                return json.loads(f.read())
+                data = f.read()
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.uri}/{name} is not valid JSON: {e}") from e
 
     def mark_success(self) -> None:
+        """Write `_SUCCESS` (last, once every shard is committed)."""
         self._write_atomic(self._join("_SUCCESS"), lambda sink: sink.write(b""))
 
     # ---- reading ---------------------------------------------------------------------------
-    def shard_stats(self, shard_id: str) -> dict[str, Any]:
-        """The counts a committed shard's writer recorded (read from the footer only)."""
+    def part_metadata(self, shard_id: str) -> dict[str, str]:
+        """A committed part's key-value metadata (footer only; Arrow's own keys left out)."""
         with self.fs.open_input_file(self.part_path(shard_id)) as f:
             meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta.get(STATS_KEY.encode(), b"{}"))
+        return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:")}
 
-    def read_table(self) -> pa.Table:
-        paths = [self.part_path(s) for s in sorted(self.committed())]
-        return pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in paths)
+    def shard_stats(self, shard_id: str) -> dict[str, Any]:
+        """The counts a committed shard's writer recorded ({} if it recorded none)."""
+        return json.loads(self.part_metadata(shard_id).get(STATS_KEY, "{}"))
+
+    def read_table(self) -> pa.Table | None:
+        """All committed parts as one table (shard id order), or None when none is committed."""
+        return self._read([self.part_path(s) for s in sorted(self.committed())])
 
     def read_errors(self) -> pa.Table | None:
-        names = [n for n in self._names("errors") if n.startswith(PART_PREFIX)]
-        if not names:
+        """Errors parts of committed shards as one table, or None when there are none."""
+        shards = set(self._names("errors"))
+        paths = [
+            self.errors_path(s)
+            for s in sorted(self.committed())
+            if f"{PART_PREFIX}{s}.parquet" in shards
+        ]
+        return self._read(paths)
+
+    def _read(self, paths: list[str]) -> pa.Table | None:
+        if not paths:
             return None
-        return pa.concat_tables(
-            pq.read_table(self._join("errors", n), filesystem=self.fs) for n in sorted(names)
-        )
+        tables = [pq.read_table(p, filesystem=self.fs) for p in paths]
+        return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
+
+
+@dataclass
+class Report:
+    """`_report.json`: counts cover the whole output (shards committed by earlier runs
+    included); per-pool/per-actor figures, retries and wall time cover this run."""
+
+    name: str
+    spec_hash: str
+    rows_in: int  # input rows read (before corpus.where)
+    rows_out: int  # notes written; a note with one row per window counts once
+    error_rows: int
+    filtered_rows: int  # dropped by corpus.where
+    errors_by_reason: dict[str, int]
+    windows: int
+    tokens: int
+    truncated_notes: int
+    shards: dict[str, Any]  # total, committed_before, processed, failed (shard_id, attempts, error)
+    retries: int
+    actor_restarts: int
+    per_pool: dict[str, dict[str, Any]]  # name -> device, actors, shards, rows, tokens, busy_s, ...
+    per_actor: dict[str, dict[str, Any]]  # name -> pool, shards, rows, tokens, busy_s, ...
+    wall_s: float
+    tokens_per_s: float
+    started_at: str
+    finished_at: str
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Report:
+        """A report from `_report.json`'s content; unknown or missing keys are a ValueError."""
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(obj) - names), sorted(names - set(obj))
+        if unknown or missing:
+            raise ValueError(f"report keys: unknown {unknown}, missing {missing}")
+        return cls(**obj)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> None:
+        """Raise ValueError unless every input row and every shard is accounted for once."""
+        problems = []
+        if self.rows_in != self.rows_out + self.error_rows + self.filtered_rows:
+            problems.append(
+                f"rows_in {self.rows_in} != rows_out {self.rows_out} + error_rows "
+                f"{self.error_rows} + filtered_rows {self.filtered_rows}"
+            )
+        if sum(self.errors_by_reason.values()) != self.error_rows:
+            problems.append(
+                f"errors_by_reason {self.errors_by_reason} do not sum to error_rows "
+                f"{self.error_rows}"
+            )
+        if unknown := sorted(set(self.errors_by_reason) - {r.value for r in ReasonCode}):
+            problems.append(f"unknown reason codes {unknown}")
+        s = self.shards
+        if missing := sorted({"total", "committed_before", "processed", "failed"} - set(s)):
+            problems.append(f"shards lacks {missing}")
+        elif s["total"] != s["committed_before"] + s["processed"] + len(s["failed"]):
+            problems.append(
+                f"shards total {s['total']} != committed_before {s['committed_before']} + "
+                f"processed {s['processed']} + failed {len(s['failed'])}"
+            )
+        if problems:
+            raise ValueError(f"report {self.name!r} does not add up: " + "; ".join(problems))
+
+
+def _weights(resolved: dict[str, Any]) -> str | None:
+    return (resolved.get("model_identity") or {}).get("weights_sha256")
 
 
 def _delete(fs: pa_fs.FileSystem, path: str) -> None:
     with suppress(FileNotFoundError):
         fs.delete_file(path)
-
-
-def _delete_dir(fs: pa_fs.FileSystem, path: str) -> None:
-    with suppress(FileNotFoundError):
-        fs.delete_dir(path)

@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture):
-    assert main(["demo-data", "--out", str(tmp_path / "demo"), "--notes", "20", "--hidden", "32"]) == 0
+    assert (
+        main(["demo-data", "--out", str(tmp_path / "demo"), "--notes", "20", "--hidden", "32"]) == 0
+    )
     spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     spec["corpus"]["paths"] = [str(tmp_path / "demo" / "corpus" / "notes.parquet")]
     spec["model"]["path"] = str(tmp_path / "demo" / "model")
@@ -53,5 +55,8 @@ def test_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "cased" in text and "pooler, mlm" in text and "model.safetensors" in text
-    assert main(["prepare", str(raw), "--variant", "bio_clinicalbert", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["prepare", str(raw), "--variant", "bio_clinicalbert", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "vocab_size" in capsys.readouterr().err

@@ -80,6 +80,17 @@ def read_out(path: Path) -> tuple[pa.Table, pa.Table | None]:
     return table, (pa.concat_tables([pq.read_table(p) for p in errs]) if errs else None)
 
 
+def parquet_corpus(tmp: Path, n: int, group: int = 5) -> tuple[pa.Table, dict]:
+    """A Parquet corpus of `n` synthetic notes in row groups of `group`, and its spec section."""
+    table = notes_table(n)
+    pq.write_table(table, tmp / "notes.parquet", row_group_size=group)
+    return table, {
+        "format": "parquet",
+        "paths": [str(tmp / "notes.parquet")],
+        "id_column": "note_id",
+    }
+
+
 def direct_vectors(model: Path, notes: list[str]) -> np.ndarray:
     runner = ClinicalBertRunner.load(model, precision="fp32", max_seq=64, long_notes="windows",
                                      stride=16, aggregate="mean", batch_tokens=1024)  # fmt: skip
@@ -163,13 +174,7 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
 
 
 def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
-    table = notes_table(80)
-    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {
-        "format": "parquet",
-        "paths": [str(tmp_path / "notes.parquet")],
-        "id_column": "note_id",
-    }
+    table, corpus = parquet_corpus(tmp_path, 80)
     pools = [
         {"name": "fast", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
         {"name": "slow", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
@@ -193,13 +198,7 @@ def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, m
 def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local):
     import ray
 
-    table = notes_table(60)
-    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {
-        "format": "parquet",
-        "paths": [str(tmp_path / "notes.parquet")],
-        "id_column": "note_id",
-    }
+    table, corpus = parquet_corpus(tmp_path, 60)
     killed = []
 
     def kill_one(result, slot, slots):
@@ -217,13 +216,7 @@ def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local)
 
 
 def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_local):
-    table = notes_table(50)
-    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
-    corpus = {
-        "format": "parquet",
-        "paths": [str(tmp_path / "notes.parquet")],
-        "id_column": "note_id",
-    }
+    table, corpus = parquet_corpus(tmp_path, 50)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
     done = []
 
@@ -251,13 +244,7 @@ def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_
 
 
 def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local):
-    table = notes_table(10)
-    pq.write_table(table, tmp_path / "notes.parquet")
-    corpus = {
-        "format": "parquet",
-        "paths": [str(tmp_path / "notes.parquet")],
-        "id_column": "note_id",
-    }
+    table, corpus = parquet_corpus(tmp_path, 10, 10)
     run(job(tmp_path, model_dir, corpus), tmp_path)
     other = job(tmp_path, model_dir, corpus, heads={"pooling": "mean"})
     with pytest.raises(ValueError, match="overwrite"):
@@ -293,13 +280,7 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
 
 
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
-    table = notes_table(40)
-    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
-    corpus = {
-        "format": "parquet",
-        "paths": [str(tmp_path / "notes.parquet")],
-        "id_column": "note_id",
-    }
+    table, corpus = parquet_corpus(tmp_path, 40, 10)
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
     report = run(spec, tmp_path, dry_run=True)
     d = report["dry_run"]

@@ -1,0 +1,306 @@
+"""Output dir: schemas, atomic commits, resume state, spec checks, report counts. No Ray."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import output
+from jobs.output import (
+    OutputDir,
+    PartWriter,
+    ReasonCode,
+    Report,
+    errors_schema,
+    output_schema,
+    package_version,
+)
+
+HIDDEN = 4
+META = {
+    "variant": "bio_clinicalbert", "weights_sha256": "ab" * 32, "casing": "cased",
+    "pooling": "cls", "precision": "bf16", "max_seq": "512",
+    "long_notes": "windows/stride=128/aggregate=mean", "spec_hash": "f00d" * 16,
+}  # fmt: skip
+BASE = ["id", "subject_id", "n_tokens", "n_windows", "truncated"]
+WINDOW = ["window_index", "char_start", "char_end"]
+MLM = ["mlm_window", "mlm_position", "mlm_char_start", "mlm_top_ids", "mlm_top_tokens",
+       "mlm_top_logprobs"]  # fmt: skip
+
+
+def schema(**over) -> pa.Schema:
+    args = dict(
+        id_type=pa.string(), keep_fields=[pa.field("subject_id", pa.int32())], hidden=HIDDEN,
+        vector_dtype="float32", embeddings=True, windows=False, mlm=False,
+    )  # fmt: skip
+    return output_schema(**(args | over))
+
+
+def part(ids: list[str], **over) -> pa.Table:
+    n = len(ids)
+    vectors = pa.array([float(i) for i in range(n * HIDDEN)], pa.float32())
+    return pa.table(
+        {
+            "id": ids,
+            "subject_id": pa.array(range(n), pa.int32()),
+            "embedding": pa.FixedSizeListArray.from_arrays(vectors, HIDDEN),
+            "n_tokens": pa.array([10] * n, pa.int64()),
+            "n_windows": pa.array([1] * n, pa.int32()),
+            "truncated": [False] * n,
+        },
+        schema=schema(**over),
+    )
+
+
+def errors(shard: str, ids: list[str | None], reason: ReasonCode) -> pa.Table:
+    return pa.table(
+        {"id": ids, "shard": [shard] * len(ids), "row_index": range(len(ids)),
+         "reason": [reason.value] * len(ids)},
+        schema=errors_schema(pa.string()),
+    )  # fmt: skip
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "embeddings,windows,mlm,dtype",
+    itertools.product([True, False], [True, False], [True, False], ["float32", "float16"]),
+)
+def test_schema_columns_for_every_combination(embeddings, windows, mlm, dtype):
+    s = schema(
+        id_type=pa.int64(), embeddings=embeddings, windows=windows, mlm=mlm, vector_dtype=dtype
+    )
+    expected = BASE[:2] + (["embedding"] if embeddings else []) + BASE[2:]
+    expected += (WINDOW if windows else []) + (MLM if mlm else [])
+    assert s.names == expected
+    assert s.field("id").type == pa.int64() and s.field("subject_id").type == pa.int32()
+    assert s.field("n_tokens").type == pa.int64() and s.field("n_windows").type == pa.int32()
+    assert s.field("truncated").type == pa.bool_()
+    if embeddings:
+        value = pa.float16() if dtype == "float16" else pa.float32()
+        assert s.field("embedding").type == pa.list_(value, HIDDEN)
+    if windows:
+        assert [s.field(c).type for c in WINDOW] == [pa.int32(), pa.int64(), pa.int64()]
+    if mlm:
+        assert s.field("mlm_position").type == pa.list_(pa.int32())
+        assert s.field("mlm_char_start").type == pa.list_(pa.int64())
+        assert s.field("mlm_top_ids").type == pa.list_(pa.list_(pa.int32()))
+        assert s.field("mlm_top_tokens").type == pa.list_(pa.list_(pa.string()))
+        assert s.field("mlm_top_logprobs").type == pa.list_(pa.list_(pa.float32()))
+
+
+def test_schema_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="vector_dtype.*'bf16'"):
+        schema(vector_dtype="bf16")
+    with pytest.raises(ValueError, match=r"clash.*\['n_tokens'\]"):
+        schema(keep_fields=[pa.field("n_tokens", pa.int64())])
+
+
+def test_errors_schema_and_reason_codes():
+    s = errors_schema(pa.int64())
+    assert s.names == ["id", "shard", "row_index", "reason"]
+    assert s.field("id").type == pa.int64() and s.field("id").nullable
+    assert s.field("row_index").type == pa.int64()
+    assert {r.value for r in ReasonCode} == {
+        "null", "empty", "not_text", "undecodable", "too_long", "null_id",
+    }  # fmt: skip
+    assert ReasonCode.NULL_ID == "null_id"
+
+
+def test_write_part_commits_atomically_with_metadata(tmp_path: Path):
+    out = OutputDir(str(tmp_path / "out"))
+    assert out.committed() == set() and out.read_table() is None and out.read_errors() is None
+    out.write_part("s1", part(["a", "b"]), errors("s1", ["c", None], ReasonCode.EMPTY), META)
+    out.write_part("s2", part(["d"]), None, META)
+    assert files(tmp_path / "out") == [
+        "errors/part-s1.parquet",
+        "part-s1.parquet",
+        "part-s2.parquet",
+    ]
+    assert out.committed() == {"s1", "s2"}
+    table = out.read_table()
+    assert table.schema == schema() and table["id"].to_pylist() == ["a", "b", "d"]
+    assert table["embedding"][1].as_py() == [4.0, 5.0, 6.0, 7.0]
+    errs = out.read_errors()
+    assert errs["id"].to_pylist() == ["c", None] and set(errs["reason"].to_pylist()) == {"empty"}
+    meta = out.part_metadata("s1")
+    assert meta == {**META, "version": package_version(), "shard": "s1"}
+    on_disk = pq.read_schema(tmp_path / "out" / "part-s2.parquet").metadata
+    assert on_disk[b"weights_sha256"] == META["weights_sha256"].encode()
+
+
+def test_package_version_falls_back(monkeypatch):
+    def missing(name: str) -> str:
+        raise output.importlib_metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(output.importlib_metadata, "version", missing)
+    assert package_version() == "0+unknown"
+
+
+def test_streamed_writer_records_stats(tmp_path: Path):
+    out = OutputDir(str(tmp_path))
+    with out.part_writer("s", schema(), META) as w:
+        w.write(part(["a"]))
+        w.write(part(["b", "c"]))
+        w.commit(None, {"rows_in": 3, "rows_out": 3})
+    assert out.read_table().num_rows == 3
+    assert out.shard_stats("s") == {"rows_in": 3, "rows_out": 3}
+    out.write_part("t", part(["d"]), None, META)
+    assert out.shard_stats("t") == {}
+
+
+def test_crashed_writer_is_not_committed_and_is_cleaned(tmp_path: Path):
+    out = OutputDir(str(tmp_path))
+    out.write_part("done", part(["a"]), None, META)
+    w = PartWriter(out, "crashed", schema(), META)  # the process dies before commit
+    w.write(part(["b"]))
+    w._close()
+    leftover = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-crashed-")]
+    assert len(leftover) == 1 and out.committed() == {"done"}
+    out.clean_temp()
+    assert files(tmp_path) == ["part-done.parquet"]
+
+
+def test_failing_writer_leaves_nothing(tmp_path: Path):
+    out = OutputDir(str(tmp_path))
+    with pytest.raises(RuntimeError, match="boom"), out.part_writer("s", schema(), META) as w:
+        w.write(part(["a"]))
+        raise RuntimeError("boom")
+    assert files(tmp_path) == []
+
+
+def test_errors_part_is_written_before_the_part(tmp_path: Path, monkeypatch):
+    out = OutputDir(str(tmp_path))
+    real = OutputDir._write_atomic
+
+    def then_crash(self, path, write):
+        real(self, path, write)
+        raise OSError("killed between the errors part and the part")
+
+    monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
+    with pytest.raises(OSError, match="killed"):
+        out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
+    assert files(tmp_path) == ["errors/part-s.parquet"]  # the errors part, no part, no temp
+    assert out.committed() == set() and out.read_errors() is None  # not committed: not read
+
+    monkeypatch.undo()
+    out.write_part("s", part(["a"]), None, META)  # a retry without bad rows drops the stale one
+    assert files(tmp_path) == ["part-s.parquet"] and out.read_errors() is None
+
+
+def test_file_uri_output_dir(tmp_path: Path):
+    out = OutputDir(f"file://{tmp_path}/out/")
+    assert out.uri == f"file://{tmp_path}/out"
+    assert out.staging_dir == f"file://{tmp_path}/out/_staged"
+    out.check_spec("h1", {"name": "t"}, overwrite=False)
+    out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.TOO_LONG), META)
+    out.write_json("_report.json", {"rows_in": 2})
+    out.mark_success()
+    assert files(tmp_path / "out") == [
+        "_SUCCESS", "_job.json", "_report.json", "errors/part-s.parquet", "part-s.parquet",
+    ]  # fmt: skip
+    assert out.committed() == {"s"} and out.read_table()["id"].to_pylist() == ["a"]
+    assert out.read_json("_report.json") == {"rows_in": 2}
+    assert out.part_metadata("s")["casing"] == "cased"
+
+
+def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
+    root = tmp_path / "out"
+    out = OutputDir(str(root))
+    resolved = {"name": "t", "model_identity": {"weights_sha256": "w1"}}
+    out.check_spec("h1", resolved, overwrite=False)
+    assert json.loads((root / "_job.json").read_text()) == {"spec_hash": "h1", "spec": resolved}
+    out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
+    (root / ".tmp-x-123.parquet").write_bytes(b"partial")
+    staged = root / "_staged" / "notes-0123.parquet"
+    staged.parent.mkdir()
+    staged.write_bytes(b"staged")
+
+    out.check_spec("h1", resolved, overwrite=False)  # same spec: resume, temp files cleaned
+    assert out.committed() == {"s"} and not (root / ".tmp-x-123.parquet").exists()
+
+    with pytest.raises(ValueError) as e:
+        out.check_spec("h2", resolved, overwrite=False)
+    msg = str(e.value)
+    assert all(s in msg for s in (str(root), "spec hash h1", "h2", "1 part files", "--overwrite"))
+    assert "output.path" in msg and out.committed() == {"s"}  # refused: nothing deleted
+
+    changed = {**resolved, "model_identity": {"weights_sha256": "w2"}}
+    with pytest.raises(ValueError, match="weights sha256 w1.*has w2"):
+        out.check_spec("h1", changed, overwrite=False)
+
+    out.write_json("_report.json", {})
+    out.mark_success()
+    out.check_spec("h2", resolved, overwrite=True)
+    assert files(root) == ["_job.json", "_staged/notes-0123.parquet"]  # staged inputs stay
+    assert out.read_json("_job.json")["spec_hash"] == "h2"
+
+
+def test_check_spec_refuses_parts_without_job_json(tmp_path: Path):
+    out = OutputDir(str(tmp_path))
+    out.write_part("s", part(["a"]), None, META)
+    with pytest.raises(ValueError, match="no _job.json.*this spec's hash is h1"):
+        out.check_spec("h1", {}, overwrite=False)
+    (tmp_path / "_job.json").write_text("{not json")
+    with pytest.raises(ValueError, match="_job.json is not valid JSON.*--overwrite"):
+        out.check_spec("h1", {}, overwrite=False)
+    out.check_spec("h1", {}, overwrite=True)
+    assert out.committed() == set() and out.read_json("_job.json")["spec_hash"] == "h1"
+
+
+def test_check_spec_on_an_unrelated_dir_keeps_its_files(tmp_path: Path):
+    (tmp_path / "notes.csv").write_text("id,text\n")
+    OutputDir(str(tmp_path)).check_spec("h1", {}, overwrite=True)
+    assert files(tmp_path) == ["_job.json", "notes.csv"]
+
+
+def report(**over) -> Report:
+    base = dict(
+        name="t", spec_hash="h", rows_in=10, rows_out=6, error_rows=3, filtered_rows=1,
+        errors_by_reason={"null": 1, "empty": 2}, windows=9, tokens=900, truncated_notes=0,
+        shards={"total": 3, "committed_before": 1, "processed": 1,
+                "failed": [{"shard_id": "s3", "attempts": 3, "error": "actor died"}]},
+        retries=2, actor_restarts=1, per_pool={}, per_actor={}, wall_s=1.5, tokens_per_s=600.0,
+        started_at="2025-01-01T00:00:00+00:00", finished_at="2025-01-01T00:00:02+00:00",
+    )  # fmt: skip
+    return Report(**(base | over))
+
+
+def test_report_counts_add_up_and_round_trip(tmp_path: Path):
+    r = report()
+    r.check()
+    out = OutputDir(str(tmp_path))
+    out.write_json("_report.json", r.to_json())
+    back = Report.from_json(out.read_json("_report.json"))
+    assert back == r
+    back.check()
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"rows_out": 7}, "rows_in 10 != rows_out 7 \\+ error_rows 3 \\+ filtered_rows 1"),
+        ({"errors_by_reason": {"null": 3, "empty": 1}}, "do not sum to error_rows 3"),
+        ({"errors_by_reason": {"null": 1, "typo": 2}}, "unknown reason codes \\['typo'\\]"),
+        ({"shards": {"total": 4, "committed_before": 1, "processed": 1, "failed": []}},
+         "shards total 4 != committed_before 1 \\+ processed 1 \\+ failed 0"),
+        ({"shards": {"total": 1}}, "shards lacks"),
+    ],
+)  # fmt: skip
+def test_report_check_names_what_does_not_add_up(over, message):
+    with pytest.raises(ValueError, match=message):
+        report(**over).check()
+
+
+def test_report_from_json_rejects_unknown_and_missing_keys():
+    data = report().to_json()
+    del data["wall_s"]
+    with pytest.raises(ValueError, match=r"unknown \['walltime'\], missing \['wall_s'\]"):
+        Report.from_json({**data, "walltime": 1.0})
