@@ -182,12 +182,12 @@ class ModelBundle:
     ) -> ModelBundle:
         path, provenance = resolve(source, revision)
         files = find_files(path)
-        v, config = _checked_config(files, variant)
+        v, config = checked_config(files, variant)
         if files.weights.suffix == ".safetensors":
             blob = files.weights.read_bytes()
         else:
             blob = save(_dedupe(W.read_state_dict(files.weights)))
-        casing = resolve_casing(v, lowercase, _own_tokenizer(files))
+        casing = resolve_casing(v, lowercase, own_tokenizer(files))
         tok = load_tokenizer(files, casing)
         return cls(
             config=config.to_dict(),
@@ -200,11 +200,11 @@ class ModelBundle:
         )
 
 
-def _own_tokenizer(files: ModelFiles) -> Tokenizer | None:
+def own_tokenizer(files: ModelFiles) -> Tokenizer | None:
     return Tokenizer.from_file(str(files.tokenizer)) if files.tokenizer else None
 
 
-def _checked_config(files: ModelFiles, variant: str | None) -> tuple[Variant, EncoderConfig]:
+def checked_config(files: ModelFiles, variant: str | None) -> tuple[Variant, EncoderConfig]:
     config = EncoderConfig.from_file(files.config)
     name = variant or (files.manifest or {}).get("variant") or "custom"
     v = get_variant(name)
@@ -238,8 +238,8 @@ def prepare(
     out = Path(out_dir)
     path, provenance = resolve(source, revision)
     files = find_files(path)
-    v, config = _checked_config(files, variant)
-    casing = resolve_casing(v, lowercase, _own_tokenizer(files))
+    v, config = checked_config(files, variant)
+    casing = resolve_casing(v, lowercase, own_tokenizer(files))
     state = W.read_state_dict(files.weights)
     W.convert(
         state, config, pooler=W.has_pooler(state), mlm=W.has_mlm(state), source=str(files.weights)
@@ -295,7 +295,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     files = find_files(path)
     config = EncoderConfig.from_file(files.config)
     state = W.read_state_dict(files.weights)
-    own = _own_tokenizer(files)
+    own = own_tokenizer(files)
     return {
         "path": str(files.root),
         "config": config.to_dict(),

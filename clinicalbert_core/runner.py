@@ -21,7 +21,15 @@ from tokenizers import Tokenizer
 from . import weights as W
 from .config import EncoderConfig
 from .heads import AGGREGATES, POOLINGS, MlmHead, Pooler, aggregate_windows, pool
-from .hub import ModelBundle
+from .hub import (
+    ModelBundle,
+    checked_config,
+    find_files,
+    load_tokenizer,
+    own_tokenizer,
+    resolve,
+    resolve_casing,
+)
 from .model import Encoder
 from .packing import PackedBatch, pack_flat, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
@@ -153,9 +161,11 @@ class ClinicalBertRunner:
         self.mlm_head = self.mlm_head_host = None
         if want_mlm:
             self.mlm_head = _build(MlmHead, config, params, "mlm.", self.device, self.dtype)
-            self.mlm_head_host = _build(
-                MlmHead, config, params, "mlm.", torch.device("cpu"), torch.float32
-            )
+            if self.device.type == "cpu" and self.dtype == torch.float32:
+                self.mlm_head_host = self.mlm_head  # the host fp32 head already
+            elif self.mlm_mode is not MlmExecMode.IN_GRAPH:  # fp32 copy for host placement
+                cpu = torch.device("cpu")
+                self.mlm_head_host = _build(MlmHead, config, params, "mlm.", cpu, torch.float32)
         self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         log.info(
             "runner ready: variant=%s device=%s precision=%s attention=%s pooling=%s heads=%s",
@@ -175,19 +185,10 @@ class ClinicalBertRunner:
         **options: Any,
     ) -> ClinicalBertRunner:
         """From a prepared dir, a raw HF snapshot dir, a model.safetensors file or a hub id."""
-        from .hub import (
-            _checked_config,
-            _own_tokenizer,
-            find_files,
-            load_tokenizer,
-            resolve,
-            resolve_casing,
-        )
-
         path, _ = resolve(source, revision)
         files = find_files(path, config)
-        v, cfg = _checked_config(files, variant)
-        casing = resolve_casing(v, lowercase, _own_tokenizer(files))
+        v, cfg = checked_config(files, variant)
+        casing = resolve_casing(v, lowercase, own_tokenizer(files))
         return cls(
             cfg,
             W.read_state_dict(files.weights),

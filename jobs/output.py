@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import enum
 import json
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +32,8 @@ from .corpus import filesystem
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-"
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
 STATS_KEY = "clinicalbert_shard_stats"  # footer key: the shard's counts (see PartWriter.commit)
+DISTRIBUTION = "clinicalbert-jobs"
+_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
@@ -45,9 +49,15 @@ class ReasonCode(enum.StrEnum):
 
 
 def package_version() -> str:
-    """The installed version of this project ("0+unknown" when run from a bare checkout)."""
+    """This project's version: from the pyproject.toml beside the code (a checkout, or the
+    `--working-dir` upload of `ray job submit`, where nothing is installed), else from the
+    installed distribution, else "0+unknown"."""
+    if _PYPROJECT.is_file():
+        project = tomllib.loads(_PYPROJECT.read_text()).get("project", {})
+        if project.get("name") == DISTRIBUTION and "version" in project:
+            return str(project["version"])
     try:
-        return importlib_metadata.version("clinicalbert-jobs")
+        return importlib_metadata.version(DISTRIBUTION)
     except importlib_metadata.PackageNotFoundError:
         return "0+unknown"
 
@@ -226,23 +236,22 @@ class OutputDir:
                 raise ValueError(f"{e}; use another output.path, or --overwrite") from e
             job = {}  # unreadable: another job's, replaced below
         parts = self.committed()
-        if job is not None and job.get("spec_hash") == spec_hash:
-            had, has = _weights(job.get("spec", {})), _weights(resolved)
-            if had and has and had != has:
-                raise ValueError(
-                    f"output dir {self.uri} was written with model weights sha256 {had}; this "
-                    f"run's model has {has} (same spec, changed model files). Use another "
-                    "output.path, or --overwrite to delete that output"
-                )
-            self.clean_temp()
+        had, has = _weights((job or {}).get("spec", {})), _weights(resolved)
+        same_spec = job is not None and job.get("spec_hash") == spec_hash
+        if same_spec and not (had and has and had != has):
+            self.clean_temp()  # resume
             return
         if job is not None or parts:
             if not overwrite:
-                have = f"spec hash {job.get('spec_hash')}" if job else "no _job.json"
+                if same_spec:
+                    why = f"was written with model weights sha256 {had}; this run's model has {has}"
+                else:
+                    have = f"spec hash {job.get('spec_hash')}" if job else "no _job.json"
+                    why = f"holds another job's output ({have}, {len(parts)} part files); this "
+                    why += f"spec's hash is {spec_hash}"
                 raise ValueError(
-                    f"output dir {self.uri} holds another job's output ({have}, "
-                    f"{len(parts)} part files); this spec's hash is {spec_hash}. Use another "
-                    "output.path, or --overwrite to delete that output"
+                    f"output dir {self.uri} {why}. Use another output.path, or --overwrite to "
+                    "delete that output"
                 )
             self.clear()
         self.clean_temp()
@@ -261,11 +270,18 @@ class OutputDir:
             self.fs.delete_dir(self._join("errors"))
 
     def clean_temp(self) -> None:
-        """Delete temporary files left by writers that crashed (call before a run starts)."""
-        for sub in ("", "errors"):
-            for name in self._names(sub):
-                if name.startswith(TMP_PREFIX):
-                    _delete(self.fs, self._join(sub, name) if sub else self._join(name))
+        """Delete what crashed writers left: temp files, and errors parts of shards that never
+        committed. Only while no writer runs (check_spec calls it before a run starts)."""
+        for name in self._names():
+            if name.startswith(TMP_PREFIX):
+                _delete(self.fs, self._join(name))
+        committed = self.committed()
+        for name in self._names("errors"):
+            shard = (
+                name[len(PART_PREFIX) : -len(".parquet")] if name.startswith(PART_PREFIX) else None
+            )
+            if name.startswith(TMP_PREFIX) or (shard is not None and shard not in committed):
+                _delete(self.fs, self._join("errors", name))
 
     # ---- writing ---------------------------------------------------------------------------
     @contextmanager
@@ -388,6 +404,7 @@ class Report:
         return cls(**obj)
 
     def to_json(self) -> dict[str, Any]:
+        """The content of `_report.json`."""
         return asdict(self)
 
     def check(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tomllib
 from pathlib import Path
 
 import pyarrow as pa
@@ -136,10 +137,18 @@ def test_write_part_commits_atomically_with_metadata(tmp_path: Path):
     assert on_disk[b"weights_sha256"] == META["weights_sha256"].encode()
 
 
-def test_package_version_falls_back(monkeypatch):
+def test_package_version_sources(tmp_path: Path, monkeypatch):
+    assert package_version() == tomllib.loads(output._PYPROJECT.read_text())["project"]["version"]
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\nname = "something-else"\nversion = "9.9"\n')
+    monkeypatch.setattr(output, "_PYPROJECT", other)  # not ours: the installed version
+    monkeypatch.setattr(output.importlib_metadata, "version", lambda name: "1.2.3")
+    assert package_version() == "1.2.3"
+
     def missing(name: str) -> str:
         raise output.importlib_metadata.PackageNotFoundError(name)
 
+    monkeypatch.setattr(output, "_PYPROJECT", tmp_path / "absent.toml")
     monkeypatch.setattr(output.importlib_metadata, "version", missing)
     assert package_version() == "0+unknown"
 
@@ -191,8 +200,17 @@ def test_errors_part_is_written_before_the_part(tmp_path: Path, monkeypatch):
     assert out.committed() == set() and out.read_errors() is None  # not committed: not read
 
     monkeypatch.undo()
+    out.write_part("t", part(["c"]), errors("t", ["d"], ReasonCode.NULL), META)
+    out.clean_temp()  # as a resumed run starts: the orphan errors part goes, t's stays
+    assert files(tmp_path) == ["errors/part-t.parquet", "part-t.parquet"]
+
+    monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
+    with pytest.raises(OSError, match="killed"):
+        out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
+    monkeypatch.undo()
     out.write_part("s", part(["a"]), None, META)  # a retry without bad rows drops the stale one
-    assert files(tmp_path) == ["part-s.parquet"] and out.read_errors() is None
+    assert files(tmp_path) == ["errors/part-t.parquet", "part-s.parquet", "part-t.parquet"]
+    assert out.read_errors()["id"].to_pylist() == ["d"]
 
 
 def test_file_uri_output_dir(tmp_path: Path):
@@ -233,7 +251,7 @@ def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
     assert "output.path" in msg and out.committed() == {"s"}  # refused: nothing deleted
 
     changed = {**resolved, "model_identity": {"weights_sha256": "w2"}}
-    with pytest.raises(ValueError, match="weights sha256 w1.*has w2"):
+    with pytest.raises(ValueError, match="weights sha256 w1; this run's model has w2.*--overwrite"):
         out.check_spec("h1", changed, overwrite=False)
 
     out.write_json("_report.json", {})
@@ -241,6 +259,9 @@ def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
     out.check_spec("h2", resolved, overwrite=True)
     assert files(root) == ["_job.json", "_staged/notes-0123.parquet"]  # staged inputs stay
     assert out.read_json("_job.json")["spec_hash"] == "h2"
+    out.write_part("s", part(["a"]), None, META)
+    out.check_spec("h2", changed, overwrite=True)  # same spec, new weights: cleared too
+    assert out.committed() == set() and out.read_json("_job.json")["spec"] == changed
 
 
 def test_check_spec_refuses_parts_without_job_json(tmp_path: Path):
