@@ -54,6 +54,9 @@ class Embeddings(nn.Module):
         return self.norm(self.word(input_ids) + self.position(position_ids))  # (N, C)
 
 
+FFN_CHUNK = 2048  # tokens per feed-forward pass: bounds the [N, intermediate] activations
+
+
 class Layer(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -70,9 +73,14 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         qkv = self.qkv(x).view(-1, 3, self.heads, self.head_dim)  # (N, 3, H, D)
-        a = attention(qkv, batch, self.varlen).flatten(1)  # (N, C)
-        x = self.attn_norm(x + self.attn_out(a))
-        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))  # (N, C)
+        a = attention(qkv, batch, self.varlen)  # (N, H, D)
+        x = self.attn_norm(x + self.attn_out(a.flatten(1)))
+        if x.shape[0] <= FFN_CHUNK:
+            return self.ffn(x)
+        return torch.cat([self.ffn(part) for part in x.split(FFN_CHUNK)])  # (N, C)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))  # (n, C)
 
 
 class Encoder(nn.Module):

@@ -72,8 +72,10 @@ def _run(args: argparse.Namespace) -> int:
     failed = report["shards"]["failed"]
     print(f"{'dry run' if args.dry_run else 'job'} {spec.name}: {report['rows_in']:,} rows in, "
           f"{report['rows_out']:,} notes out, {report['error_rows']:,} error rows, "
-          f"{report['filtered_rows']:,} filtered; {report['tokens']:,} tokens in {report['wall_s']:.1f}s; "
-          f"{len(failed)} failed shards -> {report['output']}")  # fmt: skip
+          f"{report['filtered_rows']:,} filtered, {report['tokens']:,} tokens; this run "
+          f"{report['shards']['processed']} shards in {report['wall_s']:.1f}s "
+          f"({report['shards']['committed_before']} committed earlier), {len(failed)} failed "
+          f"-> {report['output']}")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -21,7 +21,7 @@ from clinicalbert_core.hub import ModelBundle
 
 from .corpus import Shard, plan_shards
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot
-from .output import OutputDir
+from .output import OutputDir, Report
 from .spec import JobSpec, PoolSpec
 
 log = logging.getLogger(__name__)
@@ -244,11 +244,7 @@ def build_report(
     rows_in, rows_out, errors, filtered = (
         total(k) for k in ("rows_in", "rows_out", "error_rows", "filtered_rows")
     )
-    if rows_in != rows_out + errors + filtered:
-        raise RuntimeError(
-            f"row counts do not add up: in {rows_in} != out {rows_out} + errors {errors} + filtered {filtered}"
-        )
-    return {
+    report = {
         "name": spec.name,
         "spec_hash": spec.spec_hash(),
         "rows_in": rows_in, "rows_out": rows_out, "error_rows": errors, "filtered_rows": filtered,
@@ -264,6 +260,8 @@ def build_report(
         "tokens_per_s": round(sum(r.tokens for r in results) / wall, 1) if wall else 0.0,
         "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
     }  # fmt: skip
+    Report.from_json(report).check()  # every row and shard accounted for once, or an error
+    return report
 
 
 def dry_run_summary(

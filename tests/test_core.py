@@ -474,3 +474,19 @@ def test_cuda_parity_and_bf16(ckpts):
                 assert (out.hidden[a:e] - h).abs().max() <= tol
             else:
                 assert torch.nn.functional.cosine_similarity(out.hidden[a:e], h, -1).min() >= 0.99
+
+
+def test_compile_gives_the_same_vectors(ckpts):
+    path, _ = ckpts["mlm"]
+    eager = load(path).encode(NOTES[:3], return_hidden=False).pooled
+    compiled = load(path, compile=True).encode(NOTES[:3], return_hidden=False).pooled
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_long_batches_run_the_ffn_in_chunks(ckpts, monkeypatch):
+    import clinicalbert_core.model as model_mod
+
+    r = load(ckpts["mlm"][0], batch_tokens=4096)
+    whole = r.encode(NOTES * 8, return_hidden=False).pooled
+    monkeypatch.setattr(model_mod, "FFN_CHUNK", 7)  # many chunks, split mid-sequence
+    torch.testing.assert_close(r.encode(NOTES * 8, return_hidden=False).pooled, whole)
