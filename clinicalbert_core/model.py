@@ -54,7 +54,9 @@ class Embeddings(nn.Module):
         return self.norm(self.word(input_ids) + self.position(position_ids))  # (N, C)
 
 
-FFN_CHUNK = 2048  # tokens per feed-forward pass: bounds the [N, intermediate] activations
+# Tokens per feed-forward pass: bounds the [N, intermediate] activations. On CPU a 2048-row
+# GEMM is already at full speed; on CUDA smaller chunks cost launches, so the runner raises it.
+FFN_CHUNK = {"cpu": 2048, "cuda": 16384}
 
 
 class Layer(nn.Module):
@@ -70,14 +72,15 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(c, eps=eps)
         self.act = ACTIVATIONS[config.hidden_act]
         self.varlen = False  # set once by the runner when the CUDA varlen kernel applies
+        self.ffn_chunk = FFN_CHUNK["cpu"]  # set once by the runner for its device
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         qkv = self.qkv(x).view(-1, 3, self.heads, self.head_dim)  # (N, 3, H, D)
         a = attention(qkv, batch, self.varlen)  # (N, H, D)
         x = self.attn_norm(x + self.attn_out(a.flatten(1)))
-        if x.shape[0] <= FFN_CHUNK:
+        if x.shape[0] <= self.ffn_chunk:
             return self.ffn(x)
-        return torch.cat([self.ffn(part) for part in x.split(FFN_CHUNK)])  # (N, C)
+        return torch.cat([self.ffn(part) for part in x.split(self.ffn_chunk)])  # (N, C)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))  # (n, C)
@@ -96,6 +99,7 @@ class Encoder(nn.Module):
             x = layer(x, batch)
         return x  # (N, C) final hidden states
 
-    def use_varlen(self, enabled: bool) -> None:
+    def place(self, varlen: bool, ffn_chunk: int) -> None:
+        """Kernel choices made once for the device: varlen attention, feed-forward chunk."""
         for layer in self.layers:
-            layer.varlen = enabled
+            layer.varlen, layer.ffn_chunk = varlen, ffn_chunk

@@ -30,7 +30,7 @@ from .hub import (
     resolve,
     resolve_casing,
 )
-from .model import Encoder
+from .model import FFN_CHUNK, Encoder
 from .packing import PackedBatch, pack_flat, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
 from .tokenizer import NoteTokenizer, Windows
@@ -152,7 +152,7 @@ class ClinicalBertRunner:
         params = W.convert(state, config, pooler=want_pooler, mlm=want_mlm, source=source)
         self.encoder = _build(Encoder, config, params, "", self.device, self.dtype)
         varlen = self.device.type == "cuda" and self.dtype != torch.float32 and _has_varlen()
-        self.encoder.use_varlen(varlen)
+        self.encoder.place(varlen, FFN_CHUNK.get(self.device.type, FFN_CHUNK["cpu"]))
         self.pooler = (
             _build(Pooler, config, params, "pooler.", self.device, self.dtype)
             if want_pooler

@@ -483,10 +483,8 @@ def test_compile_gives_the_same_vectors(ckpts):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_long_batches_run_the_ffn_in_chunks(ckpts, monkeypatch):
-    import clinicalbert_core.model as model_mod
-
+def test_long_batches_run_the_ffn_in_chunks(ckpts):
     r = load(ckpts["mlm"][0], batch_tokens=4096)
     whole = r.encode(NOTES * 8, return_hidden=False).pooled
-    monkeypatch.setattr(model_mod, "FFN_CHUNK", 7)  # many chunks, split mid-sequence
+    r.encoder.place(varlen=False, ffn_chunk=7)  # many chunks, split mid-sequence
     torch.testing.assert_close(r.encode(NOTES * 8, return_hidden=False).pooled, whole)
