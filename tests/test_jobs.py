@@ -279,7 +279,9 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
     assert masks >= 13  # every [MASK] in every window (overlaps count once per window)
 
 
-def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
+def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
+    from jobs.driver import _duration, print_dry_run
+
     table, corpus = parquet_corpus(tmp_path, 40, 10)
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
     report = run(spec, tmp_path, dry_run=True)
@@ -287,6 +289,12 @@ def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local):
     assert d["sampled_notes"] == 15 and d["corpus_rows"] == 40
     assert d["token_length"]["max"] >= d["token_length"]["p95"] >= d["token_length"]["p50"] > 0
     assert d["projection"]["cpu"]["hours_alone"] > 0
+    capsys.readouterr()
+    print_dry_run(report)
+    printed = capsys.readouterr().out
+    assert "full corpus: 40 rows" in printed and "15 notes" in printed
+    assert "pool cpu: ~" in printed and _duration(d["projection"]["cpu"]["hours_alone"]) in printed
+    assert [_duration(h) for h in (30 / 3600, 0.25, 5.0)] == ["30 s", "15.0 min", "5.00 h"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
 
