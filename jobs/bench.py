@@ -62,7 +62,8 @@ def flops(cfg: EncoderConfig, lengths: np.ndarray) -> float:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Best FLOP/s over square matmuls and the encoder's own GEMM shapes (rows x C x 4C).
+    """Best FLOP/s over square matmuls and the encoder's own GEMM shapes
+    (rows x C -> 3C, C -> I, I -> C).
 
     One shape alone misleads: on some CPUs a 2048^3 fp32 matmul runs at 2/3 of a 4096^3 one.
     """

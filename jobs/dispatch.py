@@ -192,7 +192,7 @@ class Progress:
         pct = 100 * self.rows / self.total if self.total else 100.0
         return (
             f"progress: {self.rows:,}/{self.total:,} rows ({pct:.1f}%), {rate:,.1f} rows/s, "
-            f"{self._rates() or 'no shard done yet'}, elapsed {elapsed:,.0f}s, ETA {_fmt_eta(eta)}"
+            f"{self._rates() or 'no shard done yet'}, elapsed {elapsed:,.0f}s, ETA {fmt_duration(eta)}"
         )
 
     def tick(self) -> None:
@@ -209,8 +209,9 @@ class Progress:
         print(self.line().replace("progress:", "done:"), file=self.stream, flush=True)
 
 
-def _fmt_eta(seconds: float) -> str:
-    if seconds != seconds:  # nan
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds as `1h02m` or `3m05s` (`-` when unknown: None or nan)."""
+    if seconds is None or seconds != seconds:
         return "-"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)

@@ -20,7 +20,7 @@ import numpy as np
 from clinicalbert_core.hub import ModelBundle
 
 from .corpus import Shard, plan_shards
-from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot
+from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
 from .output import OutputDir, Report
 from .spec import JobSpec, PoolSpec
 
@@ -329,15 +329,11 @@ def print_dry_run(report: dict[str, Any]) -> None:
             print(f"  pool {name}: not measured here (its device is not on this machine)")
         else:
             print(f"  pool {name}: ~{p['tokens_per_s']:,.0f} tokens/s at full size -> "
-                  f"{_duration(p['hours_alone'])} alone")  # fmt: skip
+                  f"{_hours(p['hours_alone'])} alone")  # fmt: skip
     if d["projected_hours_all_measured_pools"] is not None:
-        print(f"  measured pools together: {_duration(d['projected_hours_all_measured_pools'])}")
+        print(f"  measured pools together: {_hours(d['projected_hours_all_measured_pools'])}")
     print(f"scratch output: {report['output']}")
 
 
-def _duration(hours: float) -> str:
-    """A projected wall time in the unit that reads best: 42 s, 17.5 min, 3.25 h."""
-    seconds = hours * 3600
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{hours:.2f} h"
+def _hours(hours: float | None) -> str:
+    return fmt_duration(None if hours is None else hours * 3600)

@@ -280,7 +280,8 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
 
 
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
-    from jobs.driver import _duration, print_dry_run
+    from jobs.dispatch import fmt_duration
+    from jobs.driver import print_dry_run
 
     table, corpus = parquet_corpus(tmp_path, 40, 10)
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
@@ -293,8 +294,9 @@ def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
     print_dry_run(report)
     printed = capsys.readouterr().out
     assert "full corpus: 40 rows" in printed and "15 notes" in printed
-    assert "pool cpu: ~" in printed and _duration(d["projection"]["cpu"]["hours_alone"]) in printed
-    assert [_duration(h) for h in (30 / 3600, 0.25, 5.0)] == ["30 s", "15.0 min", "5.00 h"]
+    alone = fmt_duration(d["projection"]["cpu"]["hours_alone"] * 3600)
+    assert f"{alone} alone" in printed and "0.00 h" not in printed
+    assert [fmt_duration(s) for s in (42, 1050, 11700)] == ["0m42s", "17m30s", "3h15m"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
 
