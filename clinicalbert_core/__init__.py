@@ -1,14 +1,15 @@
 """clinicalbert_core: a padding-free ClinicalBERT runtime (no Ray)."""
 
 from .config import EncoderConfig
-from .hub import ModelBundle, inspect, prepare
+from .hub import Checkpoint, ModelBundle, inspect, open_checkpoint, prepare
 from .placement import MlmExecMode
-from .runner import ClinicalBertRunner, EncodeOutput, MlmPrediction, WindowOutput
-from .tokenizer import NoteTokenizer, Windows
+from .runner import ClinicalBertRunner, EncodeOutput, MlmPrediction, RunnerOptions, WindowOutput
+from .tokenizer import NoteTokenizer, Specials, Windows
 from .variants import VARIANTS, Variant, get_variant
 
 __all__ = [
     "VARIANTS",
+    "Checkpoint",
     "ClinicalBertRunner",
     "EncodeOutput",
     "EncoderConfig",
@@ -16,10 +17,13 @@ __all__ = [
     "MlmPrediction",
     "ModelBundle",
     "NoteTokenizer",
+    "RunnerOptions",
+    "Specials",
     "Variant",
     "WindowOutput",
     "Windows",
     "get_variant",
     "inspect",
+    "open_checkpoint",
     "prepare",
 ]

@@ -1,27 +1,15 @@
-"""Heads on packed hidden states: pooling, the BERT pooler and the masked-LM head."""
+"""Heads on packed hidden states: pooling, the masked-LM head, window aggregation."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import EncoderConfig
-from .model import ACTIVATIONS
-
 POOLINGS = ("cls", "mean", "pooler")
 AGGREGATES = ("mean", "first", "none")
-
-
-class Pooler(nn.Module):
-    """BERT's pooler: tanh(W · h_cls + b)."""
-
-    def __init__(self, config: EncoderConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, h_cls: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(h_cls))  # (B, C)
 
 
 def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -31,7 +19,7 @@ def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def pool(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, how: str, pooler: Pooler | None = None
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, how: str, pooler: nn.Module | None = None
 ) -> torch.Tensor:
     """hidden[N, C] packed -> [B, C] one vector per sequence."""
     starts = cu_seqlens[:-1].long()
@@ -49,15 +37,25 @@ def pool(
 
 
 class MlmHead(nn.Module):
-    """dense(C->C) + act + LayerNorm + decoder(C->V) + bias, on selected rows only."""
+    """dense(C->C) + act + LayerNorm + decoder(C->V), on selected rows only. The decoder's
+    weight is tied to the token embeddings at load when the checkpoint has none."""
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(
+        self,
+        hidden: int,
+        vocab: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        eps: float,
+        *,
+        dense_bias: bool = True,
+        norm_bias: bool = True,
+        decoder_bias: bool = True,
+    ):
         super().__init__()
-        c = config.hidden_size
-        self.dense = nn.Linear(c, c)
-        self.act = ACTIVATIONS[config.hidden_act]
-        self.norm = nn.LayerNorm(c, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(c, config.vocab_size)  # weight tied to embeddings at load
+        self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
+        self.act = act
+        self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
+        self.decoder = nn.Linear(hidden, vocab, bias=decoder_bias)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(rows))))  # (M, V) logits

@@ -24,8 +24,17 @@ from safetensors.torch import save, save_file
 from tokenizers import Tokenizer
 
 from . import weights as W
+from .architectures import config_from_file
 from .config import EncoderConfig
-from .tokenizer import tokenizer_casing, with_casing, wordpiece_from_vocab
+from .tokenizer import (
+    Specials,
+    find_specials,
+    tokenizer_casing,
+    tokenizer_kind,
+    with_casing,
+    without_padding_and_truncation,
+    wordpiece_from_vocab,
+)
 from .variants import Variant, check_config, get_variant
 
 log = logging.getLogger(__name__)
@@ -33,7 +42,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "clinicalbert_manifest.json"
 CONFIG_NAMES = ("config.json", "bert_config.json")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-HUB_PATTERNS = [*CONFIG_NAMES, *WEIGHT_NAMES, "vocab.txt", "tokenizer.json"]
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+HUB_PATTERNS = [*CONFIG_NAMES, *WEIGHT_NAMES, "vocab.txt", "tokenizer.json", *TOKENIZER_CONFIGS]
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,18 @@ class ModelFiles:
     tokenizer: Path | None  # tokenizer.json
     vocab: Path | None  # vocab.txt
     manifest: dict[str, Any] | None  # present in prepared dirs
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json merged over special_tokens_map.json (either may be absent)."""
+        merged: dict[str, Any] = {}
+        for name in reversed(TOKENIZER_CONFIGS):
+            path = self.root / name
+            if path.is_file():
+                try:
+                    merged |= json.loads(path.read_text())
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        return merged
 
 
 def sha256_file(path: Path) -> str:
@@ -136,28 +158,72 @@ def resolve_casing(variant: Variant, lowercase: bool | None, tokenizer: Tokenize
         return lowercase
     if variant.lowercase is not None:
         return variant.lowercase
-    own = tokenizer_casing(tokenizer) if tokenizer is not None else None
-    if own is None:
+    if tokenizer is None:
         raise ValueError(
             f"casing unknown for variant {variant.name!r}: the checkpoint has no tokenizer.json; "
             "say lowercase=True/False (CLI: --lowercase or --cased)"
         )
-    return own
+    return tokenizer_casing(tokenizer)
 
 
-def load_tokenizer(files: ModelFiles, lowercase: bool) -> Tokenizer:
-    """tokenizer.json (re-cased if it disagrees) or one built from vocab.txt."""
-    if files.tokenizer is not None:
-        tok = Tokenizer.from_file(str(files.tokenizer))
-        if tokenizer_casing(tok) != lowercase:
-            log.info(
-                "tokenizer.json casing differs from the chosen casing; using lowercase=%s",
-                lowercase,
-            )
-            tok = with_casing(tok, lowercase)
-        return tok
-    assert files.vocab is not None
-    return wordpiece_from_vocab(files.vocab, lowercase)
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint opened and checked: where it is, what it is, how to tokenize for it.
+    The single place that runs the loading steps (`load`, `ModelBundle.load`, `prepare`)."""
+
+    files: ModelFiles
+    provenance: dict[str, Any]
+    variant: Variant
+    config: EncoderConfig
+    lowercase: bool | None  # None only when opened with casing_required=False
+    tokenizer: Tokenizer  # casing applied, its own padding/truncation switched off
+    specials: Specials
+    tokenizer_notes: tuple[str, ...]  # what was changed in the shipped tokenizer.json
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return tokenizer_kind(self.tokenizer)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return W.read_state_dict(self.files.weights)
+
+
+def open_checkpoint(
+    source: str | Path,
+    variant: str | None = None,
+    lowercase: bool | None = None,
+    revision: str | None = None,
+    config_path: str | Path | None = None,
+    casing_required: bool = True,
+) -> Checkpoint:
+    """Resolve a source (local dir, weights file, hub id), read and check its config against
+    the variant, settle casing, build the tokenizer and find its special tokens.
+
+    casing_required=False (inspect): a vocab-only checkpoint of unknown casing opens with
+    `lowercase=None` (its tokenizer built cased, for looking at, not for encoding)."""
+    path, provenance = resolve(source, revision)
+    files = find_files(path, config_path)
+    config = config_from_file(files.config)
+    manifest = files.manifest or {}
+    v = get_variant(variant or manifest.get("variant") or "custom")
+    check_config(v, config)
+    own = Tokenizer.from_file(str(files.tokenizer)) if files.tokenizer else None
+    unknown = not casing_required and own is None and lowercase is v.lowercase is None
+    casing = None if unknown else resolve_casing(v, lowercase, own)
+    notes = list(manifest.get("tokenizer_notes", []))
+    if own is not None:
+        tok, removed = without_padding_and_truncation(own)
+        notes += removed
+        tok = with_casing(tok, casing)
+    else:
+        assert files.vocab is not None
+        tok = wordpiece_from_vocab(files.vocab, bool(casing))
+    if "specials" in manifest:
+        specials = Specials(**manifest["specials"])
+    else:
+        config_ids = {r: getattr(config, f"{r}_token_id", None) for r in ("cls", "sep")}
+        specials = find_specials(tok, files.tokenizer_config(), config_ids)
+    return Checkpoint(files, provenance, v, config, casing, tok, specials, tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -167,10 +233,14 @@ class ModelBundle:
     config: dict[str, Any]
     weights: bytes  # safetensors
     tokenizer_json: str
+    specials: dict[str, int | None]
     variant: str
     lowercase: bool
     weights_sha256: str
     source: dict[str, Any]
+    architecture: str  # config model_type: bert | modernbert
+    tokenizer_kind: str  # WordPiece | BPE | ...
+    heads: dict[str, bool]  # optional heads the weights carry: pooler, mlm
 
     @classmethod
     def load(
@@ -180,46 +250,55 @@ class ModelBundle:
         lowercase: bool | None = None,
         revision: str | None = None,
     ) -> ModelBundle:
-        path, provenance = resolve(source, revision)
-        files = find_files(path)
-        v, config = checked_config(files, variant)
-        if files.weights.suffix == ".safetensors":
-            blob = files.weights.read_bytes()
+        ck = open_checkpoint(source, variant, lowercase, revision)
+        if ck.files.weights.suffix == ".safetensors":
+            blob = ck.files.weights.read_bytes()
+            names = list(safetensors_names(blob))
         else:
-            blob = save(_dedupe(W.read_state_dict(files.weights)))
-        casing = resolve_casing(v, lowercase, own_tokenizer(files))
-        tok = load_tokenizer(files, casing)
+            state = ck.state()
+            blob, names = save(_dedupe(state)), list(state)
         return cls(
-            config=config.to_dict(),
+            config=ck.config.to_dict(),
             weights=blob,
-            tokenizer_json=tok.to_str(),
-            variant=v.name,
-            lowercase=casing,
+            tokenizer_json=ck.tokenizer.to_str(),
+            specials=ck.specials.to_dict(),
+            variant=ck.variant.name,
+            lowercase=ck.lowercase,
             weights_sha256=hashlib.sha256(blob).hexdigest(),
-            source=provenance,
+            source=ck.provenance,
+            architecture=ck.config.model_type,
+            tokenizer_kind=ck.tokenizer_kind,
+            heads=W.heads_present(names, ck.config),
         )
 
+    def identity(self) -> dict[str, Any]:
+        """What names this model in job records and output metadata."""
+        return {
+            "variant": self.variant, "architecture": self.architecture,
+            "tokenizer": self.tokenizer_kind, "weights_sha256": self.weights_sha256,
+            "lowercase": self.lowercase, "source": self.source,
+        }  # fmt: skip
 
-def own_tokenizer(files: ModelFiles) -> Tokenizer | None:
-    return Tokenizer.from_file(str(files.tokenizer)) if files.tokenizer else None
 
-
-def checked_config(files: ModelFiles, variant: str | None) -> tuple[Variant, EncoderConfig]:
-    config = EncoderConfig.from_file(files.config)
-    name = variant or (files.manifest or {}).get("variant") or "custom"
-    v = get_variant(name)
-    check_config(v, config)
-    return v, config
+def safetensors_names(blob: bytes) -> list[str]:
+    """Tensor names from a safetensors header (8-byte length, then JSON), without the data."""
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"weights are not a valid safetensors file: {e}") from e
+    return [k for k in header if k != "__metadata__"]
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage: drop a decoder tied to the embeddings, copy others."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    embeddings = [
+        e for e in state if e.endswith(("word_embeddings.weight", "tok_embeddings.weight"))
+    ]
     for k, t in state.items():
-        if k.endswith("predictions.decoder.weight") and any(
-            e.endswith("word_embeddings.weight") and torch.equal(t, state[e]) for e in state
-        ):
+        if k.endswith("decoder.weight") and any(torch.equal(t, state[e]) for e in embeddings):
             continue  # re-tied at load
         ptr = t.untyped_storage().data_ptr()
         out[k] = t.clone().contiguous() if ptr in seen else t.contiguous()
@@ -236,20 +315,15 @@ def prepare(
 ) -> Path:
     """Write a self-contained model dir; idempotent (same source and files: nothing rewritten)."""
     out = Path(out_dir)
-    path, provenance = resolve(source, revision)
-    files = find_files(path)
-    v, config = checked_config(files, variant)
-    casing = resolve_casing(v, lowercase, own_tokenizer(files))
-    state = W.read_state_dict(files.weights)
-    W.convert(
-        state, config, pooler=W.has_pooler(state), mlm=W.has_mlm(state), source=str(files.weights)
-    )
-    tok = load_tokenizer(files, casing)
+    ck = open_checkpoint(source, variant, lowercase, revision)
+    state = ck.state()
+    heads = W.heads_present(state, ck.config)  # tensor names
+    W.convert(state, ck.config, source=str(ck.files.weights), **heads)  # strict check
     identity = {
-        "variant": v.name,
-        "lowercase": casing,
-        "source": provenance,
-        "source_weights_sha256": sha256_file(files.weights),
+        "variant": ck.variant.name,
+        "lowercase": ck.lowercase,
+        "source": ck.provenance,
+        "source_weights_sha256": sha256_file(ck.files.weights),
     }
     old = out / MANIFEST
     if old.is_file():
@@ -257,18 +331,24 @@ def prepare(
         if {k: manifest.get(k) for k in identity} == identity and _files_intact(out, manifest):
             log.info("%s is already prepared from the same source; nothing to do", out)
             return out
+    for note in ck.tokenizer_notes:
+        log.info("tokenizer.json: %s", note)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(_dedupe(state), tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        tok.save(str(tmp / "tokenizer.json"))
-        if files.vocab is not None:
-            shutil.copyfile(files.vocab, tmp / "vocab.txt")
+        (tmp / "config.json").write_text(json.dumps(ck.config.to_dict(), indent=2) + "\n")
+        ck.tokenizer.save(str(tmp / "tokenizer.json"))
+        if ck.files.vocab is not None:
+            shutil.copyfile(ck.files.vocab, tmp / "vocab.txt")
         manifest = {
             **identity,
-            "format_version": 1,
-            "heads": {"pooler": W.has_pooler(state), "mlm": W.has_mlm(state)},
+            "format_version": 2,
+            "architecture": ck.config.model_type,
+            "tokenizer": ck.tokenizer_kind,
+            "tokenizer_notes": list(ck.tokenizer_notes),
+            "specials": ck.specials.to_dict(),
+            "heads": heads,
             "parameters": sum(t.numel() for t in _dedupe(state).values()),
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
@@ -291,20 +371,46 @@ def _files_intact(root: Path, manifest: dict[str, Any]) -> bool:
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """What a model dir holds: config, casing, heads, parameter count, sha256 per file."""
-    files = find_files(path)
-    config = EncoderConfig.from_file(files.config)
-    state = W.read_state_dict(files.weights)
-    own = own_tokenizer(files)
+    """What a model dir holds: architecture, config, tokenizer, casing, heads, parameters,
+    sha256 per file."""
+    ck = open_checkpoint(path, casing_required=False)
+    state = ck.state()
+    c = ck.config
     return {
-        "path": str(files.root),
-        "config": config.to_dict(),
-        "variant": (files.manifest or {}).get("variant"),
-        "lowercase": (files.manifest or {}).get(
-            "lowercase", tokenizer_casing(own) if own else None
-        ),
-        "heads": {"pooler": W.has_pooler(state), "mlm": W.has_mlm(state)},
+        "path": str(ck.files.root),
+        "architecture": c.model_type,
+        "variant": ck.variant.name,
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "attention_heads": c.num_attention_heads,
+        "max_positions": c.max_position_embeddings,
+        **(
+            {
+                "local_window": c.local_attention,
+                "global_every": _global_every(c),
+                "rope_theta": {"global": c.global_rope_theta, "local": c.local_rope_theta},
+            }
+            if c.model_type == "modernbert"
+            else {}
+        ),  # fmt: skip
+        "tokenizer": ck.tokenizer_kind,
+        "lowercase": ck.lowercase,
+        "specials": ck.specials.to_dict(),
+        "tokenizer_notes": list(ck.tokenizer_notes),
+        "heads": W.heads_present(state, c),
         "parameters": sum(t.numel() for t in _dedupe(state).values()),
-        "source": (files.manifest or {}).get("source"),
-        "sha256": {p.name: sha256_file(p) for p in sorted(files.root.iterdir()) if p.is_file()},
+        "config": c.to_dict(),
+        "source": (ck.files.manifest or {}).get("source"),
+        "sha256": {p.name: sha256_file(p) for p in sorted(ck.files.root.iterdir()) if p.is_file()},
     }
+
+
+def _global_every(config: Any) -> int | None:
+    """The period of global layers when they are evenly spaced from layer 0, else None."""
+    types = config.layer_types
+    globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
+    if len(globals_) > 1 and globals_[0] == 0:
+        step = globals_[1]
+        expect = [i for i in range(len(types)) if i % step == 0]
+        return step if globals_ == expect else None
+    return None

@@ -24,6 +24,7 @@ class PackedBatch:
     # Attention padding plan, made once per batch and shared by every layer:
     pad_index: torch.Tensor  # int64[N]: slot of each packed token in the flat [B*L] padded grid
     key_mask: torch.Tensor | None  # bool[B, 1, 1, L], True = real key; None when no padding
+    seq_ids: torch.Tensor  # int64[N]: the sequence each token belongs to (banded attention)
 
     @property
     def num_seqs(self) -> int:
@@ -42,6 +43,7 @@ class PackedBatch:
             self.max_seqlen,
             move(self.pad_index),
             move(self.key_mask),
+            move(self.seq_ids),
         )
 
 
@@ -82,6 +84,7 @@ def pack_flat(input_ids: torch.Tensor, lengths: np.ndarray) -> PackedBatch:
         max_seqlen=max_len,
         pad_index=torch.from_numpy(pad_index),
         key_mask=key_mask,
+        seq_ids=torch.from_numpy(seq_of_token),
     )
 
 

@@ -9,8 +9,9 @@ vectors and MLM rows, in token-budget batches) and `aggregate` (windows -> notes
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +19,55 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from . import architectures
 from . import weights as W
 from .config import EncoderConfig
-from .heads import AGGREGATES, POOLINGS, MlmHead, Pooler, aggregate_windows, pool
-from .hub import (
-    ModelBundle,
-    checked_config,
-    find_files,
-    load_tokenizer,
-    own_tokenizer,
-    resolve,
-    resolve_casing,
-)
-from .model import FFN_CHUNK, Encoder
+from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
+from .hub import ModelBundle, open_checkpoint
+from .ops import FFN_CHUNK
 from .packing import PackedBatch, pack_flat, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
-from .tokenizer import NoteTokenizer, Windows
+from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
+from .variants import get_variant
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HEADS = ("pooler", "mlm")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a runner encodes: device, precision, windows, heads, batching."""
+
+    device: str = "cpu"  # cpu | cuda | cuda:1 ...
+    precision: str = "auto"  # fp32 | bf16 | fp16 (cuda) | auto
+    max_seq: int = 512  # tokens per window incl. the framing tokens
+    pooling: str | None = None  # cls | mean | pooler; None: the variant's / architecture's
+    embeddings: bool = True  # compute pooled vectors
+    mlm: bool = False  # load the masked-LM head
+    mlm_mode: str = "auto"  # auto | cpu | in_graph
+    long_notes: str = "truncate"  # truncate | windows
+    stride: int = 128  # tokens shared by consecutive windows
+    aggregate: str = "mean"  # windows -> note: mean | first | none
+    batch_tokens: int = 8192  # token budget per encoder batch (padded tokens)
+    compile: bool = False  # torch.compile the encoder
+
+    def __post_init__(self) -> None:
+        if not (self.embeddings or self.mlm):
+            raise ValueError("nothing to compute: set embeddings=True and/or mlm=True")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.long_notes not in LONG_NOTE_POLICIES:
+            raise ValueError(
+                f"long_notes must be one of {LONG_NOTE_POLICIES}, got {self.long_notes!r}"
+            )
+        if self.batch_tokens < self.max_seq:
+            raise ValueError(
+                f"batch_tokens {self.batch_tokens} must be at least max_seq {self.max_seq}"
+            )
+        MlmExecMode(self.mlm_mode)  # ValueError on an unknown mode
 
 
 def cpu_has_bf16() -> bool:
@@ -73,7 +102,8 @@ class MlmRows:
 
 @dataclass
 class WindowOutput:
-    vectors: np.ndarray  # float32[w, C] one per window, in the order asked for
+    vectors: np.ndarray  # float32[w, C] one per window, in the order asked for ([0, C]
+    # when the runner computes no embeddings)
     mlm: MlmRows | None = None
     hidden: torch.Tensor | None = None  # float32[N, C] packed, windows in the order asked for
     cu_seqlens: torch.Tensor | None = None  # int32[w+1]
@@ -104,72 +134,56 @@ class ClinicalBertRunner:
         config: EncoderConfig,
         state: dict[str, torch.Tensor],
         tokenizer: Tokenizer,
+        specials: Specials,
+        options: RunnerOptions = RunnerOptions(),
         *,
         variant: str = "custom",
         lowercase: bool | None = None,
         weights_sha256: str | None = None,
-        device: str | torch.device = "cpu",
-        precision: str = "auto",
-        max_seq: int = 512,
-        pooling: str = "cls",
-        heads: Sequence[str] = ("pooler",),
-        mlm_mode: MlmExecMode | str = "auto",
-        long_notes: str = "truncate",
-        stride: int = 128,
-        aggregate: str = "mean",
-        batch_tokens: int = 8192,
-        compile: bool = False,
         source: str = "checkpoint",
     ):
-        unknown = set(heads) - set(HEADS)
-        if unknown or not heads:
-            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {tuple(heads)}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if max_seq > config.max_position_embeddings:
+        o = self.options = options
+        if o.max_seq > config.max_position_embeddings:
             raise ValueError(
-                f"max_seq {max_seq} exceeds the model's max_position_embeddings "
+                f"max_seq {o.max_seq} exceeds the model's max_position_embeddings "
                 f"{config.max_position_embeddings}"
             )
-        if batch_tokens < max_seq:
-            raise ValueError(f"batch_tokens {batch_tokens} must be at least max_seq {max_seq}")
+        arch = architectures.of(config)
         self.config, self.variant, self.lowercase = config, variant, lowercase
+        self.architecture, self.tokenizer_kind = config.model_type, tokenizer_kind(tokenizer)
         self.weights_sha256 = weights_sha256
-        self.device = torch.device(device)
+        self.device = torch.device(o.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(o.precision, self.device)
         self.dtype = DTYPES[self.precision]
-        self.pooling, self.heads, self.aggregate = pooling, tuple(heads), aggregate
-        self.mlm_mode = MlmExecMode(mlm_mode)
-        self.batch_tokens = batch_tokens
-        self.tokenizer = NoteTokenizer(tokenizer, max_seq, long_notes, stride)
+        self.pooling = o.pooling or get_variant(variant).pooling or arch.DEFAULT_POOLING
+        self.aggregate, self.batch_tokens = o.aggregate, o.batch_tokens
+        self.mlm_mode = MlmExecMode(o.mlm_mode)
+        self.tokenizer = NoteTokenizer(tokenizer, o.max_seq, o.long_notes, o.stride, specials)
 
-        want_pooler = "pooler" in heads and pooling == "pooler"
-        want_mlm = "mlm" in heads
-        params = W.convert(state, config, pooler=want_pooler, mlm=want_mlm, source=source)
-        self.encoder = _build(Encoder, config, params, "", self.device, self.dtype)
+        want_pooler = o.embeddings and self.pooling == "pooler"
+        params = W.convert(state, config, pooler=want_pooler, mlm=o.mlm, source=source)
+        build = partial(_build, params=params, device=self.device, dtype=self.dtype)
+        self.encoder = build(arch.Encoder, config, "")
         varlen = self.device.type == "cuda" and self.dtype != torch.float32 and _has_varlen()
         self.encoder.place(varlen, FFN_CHUNK.get(self.device.type, FFN_CHUNK["cpu"]))
-        self.pooler = (
-            _build(Pooler, config, params, "pooler.", self.device, self.dtype)
-            if want_pooler
-            else None
-        )
+        self.pooler = build(arch.Pooler, config, "pooler.") if want_pooler else None
         self.mlm_head = self.mlm_head_host = None
-        if want_mlm:
-            self.mlm_head = _build(MlmHead, config, params, "mlm.", self.device, self.dtype)
+        if o.mlm:
+            self.mlm_head = build(arch.mlm_head, config, "mlm.")
             if self.device.type == "cpu" and self.dtype == torch.float32:
                 self.mlm_head_host = self.mlm_head  # the host fp32 head already
             elif self.mlm_mode is not MlmExecMode.IN_GRAPH:  # fp32 copy for host placement
-                cpu = torch.device("cpu")
-                self.mlm_head_host = _build(MlmHead, config, params, "mlm.", cpu, torch.float32)
-        self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
+                self.mlm_head_host = _build(
+                    arch.mlm_head, config, "mlm.", params, torch.device("cpu"), torch.float32
+                )
+        self._forward = torch.compile(self.encoder, dynamic=True) if o.compile else self.encoder
         log.info(
-            "runner ready: variant=%s device=%s precision=%s attention=%s pooling=%s heads=%s",
-            variant, self.device, self.precision, "varlen" if varlen else "sdpa", pooling, heads,
+            "runner ready: variant=%s architecture=%s device=%s precision=%s attention=%s "
+            "pooling=%s embeddings=%s mlm=%s",
+            variant, self.architecture, self.device, self.precision,
+            "varlen" if varlen else "sdpa", self.pooling, o.embeddings, o.mlm,
         )  # fmt: skip
 
     # ---- construction -------------------------------------------------------------------
@@ -184,34 +198,34 @@ class ClinicalBertRunner:
         revision: str | None = None,
         **options: Any,
     ) -> ClinicalBertRunner:
-        """From a prepared dir, a raw HF snapshot dir, a model.safetensors file or a hub id."""
-        path, _ = resolve(source, revision)
-        files = find_files(path, config)
-        v, cfg = checked_config(files, variant)
-        casing = resolve_casing(v, lowercase, own_tokenizer(files))
+        """From a prepared dir, a raw HF snapshot dir, a model.safetensors file or a hub id;
+        `options` are RunnerOptions fields."""
+        ck = open_checkpoint(source, variant, lowercase, revision, config)
         return cls(
-            cfg,
-            W.read_state_dict(files.weights),
-            load_tokenizer(files, casing),
-            variant=v.name,
-            lowercase=casing,
-            weights_sha256=(files.manifest or {}).get("files", {}).get(files.weights.name),
-            source=str(files.weights),
-            **options,
+            ck.config,
+            ck.state(),
+            ck.tokenizer,
+            ck.specials,
+            RunnerOptions(**options),
+            variant=ck.variant.name,
+            lowercase=ck.lowercase,
+            weights_sha256=(ck.files.manifest or {}).get("files", {}).get(ck.files.weights.name),
+            source=str(ck.files.weights),
         )
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, **options: Any) -> ClinicalBertRunner:
         """From a ModelBundle (e.g. fetched from Ray's object store)."""
         return cls(
-            EncoderConfig.from_dict(bundle.config, source="bundle config"),
+            architectures.load_config(bundle.config, source="bundle config"),
             W.read_state_dict(bundle.weights),
             Tokenizer.from_str(bundle.tokenizer_json),
+            Specials(**bundle.specials),
+            RunnerOptions(**options),
             variant=bundle.variant,
             lowercase=bundle.lowercase,
             weights_sha256=bundle.weights_sha256,
             source=f"bundle {bundle.variant}",
-            **options,
         )
 
     # ---- the three steps -----------------------------------------------------------------
@@ -237,7 +251,8 @@ class ClinicalBertRunner:
         """
         select = np.arange(windows.num_windows) if select is None else np.asarray(select)
         lengths = windows.lengths[select]
-        vectors = np.empty((len(select), self.config.hidden_size), dtype=np.float32)
+        embeddings = self.options.embeddings
+        vectors = np.empty((len(select) if embeddings else 0, self.config.hidden_size), np.float32)
         hidden_parts: dict[int, torch.Tensor] = {}
         mlm_parts: list[MlmRows] = []
         for batch_idx in token_budget_batches(lengths, self.batch_tokens):
@@ -245,9 +260,10 @@ class ClinicalBertRunner:
             ids = np.concatenate([windows.window_ids(w) for w in chosen])
             batch = pack_flat(torch.from_numpy(ids.astype(np.int64)), windows.lengths[chosen])
             hidden = self._forward(batch.to(self.device))  # (N, C)
-            dev_cu = batch.cu_seqlens.to(self.device)
-            pooled = pool(hidden, dev_cu, self.pooling, self.pooler)  # (b, C)
-            vectors[batch_idx] = pooled.float().cpu().numpy()
+            if embeddings:
+                dev_cu = batch.cu_seqlens.to(self.device)
+                pooled = pool(hidden, dev_cu, self.pooling, self.pooler)  # (b, C)
+                vectors[batch_idx] = pooled.float().cpu().numpy()
             if self.mlm_head is not None:
                 mlm_parts.append(
                     self._mlm_rows(hidden, batch, ids, chosen, mlm_positions, top_k, return_logits)
@@ -294,7 +310,7 @@ class ClinicalBertRunner:
     ) -> list[list[MlmPrediction]]:
         """Top-k predictions per note at its [MASK] tokens (or at every token: positions='all')."""
         if self.mlm_head is None:
-            raise ValueError("this runner was loaded without the MLM head: pass heads=(..., 'mlm')")
+            raise ValueError("this runner was loaded without the MLM head: pass mlm=True")
         windows = self.tokenize(notes)
         rows = self.encode_windows(windows, mlm_positions=positions, top_k=top_k).mlm
         result: list[list[MlmPrediction]] = [[] for _ in notes]
@@ -329,6 +345,11 @@ class ClinicalBertRunner:
         return_logits: bool,
     ) -> MlmRows:
         if positions == "mask":
+            if self.tokenizer.mask_id is None:
+                raise ValueError(
+                    "the tokenizer has no mask token, so there are no masked positions to "
+                    "predict; use mlm positions 'all'"
+                )
             rows = np.flatnonzero(ids == self.tokenizer.mask_id)
         elif positions == "all":
             rows = np.arange(len(ids))
@@ -355,16 +376,16 @@ class ClinicalBertRunner:
 
 
 def _build(
-    module_cls: type[torch.nn.Module],
+    factory: Callable[[EncoderConfig], torch.nn.Module],
     config: EncoderConfig,
-    params: dict[str, torch.Tensor],
     prefix: str,
+    params: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.nn.Module:
     """Build on the meta device, strict-load `prefix`-ed params, place it (eval mode)."""
     with torch.device("meta"):
-        module = module_cls(config)
+        module = factory(config)
     own = {
         k[len(prefix) :]: v
         for k, v in params.items()

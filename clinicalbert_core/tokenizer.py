@@ -1,6 +1,9 @@
-"""Note tokenization with `tokenizers`: casing per variant, truncation or sliding windows.
+"""Note tokenization with `tokenizers`: casing, specials, truncation or sliding windows.
 
-The output is packed like the encoder's input: every window's ids (framed by [CLS]/[SEP])
+Any `tokenizer.json` (WordPiece or BPE): its own padding and truncation are switched off, the
+framing and mask tokens come from the tokenizer files and config (`find_specials`), casing
+changes only where the normalizer has a switch for it. The output is packed like the
+encoder's input: every window's ids (framed by [CLS]/[SEP] or their equivalents)
 concatenated, `bounds[W+1]` marking where each starts, and per window the note it came from,
 its index in that note and the character span of the note it covers.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -52,29 +56,140 @@ def wordpiece_from_vocab(vocab_path: str | Path, lowercase: bool) -> Tokenizer:
     return tok
 
 
-def tokenizer_casing(tok: Tokenizer) -> bool | None:
-    """True/False when the tokenizer's normalizer lowercases or not; None when unknowable."""
-    norm = json.loads(tok.to_str()).get("normalizer") or {}
-    if norm.get("type") == "BertNormalizer":
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """The tokenizer's model: WordPiece, BPE, Unigram or WordLevel."""
+    return json.loads(tok.to_str())["model"]["type"]
+
+
+def _lowercases(norm: dict[str, Any] | None) -> bool:
+    if not norm:
+        return False
+    kind = norm.get("type")
+    if kind == "BertNormalizer":
         return bool(norm.get("lowercase"))
-    if norm.get("type") == "Sequence":
-        kinds = {n.get("type") for n in norm.get("normalizers", [])}
-        return "Lowercase" in kinds
-    return None
+    if kind == "Sequence":
+        return any(_lowercases(n) for n in norm.get("normalizers", []))
+    return kind == "Lowercase"
+
+
+def tokenizer_casing(tok: Tokenizer) -> bool:
+    """True when the tokenizer's normalizer lowercases the text, False when it keeps case."""
+    return _lowercases(json.loads(tok.to_str()).get("normalizer"))
 
 
 def with_casing(tok: Tokenizer, lowercase: bool) -> Tokenizer:
-    """The same tokenizer with its BertNormalizer set to `lowercase` (strip_accents follows)."""
+    """The same tokenizer, lowercasing or not. Only a BertNormalizer has a switch for it
+    (strip_accents follows it, as in BERT); any other tokenizer can only keep its own casing."""
+    if tokenizer_casing(tok) == lowercase:
+        return tok
     spec = json.loads(tok.to_str())
     norm = spec.get("normalizer") or {}
     if norm.get("type") != "BertNormalizer":
         raise ValueError(
-            f"cannot set casing on a tokenizer whose normalizer is {norm.get('type')!r} "
-            "(only BertNormalizer tokenizers can be re-cased)"
+            f"cannot make a {tokenizer_kind(tok)} tokenizer "
+            f"{'lowercase' if lowercase else 'keep case'}: its normalizer "
+            f"({norm.get('type') or 'none'}) has no casing switch (only BERT WordPiece "
+            "tokenizers do); leave lowercase unset to use the tokenizer's own casing"
         )
     norm["lowercase"] = lowercase
     norm["strip_accents"] = None
     return Tokenizer.from_str(json.dumps(spec))
+
+
+def without_padding_and_truncation(tok: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    """A copy of `tok` with its embedded padding and truncation switched off (the runtime
+    owns windows and truncation), and a note of each setting it removed."""
+    tok = Tokenizer.from_str(tok.to_str())
+    notes = []
+    if tok.padding is not None:
+        notes.append(f"padding switched off (was {json.dumps(tok.padding, sort_keys=True)})")
+        tok.no_padding()
+    if tok.truncation is not None:
+        notes.append(f"truncation switched off (was {json.dumps(tok.truncation, sort_keys=True)})")
+        tok.no_truncation()
+    return tok, notes
+
+
+@dataclass(frozen=True)
+class Specials:
+    """Ids of the tokens that frame a window and mark a masked position."""
+
+    cls: int  # starts every window ([CLS], or the tokenizer's equivalent)
+    sep: int  # ends every window
+    mask: int | None  # the mask token; None when the tokenizer has none
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"cls": self.cls, "sep": self.sep, "mask": self.mask}
+
+
+def _frame(processor: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(first, last) special ids a post-processor puts around a single sequence."""
+    if not processor:
+        return None
+    kind = processor.get("type")
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return int(processor["cls"][1]), int(processor["sep"][1])
+    if kind == "TemplateProcessing":
+        pieces = processor.get("single", [])
+        names = [p["SpecialToken"]["id"] for p in pieces if "SpecialToken" in p]
+        first, last = pieces[:1], pieces[-1:]
+        if names and "SpecialToken" in first[0] and "SpecialToken" in last[0]:
+            table = processor.get("special_tokens", {})
+            head = table[first[0]["SpecialToken"]["id"]]["ids"]
+            tail = table[last[0]["SpecialToken"]["id"]]["ids"]
+            if len(head) == 1 and len(tail) == 1:
+                return int(head[0]), int(tail[0])
+        return None
+    if kind == "Sequence":
+        for p in processor.get("processors", []):
+            if (found := _frame(p)) is not None:
+                return found
+    return None
+
+
+def find_specials(
+    tok: Tokenizer,
+    tokenizer_config: dict[str, Any] | None = None,
+    config_ids: dict[str, int | None] | None = None,
+) -> Specials:
+    """The framing and mask tokens, from the tokenizer files and the model config.
+
+    In order: tokenizer_config.json (`cls_token`, `sep_token`, `mask_token`), the
+    tokenizer.json post-processor's single-sequence template (its first and last special
+    tokens), the config's `cls_token_id` / `sep_token_id`; the mask falls back to the
+    tokenizer's added special token named mask ([MASK], <mask>).
+    """
+    spec = json.loads(tok.to_str())
+    named: dict[str, int | None] = {}
+    for role in ("cls", "sep", "mask"):
+        entry = (tokenizer_config or {}).get(f"{role}_token")
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        named[role] = tok.token_to_id(entry) if isinstance(entry, str) else None
+    frame = _frame(spec.get("post_processor"))
+    config_ids = config_ids or {}
+    cls = next(
+        (i for i in (named["cls"], frame and frame[0], config_ids.get("cls")) if i is not None),
+        None,
+    )
+    sep = next(
+        (i for i in (named["sep"], frame and frame[1], config_ids.get("sep")) if i is not None),
+        None,
+    )
+    if cls is None or sep is None:
+        raise ValueError(
+            "cannot tell which tokens start and end a sequence: the tokenizer.json has no "
+            "post-processor template, there is no tokenizer_config.json cls_token/sep_token "
+            "and the config has no cls_token_id/sep_token_id"
+        )
+    mask = named["mask"]
+    if mask is None:
+        masks = [
+            t["id"] for t in spec.get("added_tokens", [])
+            if t.get("special") and t["content"].strip("[]<>").lower() == "mask"
+        ]  # fmt: skip
+        mask = masks[0] if len(masks) == 1 else None
+    return Specials(cls=int(cls), sep=int(sep), mask=None if mask is None else int(mask))
 
 
 @dataclass
@@ -119,6 +234,7 @@ class NoteTokenizer:
         max_seq: int = 512,
         policy: str = "truncate",
         stride: int = 128,
+        specials: Specials | None = None,
     ):
         if policy not in LONG_NOTE_POLICIES:
             raise ValueError(
@@ -132,18 +248,12 @@ class NoteTokenizer:
                 f"stride (tokens shared by consecutive windows) must be in [0, {body}) "
                 f"for max_seq {max_seq}, got {stride}"
             )
-        self.tokenizer = tokenizer
+        # the runtime owns truncation and windows: a tokenizer.json's own are switched off
+        self.tokenizer, _ = without_padding_and_truncation(tokenizer)
         self.max_seq, self.policy, self.stride = max_seq, policy, stride
-        self.cls_id = self._special("[CLS]")
-        self.sep_id = self._special("[SEP]")
-        self.mask_id = self._special("[MASK]")
-        self.pad_id = self._special("[PAD]")
-
-    def _special(self, token: str) -> int:
-        i = self.tokenizer.token_to_id(token)
-        if i is None:
-            raise ValueError(f"tokenizer has no {token} token")
-        return i
+        self.specials = specials or find_specials(tokenizer)
+        self.cls_id, self.sep_id = self.specials.cls, self.specials.sep
+        self.mask_id = self.specials.mask
 
     def __call__(self, notes: list[str]) -> Windows:
         encs = self.tokenizer.encode_batch(notes, add_special_tokens=False)

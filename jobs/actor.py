@@ -66,10 +66,21 @@ def classify(
     return notes, reasons
 
 
-def heads_for(spec: JobSpec) -> tuple[str, ...]:
-    return (("pooler",) if spec.heads.embeddings else ()) + (
-        ("mlm",) if spec.heads.mlm.enabled else ()
-    )
+def tokenize_rows(
+    runner: ClinicalBertRunner, notes: list[str | None], reasons: list[str | None]
+) -> tuple[np.ndarray, Windows]:
+    """Tokenize the rows that have no error reason yet. A note that yields no token at all
+    (only control characters, zero-width spaces, a BOM) gets reason `empty` in `reasons`.
+    Returns the indices of the rows that were encoded and their windows."""
+    good = np.flatnonzero([r is None for r in reasons])
+    windows = runner.tokenize([notes[i] for i in good])
+    zero = windows.note_tokens == 0
+    if zero.any():
+        for i in good[zero]:
+            reasons[i] = str(ReasonCode.EMPTY.value)
+        good = good[~zero]
+        windows = runner.tokenize([notes[i] for i in good])
+    return good, windows
 
 
 def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBertRunner:
@@ -81,7 +92,8 @@ def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBe
         precision=pool.precision,
         max_seq=spec.model.max_seq,
         pooling=spec.heads.pooling,
-        heads=heads_for(spec),
+        embeddings=spec.heads.embeddings,
+        mlm=spec.heads.mlm.enabled,
         mlm_mode=pool.mlm_mode,
         long_notes=long.strategy,
         stride=long.stride,
@@ -109,9 +121,11 @@ class ShardProcessor:
         long = spec.model.long_notes
         self.metadata = {
             "variant": bundle.variant,
+            "architecture": bundle.architecture,
+            "tokenizer": bundle.tokenizer_kind,
             "weights_sha256": bundle.weights_sha256,
             "casing": "uncased" if bundle.lowercase else "cased",
-            "pooling": spec.heads.pooling,
+            "pooling": self.runner.pooling,
             "precision": self.runner.precision,
             "max_seq": str(spec.model.max_seq),
             "long_notes": f"{long.strategy}/stride={long.stride}/aggregate={long.aggregate}",
@@ -175,9 +189,8 @@ class ShardProcessor:
     ) -> tuple[pa.RecordBatch, np.ndarray, Windows, pa.Table | None]:
         """Classify rows and tokenize the good ones (runs ahead, in the tokenizer thread)."""
         notes, reasons = classify(batch["text"], batch["id"], self.spec.run.max_note_chars)
-        good = np.flatnonzero([r is None for r in reasons])
+        good, windows = tokenize_rows(self.runner, notes, reasons)
         bad = np.flatnonzero([r is not None for r in reasons])
-        windows = self.runner.tokenize([notes[i] for i in good])
         errors = None
         if len(bad):
             errors = pa.table(

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from clinicalbert_core import bert
 from clinicalbert_core.config import EncoderConfig
-from clinicalbert_core.runner import DTYPES, ClinicalBertRunner, cpu_has_bf16
-from clinicalbert_core.tokenizer import Windows
+from clinicalbert_core.runner import DTYPES, ClinicalBertRunner, RunnerOptions, cpu_has_bf16
+from clinicalbert_core.tokenizer import Specials, Windows
 
 BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512)  # fmt: skip
@@ -51,6 +52,10 @@ def windows_of(seqs: list[np.ndarray]) -> Windows:
         char_start=np.zeros(n, np.int64), char_end=np.zeros(n, np.int64),
         note_tokens=lengths - 2, truncated=np.zeros(n, bool),
     )  # fmt: skip
+
+
+# the workload's ids: BERT's [CLS]/[SEP] and a [MASK] id inside the small WordLevel vocab
+SPECIALS = Specials(cls=101, sep=102, mask=4)
 
 
 def flops(cfg: EncoderConfig, lengths: np.ndarray) -> float:
@@ -158,7 +163,7 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = EncoderConfig(**BERT_BASE)
+    cfg = bert.Config(**BERT_BASE)
     hf_config = BertConfig(**BERT_BASE)
     hf_config._attn_implementation = "sdpa"
     seqs = workload(args.notes, args.min_len, args.max_len, cfg.vocab_size, seed=0)
@@ -170,10 +175,9 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
     state = {f"bert.{k}": v for k, v in make_hf().state_dict().items()}
 
     def ours(precision: str) -> Callable:
-        runner = ClinicalBertRunner(
-            cfg, state, tok, device=device, precision=precision, max_seq=512,
-            heads=("pooler",), pooling="cls", batch_tokens=budget,
-        )  # fmt: skip
+        options = RunnerOptions(device=str(device), precision=precision, max_seq=512,
+                                pooling="cls", batch_tokens=budget)  # fmt: skip
+        runner = ClinicalBertRunner(cfg, state, tok, SPECIALS, options)
         windows = windows_of(seqs)
         return lambda: runner.encode_windows(windows)
 
@@ -210,7 +214,7 @@ def mlm_placement(args: argparse.Namespace, device: torch.device) -> dict[str, d
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    cfg = EncoderConfig(**BERT_BASE)
+    cfg = bert.Config(**BERT_BASE)
     rng = np.random.default_rng(0)
     c, v = cfg.hidden_size, cfg.vocab_size
     state = {
@@ -229,10 +233,9 @@ def mlm_placement(args: argparse.Namespace, device: torch.device) -> dict[str, d
     tok = Tokenizer(WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
     out: dict[str, dict[int, float]] = {}
     for mode in ("in_graph", "cpu"):
-        runner = ClinicalBertRunner(
-            cfg, state, tok, device=device, precision="auto", max_seq=512, pooling="cls",
-            heads=("pooler", "mlm"), mlm_mode=mode, batch_tokens=1 << 20,
-        )  # fmt: skip
+        options = RunnerOptions(device=str(device), max_seq=512, pooling="cls", mlm=True,
+                                mlm_mode=mode, batch_tokens=1 << 20)  # fmt: skip
+        runner = ClinicalBertRunner(cfg, state, tok, SPECIALS, options)
         out[mode] = {}
         for b in args.mlm_batches:
             seqs = [
@@ -321,6 +324,96 @@ def job_vs_runner(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+MODERNBERT_BASE = dict(vocab_size=50368, hidden_size=768, num_hidden_layers=22,
+                       num_attention_heads=12, intermediate_size=1152, local_attention=128,
+                       global_attn_every_n_layers=3, max_position_embeddings=8192)  # fmt: skip
+
+
+def modernbert_sides(args: argparse.Namespace, device: torch.device, precision: str) -> dict:
+    """name -> factory(seqs) -> run(), ModernBERT-base shape, same random weights both sides."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import ModernBertConfig, ModernBertModel
+
+    from clinicalbert_core import modernbert
+
+    hf_config = ModernBertConfig(**MODERNBERT_BASE)
+    hf_config._attn_implementation = "sdpa"  # the best transformers has here (no flash-attn)
+    torch.manual_seed(0)
+    hf = ModernBertModel(hf_config).eval()
+    state = hf.state_dict()
+    cfg = modernbert.Config.from_dict(hf_config.to_dict())
+    tok = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    budget = args.batch_tokens or 8192
+    dtype = DTYPES[precision]
+
+    def ours(seqs: list[np.ndarray]) -> Callable:
+        options = RunnerOptions(device=str(device), precision=precision, max_seq=8192,
+                                pooling="mean", batch_tokens=max(budget, 8192))  # fmt: skip
+        runner = ClinicalBertRunner(cfg, state, tok, SPECIALS, options)
+        windows = windows_of(seqs)
+        return lambda: runner.encode_windows(windows)
+
+    def theirs(seqs: list[np.ndarray]) -> Callable:
+        model = hf.to(device, dtype)
+        batch = max(1, budget // max(len(s) for s in seqs))
+        return hf_side(model, seqs, batch, True, device)
+
+    return {"ours": ours, "transformers sorted": theirs}
+
+
+def modernbert_bench(args: argparse.Namespace, device: torch.device, argv: list[str]) -> dict:
+    """Mixed clinical lengths (64-2,048) and single notes of 512 / 2,048 / 8,192 tokens."""
+    precision = "bf16" if use_bf16(args, device) else "fp32"
+    table = modernbert_sides(args, device, precision)
+    v = MODERNBERT_BASE["vocab_size"]
+    workloads = {
+        "mixed": workload(args.notes, 64, 2048, v, seed=0),
+        **{f"one note {n}": workload(1, n, n, v, seed=n) for n in args.single_lengths},
+    }
+    if args.memory_of:
+        work, side = args.memory_of.split("|")
+        print(peak_memory(table[side](workloads[work]), device))
+        return {}
+    print(f"ModernBERT-base shape on {device}, {precision}, {torch.get_num_threads()} threads; "
+          "vs transformers ModernBertModel (SDPA, length-sorted batches)", flush=True)  # fmt: skip
+    out: dict[str, Any] = {"device": str(device), "precision": precision, "rows": {}}
+    for work, seqs in workloads.items():
+        tokens = sum(len(s) for s in seqs)
+        runs = {side: factory(seqs) for side, factory in table.items()}
+        best = dict.fromkeys(runs, float("inf"))
+        for run in runs.values():
+            run()  # warm-up
+        for _ in range(args.repeats):  # interleaved rounds, best of each side
+            for side, run in runs.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                best[side] = min(best[side], time.perf_counter() - t0)
+        del runs
+        gc.collect()
+        row = {}
+        for side in table:
+            if device.type == "cuda":
+                mem = peak_memory(table[side](seqs), device)
+            else:
+                mem = memory_in_subprocess(f"{work}|{side}", argv)
+            row[side] = {"seconds": best[side], "tok_s": tokens / best[side],
+                         "peak_mem_mib": mem / 2**20}  # fmt: skip
+        a, b = row["ours"], row["transformers sorted"]
+        row["speed_ratio"], row["memory_ratio"] = (
+            b["seconds"] / a["seconds"],
+            (a["peak_mem_mib"] / max(b["peak_mem_mib"], 1e-9)),
+        )
+        out["rows"][work] = row
+        print(f"  {work:<16} {tokens:>7} tokens  ours {a['seconds']:8.3f} s {a['tok_s']:>9.0f} tok/s "
+              f"{a['peak_mem_mib']:7.0f} MiB | transformers {b['seconds']:8.3f} s "
+              f"{b['tok_s']:>9.0f} tok/s {b['peak_mem_mib']:7.0f} MiB | speed "
+              f"{row['speed_ratio']:.2f}x, memory {row['memory_ratio']:.2f}x", flush=True)  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
@@ -344,9 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-notes", type=int, default=4000)
     p.add_argument("--job-hidden", type=int, default=256)
     p.add_argument("--job-layers", type=int, default=4)
+    p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
+                   help="modernbert: ModernBERT-base shape, mixed 64-2,048-token notes and single "
+                   "notes (--single-lengths) vs transformers' ModernBertModel")  # fmt: skip
+    p.add_argument("--single-lengths", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.arch == "modernbert":
+        result = modernbert_bench(args, device, argv)
+        if args.json and not args.memory_of:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     if args.job:
         result = job_vs_runner(args)
         if args.json:
@@ -366,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seqs = workload(args.notes, args.min_len, args.max_len, BERT_BASE["vocab_size"], seed=0)
     lengths = np.array([len(s) for s in seqs])
-    tokens, work = int(lengths.sum()), flops(EncoderConfig(**BERT_BASE), lengths)
+    tokens, work = int(lengths.sum()), flops(bert.Config(**BERT_BASE), lengths)
     peaks = {prec: matmul_peak(device, DTYPES[prec]) for prec in {p for p, _ in table.values()}}
     print(f"bench on {device} ({torch.get_num_threads()} threads): {args.notes} notes, {tokens} tokens "
           f"({lengths.min()}-{lengths.max()}), {work / 1e9:.0f} GFLOP; matmul peak "

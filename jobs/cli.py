@@ -31,11 +31,22 @@ def _inspect(args: argparse.Namespace) -> int:
     casing = {True: "uncased (lowercase)", False: "cased", None: "unknown"}[info["lowercase"]]
     heads = ", ".join(k for k, v in info["heads"].items() if v) or "none"
     print(f"{info['path']}")
-    print(f"  variant     {info['variant'] or '(not prepared)'}")
+    print(f"  variant     {info['variant']}")
     print(f"  source      {json.dumps(info['source']) if info['source'] else '-'}")
+    print(f"  arch        {info['architecture']}")
     print(f"  shape       vocab {c['vocab_size']}, hidden {c['hidden_size']}, layers "
           f"{c['num_hidden_layers']}, heads {c['num_attention_heads']}, ffn {c['intermediate_size']}, "
           f"positions {c['max_position_embeddings']}")  # fmt: skip
+    if info["architecture"] == "modernbert":
+        every = info["global_every"]
+        print(f"  attention   local window {info['local_window']} (|i-j| <= "
+              f"{info['local_window'] // 2}), global every "
+              f"{every if every else 'layer in ' + str(c['layer_types'])}")  # fmt: skip
+        print(f"  rope theta  global {info['rope_theta']['global']:g}, "
+              f"local {info['rope_theta']['local']:g}")  # fmt: skip
+    print(f"  tokenizer   {info['tokenizer']}, specials {info['specials']}")
+    for note in info["tokenizer_notes"]:
+        print(f"              {note}")
     print(f"  casing      {casing}")
     print(f"  heads       {heads}")
     print(f"  parameters  {info['parameters']:,}")

@@ -22,7 +22,7 @@ from clinicalbert_core.hub import ModelBundle
 from .corpus import Shard, plan_shards
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
 from .output import OutputDir, Report
-from .spec import JobSpec, PoolSpec
+from .spec import JobSpec, PoolSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ def run_job(
         )
     log.info("resolving model %s", spec.model.variant)
     bundle = load_bundle(spec)
+    check_model_fit(spec, bundle)
     out = OutputDir(spec.output.path)
     out.check_spec(
-        spec.spec_hash(), {**spec.resolved_json(), "model_identity": _identity(bundle)}, overwrite
+        spec.spec_hash(), {**spec.resolved_json(), "model_identity": bundle.identity()}, overwrite
     )
 
     if not ray.is_initialized():
@@ -180,13 +181,31 @@ def run_job(
     return report
 
 
-def _identity(bundle: ModelBundle) -> dict[str, Any]:
-    return {
-        "variant": bundle.variant,
-        "weights_sha256": bundle.weights_sha256,
-        "lowercase": bundle.lowercase,
-        "source": bundle.source,
-    }
+def check_model_fit(spec: JobSpec, bundle: ModelBundle) -> None:
+    """What the spec asks of the model, checked against the checkpoint before any Ray work:
+    SpecError with one line per problem, naming the field."""
+    positions = bundle.config["max_position_embeddings"]
+    problems = []
+    if spec.model.max_seq > positions:
+        problems.append(
+            f"model.max_seq: {spec.model.max_seq} exceeds the model's max_position_embeddings "
+            f"{positions} (config.json of {bundle.variant})"
+        )
+    if spec.heads.embeddings and spec.heads.pooling == "pooler" and not bundle.heads["pooler"]:
+        problems.append(
+            "heads.pooling: 'pooler' needs trained pooler weights and this checkpoint has none; "
+            "use cls or mean"
+        )
+    mlm = spec.heads.mlm
+    if mlm.enabled and not bundle.heads["mlm"]:
+        problems.append("heads.mlm.enabled: this checkpoint has no masked-LM head")
+    if mlm.enabled and mlm.positions == "mask" and bundle.specials["mask"] is None:
+        problems.append(
+            "heads.mlm.positions: 'mask' needs a mask token and this tokenizer has none; "
+            "use positions: all"
+        )
+    if problems:
+        raise SpecError(problems)
 
 
 def _check_resources(pools: tuple[PoolSpec, ...], dry_run: bool) -> None:

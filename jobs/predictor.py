@@ -22,7 +22,7 @@ import pyarrow as pa
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 
-from .actor import classify
+from .actor import classify, tokenize_rows
 
 
 class EncoderPredictor:
@@ -59,10 +59,9 @@ class EncoderPredictor:
         texts = pa.array(list(batch[self.text_column]), from_pandas=True)
         ids = pa.array(np.zeros(len(texts), np.int8))  # row identity is the batch position
         notes, reasons = classify(texts, ids, self.max_note_chars)
-        good = [i for i, r in enumerate(reasons) if r is None]
+        good, windows = tokenize_rows(self.runner, notes, reasons)
         vectors = np.full((len(notes), self.runner.config.hidden_size), np.nan, np.float32)
-        if good:
-            windows = self.runner.tokenize([notes[i] for i in good])
+        if len(good):
             out = self.runner.encode_windows(windows)
             vectors[good] = self.runner.aggregate_vectors(windows, out.vectors)
         return {

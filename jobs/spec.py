@@ -33,12 +33,18 @@ _FALLBACK_VARIANTS: dict[str, str | None] = {
     "huang_clinicalbert": None,
     "bio_clinicalbert": "emilyalsentzer/Bio_ClinicalBERT",
     "bio_discharge_summary_bert": "emilyalsentzer/Bio_Discharge_Summary_BERT",
+    "clinical_modernbert": "Simonlee711/Clinical_ModernBERT",
+    "bioclinical_modernbert_base": "thomas-sounack/BioClinical-ModernBERT-base",
+    "bioclinical_modernbert_large": "thomas-sounack/BioClinical-ModernBERT-large",
+    "modernbert_base": "answerdotai/ModernBERT-base",
     "custom": None,
 }
-# Column names the job writes itself; `keep_columns` may not use them.
+# Column names the job reads or writes itself (every column a part file can have, for any
+# heads); `keep_columns` may not use them.
 RESERVED_COLUMNS = (
     "id", "text", "row_index", "embedding", "n_tokens", "n_windows", "truncated",
-    "window_index", "char_start", "char_end",
+    "window_index", "char_start", "char_end", "mlm_window", "mlm_position", "mlm_char_start",
+    "mlm_top_ids", "mlm_top_tokens", "mlm_top_logprobs",
 )  # fmt: skip
 # Fields that do not change what the job writes; left out of `spec_hash`.
 HASH_EXCLUDED = (
@@ -289,7 +295,10 @@ class ModelSpec(_Section):
     """Which checkpoint to run and how to tokenize for it."""
 
     variant: str = Field(
-        description="Preset: huang_clinicalbert | bio_clinicalbert | bio_discharge_summary_bert | custom."
+        description="Preset: huang_clinicalbert | bio_clinicalbert | bio_discharge_summary_bert | "
+        "clinical_modernbert | bioclinical_modernbert_base | bioclinical_modernbert_large | "
+        "modernbert_base | custom. The architecture (bert, modernbert) always comes from the "
+        "checkpoint's config.json; a preset only checks it."
     )
     path: Annotated[str, AfterValidator(_model_path)] | None = Field(
         None,
@@ -302,10 +311,16 @@ class ModelSpec(_Section):
         "neither when the variant has a hub id (then that repo is used).",
     )
     lowercase: bool | None = Field(
-        None, description="Lowercase before WordPiece (default null: the variant's trained casing)."
+        None,
+        description="Lowercase before tokenizing (default null: the variant's trained casing, "
+        "else the tokenizer's own). Only BERT WordPiece tokenizers can be re-cased.",
     )
     max_seq: int = Field(
-        512, ge=8, le=512, description="Tokens per window incl. [CLS]/[SEP] (default 512; 8..512)."
+        512,
+        ge=8,
+        description="Tokens per window incl. the framing tokens ([CLS]/[SEP]); default 512, at "
+        "most the model's max_position_embeddings (checked against the checkpoint before the "
+        "job starts; 8192 for the ModernBERT variants).",
     )
     long_notes: LongNotes = Field(default_factory=LongNotes, description="Long-note policy.")
 
@@ -345,8 +360,11 @@ class MlmSpec(_Section):
 class HeadsSpec(_Section):
     """What to compute from the encoder's hidden states."""
 
-    pooling: Literal["cls", "mean", "pooler"] = Field(
-        "cls", description="cls (default) | mean | pooler (needs pooler weights)."
+    pooling: Literal["cls", "mean", "pooler"] | None = Field(
+        None,
+        description="cls | mean | pooler (needs trained pooler weights). Default null: the "
+        "variant's (mean for clinical_modernbert, which has no trained pooler), else the "
+        "architecture's (cls for BERT, mean for ModernBERT).",
     )
     embeddings: bool = Field(True, description="Write pooled vectors (default true).")
     mlm: MlmSpec = Field(default_factory=MlmSpec, description="Masked-LM outputs.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,5 +158,86 @@ def make_model(
         state[p + "output.dense.weight"], state[p + "output.dense.bias"] = rand(c, inter), zeros(c)
         for name in ("attention.output.LayerNorm", "output.LayerNorm"):
             state[p + name + ".weight"], state[p + name + ".bias"] = ones(c), zeros(c)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+BPE_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+
+
+def make_bpe_tokenizer(vocab_size: int = 600, notes: list[str] | None = None) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` trained on synthetic notes, framed like
+    ModernBERT's ([CLS] $A [SEP] by its post-processor), [MASK] an added special token."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(notes or make_notes(200, seed=1234), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )  # fmt: skip
+    return tok
+
+
+def make_modernbert(
+    out_dir: str | Path,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int | None = None,
+    local_attention: int = 16,
+    global_every: int = 3,
+    max_positions: int = 8192,
+    seed: int = 0,
+) -> Path:
+    """Write a random ModernBERT masked-LM checkpoint (config.json in the hub repos' layout,
+    model.safetensors with `model.` keys and an MLM head, a BPE tokenizer.json)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_bpe_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    v, c, inter = tok.get_vocab_size(), hidden, intermediate or 2 * hidden
+    config = {
+        "architectures": ["ModernBertForMaskedLM"], "model_type": "modernbert",
+        "vocab_size": v, "hidden_size": c, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "intermediate_size": inter, "hidden_activation": "gelu",
+        "max_position_embeddings": max_positions, "norm_eps": 1e-5, "norm_bias": False,
+        "global_attn_every_n_layers": global_every, "local_attention": local_attention,
+        "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+        "pad_token_id": tok.token_to_id("[PAD]"), "cls_token_id": tok.token_to_id("[CLS]"),
+        "sep_token_id": tok.token_to_id("[SEP]"), "classifier_activation": "gelu",
+        "decoder_bias": True, "tie_word_embeddings": True,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    state = {
+        "model.embeddings.tok_embeddings.weight": rand(v, c),
+        "model.embeddings.norm.weight": torch.ones(c),
+        "model.final_norm.weight": torch.ones(c),
+        "head.dense.weight": rand(c, c),
+        "head.norm.weight": torch.ones(c),
+        "decoder.bias": torch.zeros(v),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        if i:
+            state[p + "attn_norm.weight"] = torch.ones(c)
+        state[p + "attn.Wqkv.weight"] = rand(3 * c, c)
+        state[p + "attn.Wo.weight"] = rand(c, c)
+        state[p + "mlp_norm.weight"] = torch.ones(c)
+        state[p + "mlp.Wi.weight"] = rand(2 * inter, c)
+        state[p + "mlp.Wo.weight"] = rand(c, inter)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return out

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clinicalbert_core import ClinicalBertRunner, ModelBundle, inspect, prepare
+from clinicalbert_core.attention import attention
 from clinicalbert_core.hub import MANIFEST, download, resolve
-from clinicalbert_core.model import attention
 from clinicalbert_core.packing import pack, pad, token_budget_batches, unpad
 from clinicalbert_core.placement import MlmExecMode, resolve_mlm_mode
 from clinicalbert_core.tokenizer import NoteTokenizer, wordpiece_from_vocab
@@ -169,8 +169,8 @@ def test_padded_slots_never_reach_the_output():
     lengths = [5, 2, 4]
     b = pack([list(range(n)) for n in lengths])
     qkv = torch.randn(sum(lengths), 3, 2, 8)
-    clean = attention(qkv, b, pad_value=0.0)
-    poisoned = attention(qkv, b, pad_value=1e30)
+    clean = attention(*qkv.unbind(1), b, pad_value=0.0)
+    poisoned = attention(*qkv.unbind(1), b, pad_value=1e30)
     assert torch.isfinite(poisoned).all()
     torch.testing.assert_close(poisoned, clean)
     for a, e in zip(b.cu_seqlens[:-1], b.cu_seqlens[1:]):  # per-sequence reference
@@ -183,9 +183,9 @@ def test_padded_slots_never_reach_the_output():
 @pytest.mark.parametrize("kind", ["mlm", "pretraining", "pretraining_bin", "base"])
 def test_fp32_parity_hidden_pooled_logits(ckpts, kind):
     path, model = ckpts[kind]
-    heads = {"mlm": ("pooler", "mlm"), "base": ("pooler",)}.get(kind, ("pooler", "mlm"))
+    mlm = kind != "base"
     pooling = "cls" if kind == "mlm" else "pooler"
-    r = load(path, heads=heads, pooling=pooling)
+    r = load(path, mlm=mlm, pooling=pooling)
     windows = r.tokenize(NOTES)
     out = r.encode_windows(windows, return_hidden=True, mlm_positions="all", return_logits=True)
     bert = getattr(model, "bert", model)
@@ -196,7 +196,7 @@ def test_fp32_parity_hidden_pooled_logits(ckpts, kind):
         assert (out.hidden[a:e] - h).abs().max() <= 1e-4
         want = ref.pooler_output[0] if pooling == "pooler" else h[0]
         assert np.abs(out.vectors[i] - want.numpy()).max() <= 1e-4
-        if "mlm" in heads:
+        if mlm:
             rows = np.flatnonzero(out.mlm.window == i)
             logits = out.mlm.logits[rows[np.argsort(out.mlm.position[rows])]]
             with torch.no_grad():
@@ -216,7 +216,7 @@ def test_mean_pooling_parity(ckpts):
 
 def test_bf16_cosine(ckpts):
     path, model = ckpts["pretraining"]
-    r = load(path, precision="bf16", pooling="pooler", heads=("pooler", "mlm"))
+    r = load(path, precision="bf16", pooling="pooler", mlm=True)
     out = r.encode_windows(r.tokenize(NOTES), return_hidden=True)
     for i, note in enumerate(NOTES):
         ref = hf_run(model.bert, r, note)
@@ -307,8 +307,8 @@ def test_config_and_weight_errors(ckpts, tmp_path):
         load(path, variant="bio_clinicalbert")
     with pytest.raises(ValueError, match="no pooler weights"):
         load(path, pooling="pooler")  # BertForMaskedLM has no pooler
-    with pytest.raises(ValueError, match="no cls.predictions"):
-        load(ckpts["base"][0], heads=("pooler", "mlm"))
+    with pytest.raises(ValueError, match="no MLM head weights"):
+        load(ckpts["base"][0], mlm=True)
     (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:500])
     with pytest.raises(ValueError, match="not a valid safetensors"):
         load(bad)
@@ -330,8 +330,8 @@ def test_tied_decoder_and_legacy_checkpoint(ckpts, tmp_path):
     state = load_file(untied / "model.safetensors")
     state.pop("cls.predictions.decoder.weight", None)
     save_file(state, untied / "model.safetensors")
-    a = load(path, heads=("pooler", "mlm")).mlm(["Pt was started on [MASK] for afib."])
-    b = load(untied, heads=("pooler", "mlm")).mlm(["Pt was started on [MASK] for afib."])
+    a = load(path, mlm=True).mlm(["Pt was started on [MASK] for afib."])
+    b = load(untied, mlm=True).mlm(["Pt was started on [MASK] for afib."])
     assert a[0][0].ids == b[0][0].ids
     np.testing.assert_allclose(a[0][0].log_probs, b[0][0].log_probs, atol=1e-5)
 
@@ -409,12 +409,12 @@ def test_mlm_placement_cpu_vs_in_graph_and_auto(ckpts):
     path, _ = ckpts["mlm"]
     outs = {}
     for mode in ("cpu", "in_graph"):
-        r = load(path, heads=("pooler", "mlm"), mlm_mode=mode)
+        r = load(path, mlm=True, mlm_mode=mode)
         outs[mode] = r.encode_windows(
             r.tokenize(NOTES), mlm_positions="all", return_logits=True
         ).mlm
     np.testing.assert_allclose(outs["cpu"].logits, outs["in_graph"].logits, atol=1e-5)
-    r16 = load(path, heads=("pooler", "mlm"), mlm_mode="in_graph", precision="bf16")
+    r16 = load(path, mlm=True, mlm_mode="in_graph", precision="bf16")
     bf = r16.encode_windows(r16.tokenize(NOTES), mlm_positions="all", return_logits=True).mlm
     cos = torch.nn.functional.cosine_similarity(
         torch.from_numpy(bf.logits), torch.from_numpy(outs["cpu"].logits), -1
@@ -428,7 +428,7 @@ def test_mlm_placement_cpu_vs_in_graph_and_auto(ckpts):
 
 
 def test_mlm_api_top_k_at_mask(ckpts):
-    r = load(ckpts["mlm"][0], heads=("pooler", "mlm"))
+    r = load(ckpts["mlm"][0], mlm=True)
     note = "Pt was started on [MASK] for afib."
     (preds,) = r.mlm([note], top_k=5)
     (p,) = preds
@@ -463,9 +463,7 @@ def test_window_aggregation(ckpts, aggregate):
 def test_cuda_parity_and_bf16(ckpts):
     path, model = ckpts["pretraining"]
     for precision, tol in (("fp32", 1e-4), ("bf16", None)):
-        r = load(
-            path, device="cuda", precision=precision, pooling="pooler", heads=("pooler", "mlm")
-        )
+        r = load(path, device="cuda", precision=precision, pooling="pooler", mlm=True)
         out = r.encode_windows(r.tokenize(NOTES), return_hidden=True)
         for i, note in enumerate(NOTES):
             h = hf_run(model.bert, r, note).last_hidden_state[0]

@@ -130,6 +130,7 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
     notes[1] = f'multi\nline, "quoted" note {CANARY}\n\nend'
     rows = [{"id": f"n{i}", "text": t} for i, t in enumerate(notes)]
     rows += [{"id": "null", "text": None}, {"id": "blank", "text": "   \n "}]
+    rows += [{"id": "zero-tokens", "text": "\u200b\ufeff\u200b"}]  # tokenizes to nothing
     with gzip.open(tmp_path / "notes.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     csv = "ROW_ID,TEXT\n" + "".join(
@@ -143,7 +144,7 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
     (tmp_path / "txt" / "empty.txt").write_text("")
     cases = {
         "jsonl": ({"format": "jsonl", "paths": [str(tmp_path / "notes.jsonl.gz")]},
-                  [r["id"] for r in rows], {"null": 1, "empty": 1}),
+                  [r["id"] for r in rows], {"null": 1, "empty": 2}),
         "csv": ({"format": "csv", "paths": [str(tmp_path / "notes.csv.gz")],
                  "id_column": "ROW_ID", "text_column": "TEXT"},
                 list(range(len(notes))) + [77], {"undecodable": 1}),
@@ -307,17 +308,103 @@ def test_encoder_predictor_plain_and_in_ray_data(model_dir, ray_local):
 
     notes = make_notes(9, seed=11, max_words=120)
     notes[4] = None
+    notes[6] = "\ufeff\u200b"  # no token at all: an error row, never a vector
     opts = {"model": str(model_dir), "precision": "fp32", "max_seq": 64, "long_notes": "windows",
             "stride": 16, "batch_tokens": 1024}  # fmt: skip
     plain = EncoderPredictor(**opts)({"text": np.array(notes, dtype=object)})
     assert plain["error"][4] == "null" and np.isnan(plain["embedding"][4]).all()
-    good = [n for n in notes if n is not None]
+    assert plain["error"][6] == "empty" and np.isnan(plain["embedding"][6]).all()
+    good = [n for i, n in enumerate(notes) if i not in (4, 6)]
     expected = direct_vectors(model_dir, good)
-    np.testing.assert_allclose(np.delete(plain["embedding"], 4, axis=0), expected, atol=1e-5)
+    np.testing.assert_allclose(np.delete(plain["embedding"], [4, 6], axis=0), expected, atol=1e-5)
 
     ds = ray.data.from_items([{"k": i, "text": t} for i, t in enumerate(notes)])
     ds = ds.map_batches(EncoderPredictor, fn_constructor_kwargs=opts, concurrency=1, batch_size=4)
     rows = sorted(ds.take_all(), key=lambda r: r["k"])
-    assert [r["error"] for r in rows] == [None] * 4 + ["null"] + [None] * 4
+    assert [r["error"] for r in rows] == [None] * 4 + ["null", None, "empty"] + [None] * 2
     got = np.stack([r["embedding"] for r in rows if r["error"] is None])
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def modernbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from jobs.synthetic import make_modernbert
+
+    root = tmp_path_factory.mktemp("modernbert")
+    raw = make_modernbert(root / "raw", hidden=32, layers=4, heads=4, local_attention=16)
+    return prepare(raw, root / "prepared", variant="custom")
+
+
+def test_modernbert_job_with_mlm_resumes_to_the_same_output(tmp_path, modernbert_dir, ray_local):
+    table, corpus = parquet_corpus(tmp_path, 30)
+    notes = table["text"].to_pylist()
+    notes[2] = notes[2] + " Pt was started on [MASK] for afib."
+    table = table.set_column(2, "text", pa.array(notes))
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    over = {
+        "model": {"max_seq": 256, "long_notes": {"strategy": "windows", "stride": 32,
+                                                  "aggregate": "mean"}},
+        "heads": {"pooling": None, "mlm": {"enabled": True, "top_k": 3}},
+        "run": {"shard_rows": 5, "batch_rows": 5},
+    }  # fmt: skip
+    spec = job(tmp_path, modernbert_dir, corpus, **over)
+    spec["device_pool"][0]["batch_tokens"] = 2048
+    done = []
+
+    def interrupt(result, slot, slots):
+        done.append(result.shard_id)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path, on_result=interrupt)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    report = run(spec, tmp_path)
+    assert report["shards"]["committed_before"] >= 2 and report["rows_out"] == 30
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    run(job(fresh, modernbert_dir, corpus, **over) | {"device_pool": spec["device_pool"]}, fresh)
+    a, errors = read_out(tmp_path / "out")
+    b, _ = read_out(fresh / "out")
+    check_exactly_once(table["note_id"].to_pylist(), a, errors)
+    a, b = a.sort_by("id"), b.sort_by("id")
+    assert a["id"].equals(b["id"]) and a["mlm_top_ids"].equals(b["mlm_top_ids"])
+    vectors = np.stack(a["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vectors, np.stack(b["embedding"].to_numpy(zero_copy_only=False)),
+                               atol=1e-6)  # fmt: skip
+    runner = ClinicalBertRunner.load(modernbert_dir, precision="fp32", max_seq=256,
+                                     long_notes="windows", stride=32, batch_tokens=2048)  # fmt: skip
+    order = np.argsort(table["note_id"].to_numpy())
+    expected = runner.encode([notes[i] for i in order], return_hidden=False).pooled.numpy()
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    row = a.to_pylist()[2]
+    assert row["mlm_char_start"] and all(len(ids) == 3 for ids in row["mlm_top_ids"])
+    note = notes[2]
+    assert all(note[c : c + 6] == "[MASK]" for c in row["mlm_char_start"])
+    meta = pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata
+    assert meta[b"architecture"] == b"modernbert" and meta[b"tokenizer"] == b"BPE"
+    assert meta[b"pooling"] == b"mean" and meta[b"casing"] == b"cased"
+    identity = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert "modernbert" in json.dumps(identity) and "BPE" in json.dumps(identity)
+
+
+def test_spec_mistakes_against_the_model_are_refused_before_ray(
+    tmp_path, model_dir, modernbert_dir, ray_local
+):
+    from jobs.spec import SpecError
+
+    table, corpus = parquet_corpus(tmp_path, 10, 10)
+    too_long = job(tmp_path, model_dir, corpus, model={"max_seq": 256})
+    with pytest.raises(SpecError, match="model.max_seq: 256 exceeds the model's max_position"):
+        run(too_long, tmp_path)
+    no_pooler = job(tmp_path, modernbert_dir, corpus, heads={"pooling": "pooler"})
+    with pytest.raises(SpecError, match="heads.pooling: 'pooler' needs trained pooler weights"):
+        run(no_pooler, tmp_path)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # no vectors asked for: the pooler is never needed, the MLM rows are written
+    only_mlm = job(tmp_path, modernbert_dir, corpus, model={"max_seq": 512},
+                   heads={"pooling": "pooler", "embeddings": False, "mlm": {"enabled": True}})  # fmt: skip
+    report = run(only_mlm, tmp_path)
+    out, _ = read_out(tmp_path / "out")
+    assert report["rows_out"] == 10 and "embedding" not in out.column_names
+    assert "mlm_top_ids" in out.column_names

@@ -325,3 +325,12 @@ def test_report_from_json_rejects_unknown_and_missing_keys():
     del data["wall_s"]
     with pytest.raises(ValueError, match=r"unknown \['walltime'\], missing \['wall_s'\]"):
         Report.from_json({**data, "walltime": 1.0})
+
+
+def test_every_output_column_is_reserved_for_keep_columns():
+    """keep_columns may not name any column a part file can have, for any heads."""
+    from jobs.output import output_schema
+    from jobs.spec import RESERVED_COLUMNS
+
+    schema = output_schema(pa.int64(), [], 8, "float32", embeddings=True, windows=True, mlm=True)
+    assert set(schema.names) <= set(RESERVED_COLUMNS)

@@ -81,7 +81,7 @@ def test_uris_are_kept_and_not_checked(tmp_path: Path):
         (lambda d: d["corpus"].update(format="xml"), "corpus.format", "'xml'"),
         (lambda d: d["heads"].update(pooling="max"), "heads.pooling", "'max'"),
         (lambda d: d["model"].update(variant="gpt2"), "model.variant", "'gpt2'"),
-        (lambda d: d["model"].update(max_seq=1024), "model.max_seq", "1024"),
+        (lambda d: d["model"].update(max_seq=4), "model.max_seq", "4"),
         (
             lambda d: d["device_pool"][1].update(device="cuda:0"),
             "device_pool[1].device",
@@ -129,6 +129,11 @@ def test_uris_are_kept_and_not_checked(tmp_path: Path):
             lambda d: d["corpus"].update(keep_columns=["row_index"]),
             "corpus.keep_columns[0]",
             "'row_index'",
+        ),
+        (
+            lambda d: d["corpus"].update(keep_columns=["x", "mlm_window"]),
+            "corpus.keep_columns[1]",
+            "'mlm_window'",
         ),
         (lambda d: d["corpus"].update(text_column="id"), "corpus.text_column", "'id'"),
         (lambda d: d["corpus"].update(csv={"delimiter": ";"}), "corpus.csv", "{'delimiter': ';'"),
