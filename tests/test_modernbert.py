@@ -353,3 +353,36 @@ def test_prepare_and_inspect_modernbert(tmp_path, mb):
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="num_hidden_layers: preset 'bioclinical_modernbert_base'"):
         load(out, variant="bioclinical_modernbert_base")
+
+
+def test_encoder_predictor_runs_modernbert(tmp_path, mb):
+    from jobs import EncoderPredictor
+
+    path, _ = mb
+    notes = np.array([*mixed_notes()[:3], None, "", *mixed_notes()[3:5]], dtype=object)
+    opts = dict(precision="fp32", max_seq=128, long_notes="windows", stride=32)
+    out = EncoderPredictor(str(path), **opts)({"text": notes})
+    assert list(out["error"]) == [None, None, None, "null", "empty", None, None]
+    good = [n for n in notes if n]
+    want = load(path, **opts, batch_tokens=1024).encode(good, return_hidden=False).pooled
+    np.testing.assert_allclose(np.delete(out["embedding"], [3, 4], 0), want.numpy(), atol=1e-5)
+    assert np.isnan(out["embedding"][[3, 4]]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_window_parity(mb):
+    """CUDA: fp32 (banded SDPA) within 1e-4, bf16 (varlen flash with window) cosine >= 0.99."""
+    path, model = mb
+    notes = mixed_notes()
+    for precision in ("fp32", "bf16"):
+        r = load(path, device="cuda", precision=precision)
+        w = r.tokenize(notes)
+        out = r.encode_windows(w, return_hidden=True)
+        for i in range(len(notes)):
+            hidden, _ = reference(model, w.window_ids(i))
+            a, e = out.cu_seqlens[i], out.cu_seqlens[i + 1]
+            if precision == "fp32":
+                assert (out.hidden[a:e] - hidden).abs().max() <= 1e-4
+            else:
+                assert cos(out.hidden[a:e], hidden, -1).min() >= 0.99
