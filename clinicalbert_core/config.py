@@ -53,8 +53,9 @@ class EncoderConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """An HF-style config.json dict (always with model_type, so it reloads anywhere)."""
-        return {"architectures": [self.ARCHITECTURE], **asdict(self)}
+        """An HF-style config.json dict, JSON types only (always with model_type, so it
+        reloads anywhere, from a file or from a ModelBundle)."""
+        return json.loads(json.dumps({"architectures": [self.ARCHITECTURE], **asdict(self)}))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

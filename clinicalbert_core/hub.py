@@ -115,11 +115,17 @@ def looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def download(repo: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """snapshot_download of the files a BERT checkpoint needs (pinned revision if given).
+def download(
+    repo: str,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    cached_only: bool = False,
+) -> Path:
+    """snapshot_download of the files a checkpoint needs (pinned revision if given).
 
     huggingface_hub reads HF_HUB_OFFLINE, HF_TOKEN and HF_HOME itself; offline without a
-    cached snapshot is an error naming the repo and revision.
+    cached snapshot is an error naming the repo and revision. cached_only: never touch the
+    network (FileNotFoundError when the snapshot is not in the local cache).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -127,10 +133,15 @@ def download(repo: str, revision: str | None = None, cache_dir: str | Path | Non
     try:
         return Path(
             snapshot_download(
-                repo, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir
+                repo, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir,
+                local_files_only=cached_only,
             )
-        )
+        )  # fmt: skip
     except LocalEntryNotFoundError as e:
+        if cached_only:
+            raise FileNotFoundError(
+                f"hub repo {repo!r} at revision {revision or 'main'!r} is not in the local cache"
+            ) from None
         raise RuntimeError(
             f"hub repo {repo!r} at revision {revision or 'main'!r} is not in the local cache and "
             "the hub cannot be reached (offline mode or no network); download it on a "
@@ -139,14 +150,17 @@ def download(repo: str, revision: str | None = None, cache_dir: str | Path | Non
 
 
 def resolve(
-    source: str | Path, revision: str | None = None, cache_dir: str | Path | None = None
+    source: str | Path,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    cached_only: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """A source -> (local path, provenance). Local paths win over hub ids."""
     path = Path(source).expanduser()
     if path.exists():
         return path, {"path": str(path.resolve())}
     if isinstance(source, str) and looks_like_hub_id(source):
-        local = download(source, revision, cache_dir)
+        local = download(source, revision, cache_dir, cached_only)
         # the snapshot dir is named after the commit: record that, not the branch name
         return local, {"hub": source, "revision": revision or "main", "commit": local.name}
     raise ValueError(f"model source not found: {source!r} is neither a local path nor a hub id")
@@ -195,14 +209,24 @@ def open_checkpoint(
     revision: str | None = None,
     config_path: str | Path | None = None,
     casing_required: bool = True,
+    verify: bool = True,
+    offline: bool = False,
 ) -> Checkpoint:
     """Resolve a source (local dir, weights file, hub id), read and check its config against
     the variant, settle casing, build the tokenizer and find its special tokens.
 
     casing_required=False (inspect): a vocab-only checkpoint of unknown casing opens with
-    `lowercase=None` (its tokenizer built cased, for looking at, not for encoding)."""
-    path, provenance = resolve(source, revision)
+    `lowercase=None` (its tokenizer built cased, for looking at, not for encoding).
+    verify: a prepared dir's files must match the sha256s of its manifest (ValueError naming
+    the file, expected and actual digest), so corrupt weights never load.
+    offline: a hub id opens only from the local cache (FileNotFoundError otherwise)."""
+    path, provenance = resolve(source, revision, cached_only=offline)
     files = find_files(path, config_path)
+    if verify and (problems := integrity_problems(files.root, files.manifest)):
+        raise ValueError(
+            f"{files.root}: files do not match {MANIFEST} (corrupted or changed since "
+            "prepare; prepare it again): " + "; ".join(problems)
+        )
     config = config_from_file(files.config)
     manifest = files.manifest or {}
     v = get_variant(variant or manifest.get("variant") or "custom")
@@ -253,7 +277,7 @@ class ModelBundle:
         ck = open_checkpoint(source, variant, lowercase, revision)
         if ck.files.weights.suffix == ".safetensors":
             blob = ck.files.weights.read_bytes()
-            names = list(safetensors_names(blob))
+            names = W.tensor_names(blob)
         else:
             state = ck.state()
             blob, names = save(_dedupe(state)), list(state)
@@ -278,16 +302,6 @@ class ModelBundle:
             "tokenizer": self.tokenizer_kind, "weights_sha256": self.weights_sha256,
             "lowercase": self.lowercase, "source": self.source,
         }  # fmt: skip
-
-
-def safetensors_names(blob: bytes) -> list[str]:
-    """Tensor names from a safetensors header (8-byte length, then JSON), without the data."""
-    try:
-        size = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + size])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"weights are not a valid safetensors file: {e}") from e
-    return [k for k in header if k != "__metadata__"]
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,7 +342,8 @@ def prepare(
     old = out / MANIFEST
     if old.is_file():
         manifest = json.loads(old.read_text())
-        if {k: manifest.get(k) for k in identity} == identity and _files_intact(out, manifest):
+        same = {k: manifest.get(k) for k in identity} == identity
+        if same and manifest.get("files") and not integrity_problems(out, manifest):
             log.info("%s is already prepared from the same source; nothing to do", out)
             return out
     for note in ck.tokenizer_notes:
@@ -362,18 +377,22 @@ def prepare(
     return out
 
 
-def _files_intact(root: Path, manifest: dict[str, Any]) -> bool:
-    entries = manifest.get("files") or {}
-    return bool(entries) and all(
-        (root / name).is_file() and sha256_file(root / name) == digest
-        for name, digest in entries.items()
-    )
+def integrity_problems(root: Path, manifest: dict[str, Any] | None) -> list[str]:
+    """One line per file the manifest lists that is missing or has another sha256."""
+    problems = []
+    for name, digest in ((manifest or {}).get("files") or {}).items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif (actual := sha256_file(path)) != digest:
+            problems.append(f"{name}: sha256 {actual}, the manifest expects {digest}")
+    return problems
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
     """What a model dir holds: architecture, config, tokenizer, casing, heads, parameters,
     sha256 per file."""
-    ck = open_checkpoint(path, casing_required=False)
+    ck = open_checkpoint(path, casing_required=False, verify=False)
     state = ck.state()
     c = ck.config
     return {
@@ -401,6 +420,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "parameters": sum(t.numel() for t in _dedupe(state).values()),
         "config": c.to_dict(),
         "source": (ck.files.manifest or {}).get("source"),
+        "prepared": ck.files.manifest is not None,
+        "integrity": integrity_problems(ck.files.root, ck.files.manifest),
         "sha256": {p.name: sha256_file(p) for p in sorted(ck.files.root.iterdir()) if p.is_file()},
     }
 

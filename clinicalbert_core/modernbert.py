@@ -74,7 +74,11 @@ class Config(EncoderConfig):
                     f"{source}: global_attn_every_n_layers must be >= 1, got {every!r}"
                 )
             types = [LAYER_TYPES[bool(i % every)] for i in range(layers)]
-        if not isinstance(types, list) or set(types) - set(LAYER_TYPES) or len(types) != layers:
+        if (
+            not isinstance(types, list | tuple)
+            or set(types) - set(LAYER_TYPES)
+            or len(types) != layers
+        ):
             raise ValueError(
                 f"{source}: layer_types must list {layers} entries from {LAYER_TYPES}, got {types!r}"
             )

@@ -49,6 +49,7 @@ class RunnerOptions:
     long_notes: str = "truncate"  # truncate | windows
     stride: int = 128  # tokens shared by consecutive windows
     aggregate: str = "mean"  # windows -> note: mean | first | none
+    normalize: bool = False  # L2-normalize the final vectors (note, or window with 'none')
     batch_tokens: int = 8192  # token budget per encoder batch (padded tokens)
     compile: bool = False  # torch.compile the encoder
 
@@ -286,13 +287,17 @@ class ClinicalBertRunner:
 
     def aggregate_vectors(self, windows: Windows, vectors: np.ndarray) -> np.ndarray:
         """Per-window vectors [W, C] (window order) -> per note [notes, C] by the runner's
-        aggregate; with aggregate 'none' the windows are the rows."""
-        if self.aggregate == "none":
-            return vectors
-        return aggregate_windows(
-            vectors, windows.note, windows.window_index, windows.lengths - 2,
-            windows.num_notes, self.aggregate,
-        )  # fmt: skip
+        aggregate (with aggregate 'none' the windows are the rows), L2-normalized when the
+        runner's `normalize` is set."""
+        if self.aggregate != "none":
+            vectors = aggregate_windows(
+                vectors, windows.note, windows.window_index, windows.lengths - 2,
+                windows.num_notes, self.aggregate,
+            )  # fmt: skip
+        if self.options.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+        return vectors
 
     # ---- conveniences --------------------------------------------------------------------
     def encode(self, notes: Sequence[str], return_hidden: bool = True) -> EncodeOutput:
@@ -304,6 +309,11 @@ class ClinicalBertRunner:
             hidden=out.hidden,
             cu_seqlens=out.cu_seqlens,
         )
+
+    def embed(self, notes: Sequence[str]) -> np.ndarray:
+        """One float32 vector per note (per window with aggregate 'none') as numpy."""
+        windows = self.tokenize(notes)
+        return self.aggregate_vectors(windows, self.encode_windows(windows).vectors)
 
     def mlm(
         self, notes: Sequence[str], top_k: int = 5, positions: str = "mask"

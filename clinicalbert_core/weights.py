@@ -9,6 +9,7 @@ one ValueError listing all of it.
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,6 +52,40 @@ def read_state_dict(source: str | Path | bytes) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     raise ValueError(f"{path}: unknown weights format (expected .safetensors or .bin)")
+
+
+def tensor_names(source: str | Path | bytes) -> list[str]:
+    """Tensor names of a weights file or safetensors bytes without loading the tensors. A
+    safetensors file must be complete: its header's last tensor must end at the file's end
+    (a truncated download or copy is an error naming the file)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _safetensors_header(bytes(source[:8]), lambda n: bytes(source[8 : 8 + n]),
+                                   len(source), "weights bytes")  # fmt: skip
+    path = Path(source)
+    if path.suffix != ".safetensors":
+        return list(read_state_dict(path))
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        return _safetensors_header(f.read(8), f.read, path.stat().st_size, str(path))
+
+
+def _safetensors_header(head: bytes, read: Any, size: int, name: str) -> list[str]:
+    try:
+        n = int.from_bytes(head, "little")
+        if len(head) != 8 or n > size - 8:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{name}: not a valid safetensors file ({e})") from None
+    if 8 + n + end != size:
+        raise ValueError(
+            f"{name}: truncated or padded safetensors file: the header needs "
+            f"{8 + n + end:,} bytes, the file has {size:,}"
+        )
+    return [k for k in header if k != "__metadata__"]
 
 
 def _patterns(arch: ModuleType) -> list[tuple[re.Pattern[str], str]]:

@@ -98,6 +98,7 @@ def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBe
         long_notes=long.strategy,
         stride=long.stride,
         aggregate=long.aggregate,
+        normalize=spec.heads.normalize,
         batch_tokens=max(pool.batch_tokens, spec.model.max_seq),
     )
 
@@ -118,14 +119,17 @@ class ShardProcessor:
         self.runner = runner_for(bundle, spec, pool)
         self.out = OutputDir(spec.output.path)
         self.slowdown_s, self.collect_lengths = slowdown_s, collect_lengths
+        self.live: dict[str, Any] = {}  # the shard in progress, counts so far (see `progress`)
         long = spec.model.long_notes
         self.metadata = {
+            "id_column": spec.corpus.id_column,  # the output's `id` is this input column
             "variant": bundle.variant,
             "architecture": bundle.architecture,
             "tokenizer": bundle.tokenizer_kind,
             "weights_sha256": bundle.weights_sha256,
             "casing": "uncased" if bundle.lowercase else "cased",
             "pooling": self.runner.pooling,
+            "normalize": str(spec.heads.normalize).lower(),
             "precision": self.runner.precision,
             "max_seq": str(spec.model.max_seq),
             "long_notes": f"{long.strategy}/stride={long.stride}/aggregate={long.aggregate}",
@@ -146,11 +150,18 @@ class ShardProcessor:
             ThreadPoolExecutor(1, thread_name_prefix="tokenize") as ahead,
             self.out.part_writer(shard.id, self._out_schema, self.metadata) as writer,
         ):
+            n_errors = 0
             for batch, rows, windows, bad in _prefetch(ahead, reader, self._prepare):
                 if bad is not None:
                     errors.append(bad)
+                    n_errors += bad.num_rows
                 if len(rows):
                     writer.write(self._encode(batch, rows, windows, result))
+                self.live = {
+                    "shard": shard.id, "rows_in": reader.rows_in, "rows_out": result.rows_out,
+                    "error_rows": n_errors, "filtered_rows": reader.rows_filtered,
+                    "batches": self.live.get("batches", 0) + 1 if self.live else 1,
+                }  # fmt: skip
                 if self.slowdown_s:
                     time.sleep(self.slowdown_s)
             error_table = pa.concat_tables(errors) if errors else None
@@ -163,6 +174,7 @@ class ShardProcessor:
                     result.reasons[str(reason)] = int(count)
             result.seconds = time.perf_counter() - t0
             writer.commit(error_table, result.stats())
+        self.live = {}
         return result
 
     # ---- steps -------------------------------------------------------------------------------
@@ -220,6 +232,7 @@ class ShardProcessor:
             result.token_lengths.extend(windows.note_tokens.tolist())
         # one output row per note, or per window
         take = rows[windows.note] if per_window else rows
+        result.output_rows += len(take)
         cols: dict[str, pa.Array] = {"id": batch["id"].take(pa.array(take))}
         for c in spec.corpus.keep_columns:
             cols[c] = batch[c].take(pa.array(take))
@@ -329,6 +342,11 @@ class EncoderActor:
 
     def process(self, shard: Shard) -> ShardResult:
         return self.processor.process(shard)
+
+    def progress(self) -> dict[str, Any]:
+        """Counts of the shard in progress (called in the `monitor` concurrency group, so it
+        answers while `process` runs)."""
+        return dict(self.processor.live)
 
 
 def _test_slowdown(pool_name: str) -> float:

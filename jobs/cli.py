@@ -1,4 +1,5 @@
-"""`clinicalbert` / `python -m jobs`: run, validate, schema, prepare, inspect, bench, demo-data."""
+"""`clinicalbert` / `python -m jobs`: run, validate, verify, schema, prepare, inspect, bench,
+demo-data."""
 
 from __future__ import annotations
 
@@ -52,13 +53,40 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"  parameters  {info['parameters']:,}")
     for name, digest in info["sha256"].items():
         print(f"  sha256      {digest}  {name}")
-    return 0
+    if not info["prepared"]:
+        print("  integrity   not checked (no manifest: not a prepared dir)")
+    for problem in info["integrity"]:
+        print(f"  CORRUPT     {problem}")
+    if not info["integrity"] and info["prepared"]:
+        print("  integrity   every file matches the manifest")
+    return 1 if info["integrity"] else 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .preflight import check_corpus, check_model, pool_problems, where_warnings
     from .spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, check_paths=not args.no_check_paths, overrides=args.set)
+    problems = [] if args.no_check_paths else check_corpus(spec) + check_model(spec)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster to check the pools against
+        import ray
+
+        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            problems += pool_problems(spec.device_pool, ray.nodes())
+        finally:
+            ray.shutdown()
+    notes = [p for p in problems if p.startswith("model: not checked")]
+    problems = [p for p in problems if p not in notes]
+    if not args.no_check_paths and not problems:
+        notes += [f"warning: {w}" for w in where_warnings(spec)]
+    for line in problems:
+        print(f"{args.spec}: {line}", file=sys.stderr)
+    for line in notes:
+        print(f"{args.spec}: {line}")
+    if problems:
+        return 2
     pools = ", ".join(f"{p.name} ({p.actors}x {p.device})" for p in spec.device_pool)
     print(f"{args.spec}: valid. job {spec.name!r}, {spec.corpus.format} corpus, "
           f"variant {spec.model.variant}, pools {pools}, spec hash {spec.spec_hash()[:12]}")  # fmt: skip
@@ -76,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     from .driver import print_dry_run, run_job
     from .spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, overrides=args.set)
     report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite, address=args.address)
     if args.dry_run:
         print_dry_run(report)
@@ -87,7 +115,20 @@ def _run(args: argparse.Namespace) -> int:
           f"{report['shards']['processed']} shards in {report['wall_s']:.1f}s "
           f"({report['shards']['committed_before']} committed earlier), {len(failed)} failed "
           f"-> {report['output']}")  # fmt: skip
-    return 1 if failed else 0
+    if report.get("empty"):
+        print(f"job {spec.name}: {report['empty']}", file=sys.stderr)
+    return 1 if failed or report.get("empty") else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_output
+
+    findings = verify_output(args.output)
+    for line in findings:
+        print(f"{args.output}: {line}")
+    if not findings:
+        print(f"{args.output}: ok")
+    return 1 if findings else 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -110,8 +151,13 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .output import package_version
+
     p = argparse.ArgumentParser(prog="clinicalbert", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"clinicalbert {package_version()}")
+    set_help = ("override a spec field, value as YAML (repeatable): --set model.max_seq=256, "
+                "--set device_pool[0].actors=8")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)")
@@ -121,11 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="replace an output dir written by a different spec")  # fmt: skip
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     s.set_defaults(func=_run)
 
-    s = sub.add_parser("validate", help="check a job spec without running anything")
-    s.add_argument("spec")
+    s = sub.add_parser(
+        "validate",
+        help="check a job spec against its corpus columns, model and (with --address or "
+        "RAY_ADDRESS) cluster, without running anything",
+    )
+    s.add_argument("spec", help="job spec YAML")
+    s.add_argument("--no-check-paths", action="store_true",
+                   help="check the spec alone (e.g. a cluster spec on a laptop): no corpus or "
+                   "model files are opened")  # fmt: skip
+    s.add_argument("--address", default=None, help="Ray cluster to check the pools against")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     s.set_defaults(func=_validate)
+
+    s = sub.add_parser("verify", help="re-check a finished output dir (parts, ids, report)")
+    s.add_argument("output", help="the job's output.path (local path or URI)")
+    s.set_defaults(func=_verify)
 
     s = sub.add_parser("schema", help="print the job spec's JSON Schema")
     s.set_defaults(func=_schema)
@@ -141,16 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("inspect", help="show what a model dir holds")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("path", help="model dir (prepared or a raw checkpoint)")
+    s.add_argument("--json", action="store_true", help="print everything as JSON")
     s.set_defaults(func=_inspect)
 
     s = sub.add_parser("demo-data", help="write the synthetic demo corpus and a small model")
-    s.add_argument("--out", default="out/demo")
-    s.add_argument("--notes", type=int, default=400)
-    s.add_argument("--hidden", type=int, default=128)
-    s.add_argument("--layers", type=int, default=2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="out/demo", help="dir for corpus/ and model/")
+    s.add_argument("--notes", type=int, default=400, help="synthetic notes to write")
+    s.add_argument("--hidden", type=int, default=128, help="hidden size of the random BERT")
+    s.add_argument("--layers", type=int, default=2, help="layers of the random BERT")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=_demo_data)
 
     s = sub.add_parser(
@@ -177,4 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # storage: a missing mount, an unreachable s3:// bucket, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -60,6 +61,7 @@ class ParquetInput:
     identity: str  # hex key: what the shard ids of this file derive from
     row_group_rows: tuple[int, ...]
     source: str  # the original input, for reports
+    column_types: tuple[tuple[str, str], ...] = ()  # (column, arrow type) of id + keep columns
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,9 @@ def plan_shards(
     """
     sources = list_sources(corpus, shard_rows)
     fn = partial(stage_source, corpus=corpus, staging_dir=staging_dir, shard_rows=shard_rows)
-    shards = [s for parquet in map_fn(fn, sources) for s in _split(parquet, shard_rows)]
+    inputs = list(map_fn(fn, sources))
+    check_column_types(inputs)
+    shards = [s for parquet in inputs for s in _split(parquet, shard_rows)]
     return shards if corpus.limit is None else _apply_limit(shards, corpus)
 
 
@@ -187,10 +191,11 @@ def stage_source(
         fs, path = filesystem(source.path)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-        check_columns(meta.schema.to_arrow_schema().names, corpus, source.path)
+        schema = meta.schema.to_arrow_schema()
+        check_columns(schema.names, corpus, source.path)
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         identity = _hash(["parquet", source.path, source.size, source.mtime_ns])
-        return ParquetInput(source.path, identity, rows, source.path)
+        return ParquetInput(source.path, identity, rows, source.path, _types(schema, corpus))
 
     key = _hash(
         [
@@ -210,7 +215,53 @@ def stage_source(
     with fs.open_input_file(final_path) as f:
         meta = pq.ParquetFile(f).metadata
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return ParquetInput(final, key, rows, source.path)
+    types = _types(meta.schema.to_arrow_schema(), corpus) if rows else ()
+    return ParquetInput(final, key, rows, source.path, types)
+
+
+def _types(schema: pa.Schema, corpus: CorpusSpec) -> tuple[tuple[str, str], ...]:
+    columns = (corpus.id_column, *corpus.keep_columns) if corpus.format != "text" else ("id",)
+    return tuple((c, str(schema.field(c).type)) for c in columns)
+
+
+def check_column_types(inputs: list[ParquetInput]) -> None:
+    """Every input must give the id and keep columns one type, so the parts form one table:
+    ValueError naming the column, two inputs and their types."""
+    first: dict[str, tuple[str, str]] = {}
+    for parquet in inputs:
+        for column, kind in parquet.column_types:
+            seen = first.setdefault(column, (kind, parquet.source))
+            if seen[0] != kind:
+                raise ValueError(
+                    f"column {column!r} is {seen[0]} in {seen[1]} but {kind} in "
+                    f"{parquet.source}: the output parts would not form one table. Give the "
+                    "inputs one type (csv: pin it with corpus.csv.column_types)"
+                )
+
+
+def clean_staging(staging_dir: str) -> None:
+    """Remove the temporary files a killed staging run left (`.<name>.<uuid>.tmp`); complete
+    staged files are kept and reused. Only while no other run stages into this dir."""
+    fs, root = filesystem(staging_dir)
+    selector = pa_fs.FileSelector(root, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+            with suppress(FileNotFoundError):
+                fs.delete_file(info.path)
+
+
+def remove_staged(staging_dir: str, shards: list[Shard]) -> None:
+    """Delete the staged files these shards read (note text outside the output dir), then
+    the staging dir itself if nothing else is left in it."""
+    fs, root = filesystem(staging_dir)
+    prefix = root.rstrip("/") + "/"
+    for path in sorted({filesystem(s.path)[1] for s in shards}):
+        if path.startswith(prefix):
+            with suppress(FileNotFoundError):
+                fs.delete_file(path)
+    with suppress(FileNotFoundError, OSError):
+        if not fs.get_file_info(pa_fs.FileSelector(root, allow_not_found=True)):
+            fs.delete_dir(root)
 
 
 def check_columns(available: list[str], corpus: CorpusSpec, path: str) -> None:

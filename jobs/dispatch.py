@@ -161,11 +161,23 @@ def _first_line(e: BaseException) -> str:
 class Progress:
     """Rows, tokens/s per pool and ETA: a tqdm bar on a terminal, else one line per interval."""
 
-    def __init__(self, total_rows: int, interval_s: float = 10.0, stream: Any = None):
-        self.total, self.interval = total_rows, interval_s
+    def __init__(
+        self,
+        total_rows: int,
+        interval_s: float = 10.0,
+        stream: Any = None,
+        total_shards: int = 0,
+        poll: Callable[[], list[dict[str, Any]]] | None = None,
+    ):
+        """poll(): counts of the shards in progress (rows_in, rows_out, error_rows,
+        filtered_rows), so the line moves inside long shards too."""
+        self.total, self.interval, self.total_shards = total_rows, interval_s, total_shards
+        self.poll = poll
+        self.partial: list[dict[str, Any]] = []
         self.stream = stream or sys.stderr
-        self.rows = 0
+        self.rows = self.notes = self.errors = self.filtered = self.shards = 0
         self.tokens: dict[str, int] = {}
+        self.pool_rows: dict[str, int] = {}
         self.start = self.last = time.monotonic()
         self.bar = None
         if self.stream.isatty():
@@ -174,8 +186,14 @@ class Progress:
             self.bar = tqdm(total=total_rows, unit="note", file=self.stream, dynamic_ncols=True)
 
     def update(self, result: ShardResult, slot: Slot | None = None) -> None:
+        self.partial = []  # a committed shard's counts are in the totals now
         self.rows += result.rows_in
+        self.notes += result.rows_out
+        self.errors += result.error_rows
+        self.filtered += result.filtered_rows
+        self.shards += 1
         self.tokens[result.pool] = self.tokens.get(result.pool, 0) + result.tokens
+        self.pool_rows[result.pool] = self.pool_rows.get(result.pool, 0) + result.rows_in
         if self.bar is not None:
             self.bar.update(result.rows_in)
             self.bar.set_postfix_str(self._rates())
@@ -183,16 +201,25 @@ class Progress:
 
     def _rates(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        return " ".join(f"{p} {t / elapsed:,.0f} tok/s" for p, t in sorted(self.tokens.items()))
+        return ", ".join(
+            f"{p} {self.pool_rows[p]:,} rows {t / elapsed:,.0f} tok/s"
+            for p, t in sorted(self.tokens.items())
+        )
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.rows / elapsed
-        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
-        pct = 100 * self.rows / self.total if self.total else 100.0
+        part = lambda key: sum(p.get(key, 0) for p in self.partial)  # noqa: E731
+        rows = self.rows + part("rows_in")
+        rate = rows / elapsed
+        eta = (self.total - rows) / rate if rate > 0 else float("nan")
+        pct = 100 * rows / self.total if self.total else 100.0
         return (
-            f"progress: {self.rows:,}/{self.total:,} rows ({pct:.1f}%), {rate:,.1f} rows/s, "
-            f"{self._rates() or 'no shard done yet'}, elapsed {elapsed:,.0f}s, ETA {fmt_duration(eta)}"
+            f"progress: {rows:,}/{self.total:,} rows ({pct:.1f}%): "
+            f"{self.notes + part('rows_out'):,} notes written, "
+            f"{self.errors + part('error_rows'):,} error rows, "
+            f"{self.filtered + part('filtered_rows'):,} filtered; shards "
+            f"{self.shards:,}/{self.total_shards:,}; {rate:,.1f} rows/s; "
+            f"{self._rates() or 'no shard done yet'}; elapsed {elapsed:,.0f}s, ETA {fmt_duration(eta)}"
         )
 
     def tick(self) -> None:
@@ -201,9 +228,11 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
+            self.partial = self.poll() if self.poll else []
             print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
+        self.partial = []
         if self.bar is not None:
             self.bar.close()
         print(self.line().replace("progress:", "done:"), file=self.stream, flush=True)

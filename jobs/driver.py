@@ -7,8 +7,10 @@ spec -> ModelBundle (resolved once, shipped through the object store)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,25 +21,32 @@ import numpy as np
 
 from clinicalbert_core.hub import ModelBundle
 
-from .corpus import Shard, plan_shards
+from .corpus import Shard, clean_staging, plan_shards, remove_staged
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
 from .output import OutputDir, Report
+from .preflight import check_corpus, model_fit_problems, pool_problems, where_warnings
 from .spec import JobSpec, PoolSpec, SpecError
 
 log = logging.getLogger(__name__)
 
 
-def load_bundle(spec: JobSpec) -> ModelBundle:
+def model_source(spec: JobSpec) -> tuple[str, str | None]:
+    """(source, revision): model.path, model.hub, or the variant's own hub repo."""
     m = spec.model
     if m.path is not None:
-        source, revision = m.path, None
-    elif m.hub is not None:
-        source, revision = m.hub.repo, m.hub.revision
-    else:  # the variant's own hub repo (validated to exist)
-        from clinicalbert_core.variants import get_variant
+        return m.path, None
+    if m.hub is not None:
+        return m.hub.repo, m.hub.revision
+    from clinicalbert_core.variants import get_variant
 
-        v = get_variant(m.variant)
-        source, revision = v.hub_id, v.revision
+    v = get_variant(m.variant)  # validated to have a hub id
+    assert v.hub_id is not None
+    return v.hub_id, v.revision
+
+
+def load_bundle(spec: JobSpec) -> ModelBundle:
+    source, revision = model_source(spec)
+    m = spec.model
     return ModelBundle.load(source, variant=m.variant, lowercase=m.lowercase, revision=revision)
 
 
@@ -65,7 +74,10 @@ def _ray_map(fn: Any, items: Any) -> list[Any]:
     import ray
 
     task = ray.remote(num_cpus=1)(_apply)
-    return ray.get([task.remote(fn, x) for x in items])
+    try:
+        return ray.get([task.remote(fn, x) for x in items])
+    except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
+        raise e.cause from None
 
 
 def _start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, lengths: bool) -> Any:
@@ -79,7 +91,8 @@ def _start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, len
         if pool.accelerator_type:
             options["accelerator_type"] = pool.accelerator_type
     env = {"OMP_NUM_THREADS": str(pool.cpus_per_actor), "TOKENIZERS_PARALLELISM": "false"}
-    cls = ray.remote(EncoderActor).options(**options, runtime_env={"env_vars": env})
+    cls = ray.remote(concurrency_groups={"monitor": 1})(EncoderActor)  # progress() answers
+    cls = cls.options(**options, runtime_env={"env_vars": env})  # while process() runs
     return cls.remote(bundle_ref, spec, pool.name, f"{pool.name}-{index}", lengths)
 
 
@@ -96,8 +109,8 @@ def run_job(
 
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    # staged inputs live under the real output dir, so a dry run's staging is reused later
-    staging = OutputDir(spec.output.path).staging_dir
+    # the real job's staging dir (outside any output): a dry run's staging is reused later
+    staging = spec.staging_dir()
     full = spec
     if dry_run:
         scratch = tempfile.mkdtemp(prefix=f"clinicalbert-dry-run-{spec.name}-")
@@ -107,6 +120,10 @@ def run_job(
                 "corpus": spec.corpus.model_copy(update={"limit": spec.run.dry_run_notes}),
             }
         )
+    if problems := check_corpus(spec):
+        raise SpecError(problems)
+    for warning in where_warnings(spec):
+        log.warning("%s", warning)
     log.info("resolving model %s", spec.model.variant)
     bundle = load_bundle(spec)
     check_model_fit(spec, bundle)
@@ -132,6 +149,7 @@ def run_job(
     _check_resources(pools, dry_run)
 
     log.info("planning shards")
+    clean_staging(staging)  # what a killed staging run left
     shards = plan_shards(spec.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
     committed = out.committed()
     todo = [s for s in shards if s.id not in committed]
@@ -146,7 +164,25 @@ def run_job(
         if todo  # nothing left to run: no actors to start
     ]
     pool_of = {p.name: p for p in pools}
-    progress = Progress(sum(s.num_rows for s in todo), spec.run.progress_interval_s)
+
+    def poll() -> list[dict[str, Any]]:
+        """Counts of the shards in progress, from every live actor (0.5 s at most)."""
+        refs = [
+            slot.handle.progress.options(concurrency_group="monitor").remote()
+            for slot in slots
+            if slot.alive
+        ]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+        out = []
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                out.append(ray.get(ref))
+        return [live for live in out if live]
+
+    progress = Progress(
+        sum(s.num_rows for s in todo), spec.run.progress_interval_s, total_shards=len(todo),
+        poll=poll,
+    )  # fmt: skip
 
     def result_hook(result: ShardResult, slot: Slot) -> None:
         progress.update(result, slot)
@@ -172,12 +208,21 @@ def run_job(
     earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
     report = build_report(spec, shards, earlier, outcome, pools, started, t0)
     out.write_json("_report.json", report)
-    if not outcome.failed:
+    wrote_nothing = report["rows_in"] and not (report["rows_out"] or report["error_rows"])
+    if wrote_nothing and not spec.run.allow_empty:
+        report["empty"] = (
+            f"wrote no note: {report['rows_in']:,} rows read, {report['filtered_rows']:,} "
+            "dropped by corpus.where (check its values; run.allow_empty accepts this)"
+        )
+    if not outcome.failed and "empty" not in report:
         out.mark_success()
+        if not (dry_run or spec.run.keep_staged):
+            remove_staged(staging, shards)
     report["output"] = spec.output.path
     if dry_run:
         full_shards = plan_shards(full.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
         report["dry_run"] = dry_run_summary(full, full_shards, report, outcome)
+        shutil.rmtree(spec.output.path, ignore_errors=True)  # the sample's scratch output
     return report
 
 
@@ -185,26 +230,8 @@ def check_model_fit(spec: JobSpec, bundle: ModelBundle) -> None:
     """What the spec asks of the model, checked against the checkpoint before any Ray work:
     SpecError with one line per problem, naming the field."""
     positions = bundle.config["max_position_embeddings"]
-    problems = []
-    if spec.model.max_seq > positions:
-        problems.append(
-            f"model.max_seq: {spec.model.max_seq} exceeds the model's max_position_embeddings "
-            f"{positions} (config.json of {bundle.variant})"
-        )
-    if spec.heads.embeddings and spec.heads.pooling == "pooler" and not bundle.heads["pooler"]:
-        problems.append(
-            "heads.pooling: 'pooler' needs trained pooler weights and this checkpoint has none; "
-            "use cls or mean"
-        )
-    mlm = spec.heads.mlm
-    if mlm.enabled and not bundle.heads["mlm"]:
-        problems.append("heads.mlm.enabled: this checkpoint has no masked-LM head")
-    if mlm.enabled and mlm.positions == "mask" and bundle.specials["mask"] is None:
-        problems.append(
-            "heads.mlm.positions: 'mask' needs a mask token and this tokenizer has none; "
-            "use positions: all"
-        )
-    if problems:
+    mask = bundle.specials["mask"]
+    if problems := model_fit_problems(spec, positions, bundle.heads, mask, bundle.variant):
         raise SpecError(problems)
 
 
@@ -218,6 +245,8 @@ def _check_resources(pools: tuple[PoolSpec, ...], dry_run: bool) -> None:
             f"the spec's GPU pools need {need_gpu} GPU(s) but this Ray cluster has none; "
             "run on a cluster with GPU workers, or use --dry-run to test on this machine"
         )
+    if problems := pool_problems(pools, ray.nodes()):
+        raise SpecError(problems)
 
 
 def build_report(
@@ -351,7 +380,7 @@ def print_dry_run(report: dict[str, Any]) -> None:
                   f"{_hours(p['hours_alone'])} alone")  # fmt: skip
     if d["projected_hours_all_measured_pools"] is not None:
         print(f"  measured pools together: {_hours(d['projected_hours_all_measured_pools'])}")
-    print(f"scratch output: {report['output']}")
+    print("(the sample's scratch output was removed)")
 
 
 def _hours(hours: float | None) -> str:

@@ -1,8 +1,12 @@
 """Output dir layout, schemas and atomic commits.
 
-    <out>/part-<shard>.parquet          one per shard: rows keyed by note id
-    <out>/errors/part-<shard>.parquet   only for shards with bad rows: id, shard, row, reason
-    <out>/_job.json  _report.json  _SUCCESS (last)   <out>/_staged/ (staged inputs)
+    <out>/part-<shard>.parquet           one per shard: rows keyed by note id
+    <out>/_errors/part-<shard>.parquet   only for shards with bad rows: id, shard, row, reason
+    <out>/_job.json  _report.json  _SUCCESS (last)
+
+Everything but the parts has a name dataset discovery skips (leading `_` or `.`), so pandas,
+pyarrow, polars and duckdb read exactly the output rows. No note text is ever written here
+(staged inputs live outside, see JobSpec.staging_dir).
 
 A shard is committed when its part file exists under its final name. Writers stream to a
 temporary name (`.tmp-...`) in the same dir and rename at the end, after the errors part, so a
@@ -30,6 +34,7 @@ import pyarrow.parquet as pq
 from .corpus import filesystem
 
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-"
+ERRORS_DIR = "_errors"
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
 STATS_KEY = "clinicalbert_shard_stats"  # footer key: the shard's counts (see PartWriter.commit)
 DISTRIBUTION = "clinicalbert-jobs"
@@ -199,12 +204,7 @@ class OutputDir:
 
     def errors_path(self, shard_id: str) -> str:
         """Path (within `fs`) of a shard's errors part."""
-        return self._join("errors", f"{PART_PREFIX}{shard_id}.parquet")
-
-    @property
-    def staging_dir(self) -> str:
-        """Where non-Parquet inputs are staged (a path or URI like the output's)."""
-        return f"{self.uri}/_staged"
+        return self._join(ERRORS_DIR, f"{PART_PREFIX}{shard_id}.parquet")
 
     # ---- state -----------------------------------------------------------------------------
     def _names(self, sub: str = "") -> list[str]:
@@ -224,8 +224,9 @@ class OutputDir:
         }
 
     def check_spec(self, spec_hash: str, resolved: dict[str, Any], overwrite: bool) -> None:
-        """Resume (same spec hash: nothing deleted), refuse (another spec's output: ValueError),
-        or with `overwrite` delete that output and start over; writes `_job.json` if absent."""
+        """Resume (same spec hash: nothing deleted), refuse (another spec's committed output:
+        ValueError), or with `overwrite` delete the output and start over (same spec too).
+        A dir whose earlier run committed no part is simply taken over. Writes `_job.json`."""
         self.fs.create_dir(self.root, recursive=True)
         try:
             job = self.read_json("_job.json")
@@ -238,36 +239,31 @@ class OutputDir:
         parts = self.committed()
         had, has = _weights((job or {}).get("spec", {})), _weights(resolved)
         same_spec = job is not None and job.get("spec_hash") == spec_hash
-        if same_spec and not (had and has and had != has):
+        if same_spec and not (had and has and had != has) and not overwrite:
             self.clean_temp()  # resume
             return
-        if job is not None or parts:
-            if not overwrite:
-                if same_spec:
-                    why = f"was written with model weights sha256 {had}; this run's model has {has}"
-                else:
-                    have = f"spec hash {job.get('spec_hash')}" if job else "no _job.json"
-                    why = f"holds another job's output ({have}, {len(parts)} part files); this "
-                    why += f"spec's hash is {spec_hash}"
-                raise ValueError(
-                    f"output dir {self.uri} {why}. Use another output.path, or --overwrite to "
-                    "delete that output"
-                )
-            self.clear()
+        if parts and not overwrite:  # a start that committed nothing blocks no corrected spec
+            if same_spec:
+                why = f"was written with model weights sha256 {had}; this run's model has {has}"
+            else:
+                have = f"spec hash {job.get('spec_hash')}" if job else "no _job.json"
+                why = f"holds another job's output ({have}, {len(parts)} part files); this "
+                why += f"spec's hash is {spec_hash}"
+            raise ValueError(
+                f"output dir {self.uri} {why}. Use another output.path, or --overwrite to "
+                "delete that output"
+            )
+        self.clear()
         self.clean_temp()
         self.write_json("_job.json", {"spec_hash": spec_hash, "spec": resolved})
 
     def clear(self) -> None:
-        """Delete a previous job's outputs: parts, errors, temp files, _job/_report/_SUCCESS.
-
-        `_staged/` stays: staged files are named by their source and read options, not by the
-        spec, so they are valid for any job over the same corpus (see corpus.stage_source).
-        """
+        """Delete a previous job's outputs: parts, errors, temp files, _job/_report/_SUCCESS."""
         for name in self._names():
             if name.startswith((PART_PREFIX, TMP_PREFIX)) or name in META_FILES:
                 _delete(self.fs, self._join(name))
         with suppress(FileNotFoundError):
-            self.fs.delete_dir(self._join("errors"))
+            self.fs.delete_dir(self._join(ERRORS_DIR))
 
     def clean_temp(self) -> None:
         """Delete what crashed writers left: temp files, and errors parts of shards that never
@@ -276,12 +272,12 @@ class OutputDir:
             if name.startswith(TMP_PREFIX):
                 _delete(self.fs, self._join(name))
         committed = self.committed()
-        for name in self._names("errors"):
+        for name in self._names(ERRORS_DIR):
             shard = (
                 name[len(PART_PREFIX) : -len(".parquet")] if name.startswith(PART_PREFIX) else None
             )
             if name.startswith(TMP_PREFIX) or (shard is not None and shard not in committed):
-                _delete(self.fs, self._join("errors", name))
+                _delete(self.fs, self._join(ERRORS_DIR, name))
 
     # ---- writing ---------------------------------------------------------------------------
     @contextmanager
@@ -354,7 +350,7 @@ class OutputDir:
 
     def read_errors(self) -> pa.Table | None:
         """Errors parts of committed shards as one table, or None when there are none."""
-        shards = set(self._names("errors"))
+        shards = set(self._names(ERRORS_DIR))
         paths = [
             self.errors_path(s)
             for s in sorted(self.committed())

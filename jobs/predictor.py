@@ -3,13 +3,16 @@
     ds = ray.data.read_parquet("notes/")
     ds = ds.map_batches(
         EncoderPredictor,
-        fn_constructor_kwargs={"model": "models/bio_clinicalbert", "variant": "bio_clinicalbert"},
-        num_gpus=1, concurrency=4, batch_size=256,
+        fn_constructor_kwargs={"model": "models/bio_clinicalbert"},
+        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=256,
     )
 
-Loads once per actor in `__init__`, handles one batch (dict of numpy arrays) in `__call__`:
-adds an `embedding` column (float32 [rows, C]; NaN rows where the note is bad) and an
-`error` column (None, or the reason code of jobs.output.ReasonCode). Testable without Ray.
+Loads once per actor in `__init__`, handles one batch (a dict of numpy arrays, a pyarrow
+Table or a pandas DataFrame) in `__call__` and returns a pyarrow Table: the batch's columns
+without the note text (`keep_text=True` keeps it), `embedding` as a jobs' part file has it
+(fixed_size_list<float32>[hidden]; null where the note is bad), `error` (string: null, or a
+reason code of jobs.output.ReasonCode) and `model` (the weights' sha256); the model's identity
+is also in the schema metadata. Testable without Ray.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class EncoderPredictor:
         *,
         text_column: str = "text",
         output_column: str = "embedding",
+        keep_text: bool = False,
         device: str | None = None,
         max_note_chars: int = 2_000_000,
         **runner_options: Any,
@@ -48,24 +52,58 @@ class EncoderPredictor:
                 "EncoderPredictor writes one vector per row: use aggregate 'mean' or 'first'"
             )
         self.text_column, self.output_column = text_column, output_column
-        self.max_note_chars = max_note_chars
+        self.keep_text, self.max_note_chars = keep_text, max_note_chars
+        r = self.runner
+        self.identity = {
+            "variant": r.variant, "architecture": r.architecture, "tokenizer": r.tokenizer_kind,
+            "weights_sha256": r.weights_sha256 or "", "pooling": r.pooling,
+            "precision": r.precision, "normalize": str(r.options.normalize).lower(),
+        }  # fmt: skip
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.text_column not in batch:
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table | Any) -> pa.Table:
+        table = _as_table(batch)
+        if self.text_column not in table.column_names:
             raise ValueError(
-                f"batch has no column {self.text_column!r} (columns: {sorted(batch)}); "
+                f"batch has no column {self.text_column!r} (columns: {table.column_names}); "
                 "set text_column in fn_constructor_kwargs"
             )
-        texts = pa.array(list(batch[self.text_column]), from_pandas=True)
+        texts = table[self.text_column].combine_chunks()
         ids = pa.array(np.zeros(len(texts), np.int8))  # row identity is the batch position
         notes, reasons = classify(texts, ids, self.max_note_chars)
         good, windows = tokenize_rows(self.runner, notes, reasons)
-        vectors = np.full((len(notes), self.runner.config.hidden_size), np.nan, np.float32)
+        hidden = self.runner.config.hidden_size
+        vectors = np.zeros((len(notes), hidden), np.float32)
         if len(good):
             out = self.runner.encode_windows(windows)
             vectors[good] = self.runner.aggregate_vectors(windows, out.vectors)
-        return {
-            **batch,
-            self.output_column: vectors,
-            "error": np.array(reasons, dtype=object),
-        }
+        valid = np.zeros(len(notes), bool)
+        valid[good] = True
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel()), hidden, mask=pa.array(~valid)
+        )
+        if not self.keep_text:
+            table = table.drop_columns([self.text_column])
+        table = table.append_column(self.output_column, embedding)
+        table = table.append_column("error", pa.array(reasons, pa.string()))
+        model = pa.array([self.identity["weights_sha256"]] * len(notes), pa.string())
+        table = table.append_column("model", model)
+        return table.replace_schema_metadata(self.identity)
+
+
+def _as_table(batch: Any) -> pa.Table:
+    """A Ray Data batch (numpy dict, pyarrow Table, pandas DataFrame) as a pyarrow Table."""
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, dict):
+        columns = {}
+        for name, values in batch.items():
+            values = np.asarray(values)
+            if values.ndim > 1:  # tensor columns: one fixed-size list per row
+                rows = values.reshape(len(values), -1)
+                columns[name] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(rows.ravel()), rows.shape[1]
+                )
+            else:
+                columns[name] = pa.array(values, from_pandas=True)
+        return pa.table(columns)
+    return pa.Table.from_pandas(batch, preserve_index=False)

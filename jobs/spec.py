@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -54,6 +55,9 @@ HASH_EXCLUDED = (
     ("run", "batch_rows"),
     ("run", "dry_run_notes"),
     ("run", "progress_interval_s"),
+    ("run", "staging_dir"),
+    ("run", "keep_staged"),
+    ("run", "allow_empty"),
 )
 _VALUE_CHARS = 80
 
@@ -367,6 +371,11 @@ class HeadsSpec(_Section):
         "architecture's (cls for BERT, mean for ModernBERT).",
     )
     embeddings: bool = Field(True, description="Write pooled vectors (default true).")
+    normalize: bool = Field(
+        False,
+        description="L2-normalize each written vector (after window aggregation; default "
+        "false). Recorded in the output metadata.",
+    )
     mlm: MlmSpec = Field(default_factory=MlmSpec, description="Masked-LM outputs.")
 
     @model_validator(mode="after")
@@ -449,6 +458,20 @@ class RunSpec(_Section):
     progress_interval_s: float = Field(
         10, gt=0, description="Seconds between progress lines when not on a terminal (default 10)."
     )
+    staging_dir: Annotated[str, AfterValidator(_output_path)] | None = Field(
+        None,
+        description="Where jsonl/csv/text inputs are staged as Parquet (a copy of the notes): "
+        "never inside output.path. Default null: '<output.path>.staging', beside the output "
+        "(on the same storage, so every node can read it). Removed when the job succeeds.",
+    )
+    keep_staged: bool = Field(
+        False, description="Keep the staged copy after a successful job (default false)."
+    )
+    allow_empty: bool = Field(
+        False,
+        description="Accept a job that writes no note (default false: when corpus.where keeps "
+        "no row, the job ends non-zero with the counts and no _SUCCESS).",
+    )
 
 
 class JobSpec(_Section):
@@ -474,6 +497,13 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _pools(self) -> JobSpec:
         names: set[str] = set()
+        staging = self.staging_dir().rstrip("/") + "/"
+        if staging.startswith(self.output.path.rstrip("/") + "/"):
+            raise _fail(
+                "must not be inside output.path (staged files hold note text)",
+                "run.staging_dir",
+                self.run.staging_dir,
+            )
         for i, pool in enumerate(self.device_pool):
             if pool.name in names:
                 raise _fail("duplicate pool name", f"device_pool[{i}].name", pool.name)
@@ -485,6 +515,10 @@ class JobSpec(_Section):
                     pool.batch_tokens,
                 )
         return self
+
+    def staging_dir(self) -> str:
+        """run.staging_dir, or the default beside the output: '<output.path>.staging'."""
+        return self.run.staging_dir or self.output.path.rstrip("/") + ".staging"
 
     def resolved_json(self) -> dict[str, Any]:
         """The spec with every default filled in and paths resolved, as JSON-ready data."""
@@ -583,8 +617,41 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_spec(path: str | Path, *, check_paths: bool = True) -> JobSpec:
-    """Read and validate a YAML job spec (see `parse_spec`)."""
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """`key.path=value` overrides (`--set`), value parsed as YAML: `model.max_seq=256`,
+    `device_pool[0].actors=8` (or `device_pool.0.actors=8`), `corpus.where.CATEGORY=null`."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = re.findall(r"[^.\[\]]+", key)
+        if not sep or not parts:
+            raise SpecError([f"{source}: --set {item!r}: expected key.path=value"])
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpecError([f"{source}: --set {key}: value is not valid YAML"]) from None
+        node = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                where = ".".join(parts[: i + 1])
+                raise SpecError([f"{source}: --set {key}: {where} is not a section of the spec"])
+    return data
+
+
+def load_spec(
+    path: str | Path, *, check_paths: bool = True, overrides: list[str] | None = None
+) -> JobSpec:
+    """Read and validate a YAML job spec (see `parse_spec`), after `--set` overrides."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -597,4 +664,6 @@ def load_spec(path: str | Path, *, check_paths: bool = True) -> JobSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError([f"{path}: {where}invalid YAML: {problem}"]) from None
+    if overrides:
+        data = apply_overrides(data if data is not None else {}, overrides, str(path))
     return parse_spec(data, path.resolve().parent, check_paths=check_paths, source=str(path))

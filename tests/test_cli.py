@@ -60,3 +60,77 @@ def test_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture):
         == 2
     )
     assert "vocab_size" in capsys.readouterr().err
+
+
+def demo_spec(tmp_path: Path) -> dict:
+    """configs/demo.yaml pointed at a small demo corpus and model made here."""
+    main(["demo-data", "--out", str(tmp_path / "demo"), "--notes", "20", "--hidden", "32"])
+    spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    spec["corpus"]["paths"] = [str(tmp_path / "demo" / "corpus" / "notes.parquet")]
+    spec["model"]["path"] = str(tmp_path / "demo" / "model")
+    spec["output"]["path"] = str(tmp_path / "out")
+    return spec
+
+
+def test_validate_catches_data_and_model_mistakes_before_ray(tmp_path, capsys):
+    import time
+
+    import ray
+
+    spec = demo_spec(tmp_path)
+    path = tmp_path / "job.yaml"
+    mistakes = {
+        "text_column": (lambda s: s["corpus"].update(text_column="Text"),
+                        "corpus.text_column: column 'Text' is not in", "did you mean 'text'?"),
+        "where": (lambda s: s["corpus"].update(where={"categroy": "x"}),
+                  "corpus.where.categroy: column 'categroy'", "did you mean 'category'?"),
+        "keep": (lambda s: s["corpus"].update(keep_columns=["subject id"]),
+                 "corpus.keep_columns[0]: column 'subject id'", "did you mean 'subject_id'?"),
+        "where value": (lambda s: s["corpus"].update(where={"category": "Discharge summary "}),
+                        "corpus.where.category: 'Discharge summary ' matches none",
+                        "differ only in spaces: ['Discharge summary']"),
+        "max_seq": (lambda s: s["model"].update(max_seq=1024),
+                    "model.max_seq: 1024 exceeds the model's max_position_embeddings 512", ""),
+        "mlm positions": (lambda s: s["heads"].update(mlm={"enabled": True, "positions": "mask"},
+                                                      pooling="pooler"), "", ""),
+    }  # fmt: skip
+    for name, (change, want, hint) in mistakes.items():
+        bad = json.loads(json.dumps(spec))
+        change(bad)
+        path.write_text(yaml.safe_dump(bad))
+        t0 = time.monotonic()
+        code = main(["validate", str(path)])
+        captured = capsys.readouterr()
+        err = captured.err
+        assert time.monotonic() - t0 < 10 and not ray.is_initialized(), name
+        if not want:  # this checkpoint has a pooler, an MLM head and [MASK]: valid
+            assert code == 0, (name, err)
+            continue
+        if name == "where value":  # a warning: later files may hold the value
+            assert code == 0 and f"warning: {want}" in captured.out and hint in captured.out
+            continue
+        assert code == 2 and want in err and hint in err, (name, err)
+        assert err.count("\n") == 1, err  # one line, no traceback
+
+    weights = tmp_path / "demo" / "model" / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[:-100])  # a truncated copy
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.path:" in err and "model.safetensors" in err
+    flipped = bytearray(blob)
+    flipped[-10] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(flipped))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: sha256" in err and "the manifest expects" in err
+    assert main(["inspect", str(weights.parent)]) == 1
+    assert "CORRUPT     model.safetensors: sha256" in capsys.readouterr().out
+
+    spec["corpus"]["paths"] = ["/cluster/only/notes.parquet"]
+    spec["model"]["path"] = "/cluster/only/model"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    assert main(["validate", "--no-check-paths", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out

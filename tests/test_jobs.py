@@ -76,7 +76,7 @@ def run(spec: dict, base: Path, **kw):
 def read_out(path: Path) -> tuple[pa.Table, pa.Table | None]:
     parts = sorted(path.glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
-    errs = sorted((path / "errors").glob("part-*.parquet"))
+    errs = sorted((path / "_errors").glob("part-*.parquet"))
     return table, (pa.concat_tables([pq.read_table(p) for p in errs]) if errs else None)
 
 
@@ -311,19 +311,46 @@ def test_encoder_predictor_plain_and_in_ray_data(model_dir, ray_local):
     notes[6] = "\ufeff\u200b"  # no token at all: an error row, never a vector
     opts = {"model": str(model_dir), "precision": "fp32", "max_seq": 64, "long_notes": "windows",
             "stride": 16, "batch_tokens": 1024}  # fmt: skip
-    plain = EncoderPredictor(**opts)({"text": np.array(notes, dtype=object)})
-    assert plain["error"][4] == "null" and np.isnan(plain["embedding"][4]).all()
-    assert plain["error"][6] == "empty" and np.isnan(plain["embedding"][6]).all()
+    plain = EncoderPredictor(**opts)({"k": np.arange(9), "text": np.array(notes, dtype=object)})
+    assert plain.column_names == ["k", "embedding", "error", "model"]  # no note text
+    assert plain.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert plain.schema.field("error").type == pa.string()
+    errors = plain["error"].to_pylist()
+    assert errors == [None] * 4 + ["null", None, "empty", None, None]
+    embedding = plain["embedding"].to_pylist()
+    assert embedding[4] is None and embedding[6] is None
+    assert plain.schema.metadata[b"weights_sha256"] == plain["model"][0].as_py().encode()
     good = [n for i, n in enumerate(notes) if i not in (4, 6)]
     expected = direct_vectors(model_dir, good)
-    np.testing.assert_allclose(np.delete(plain["embedding"], [4, 6], axis=0), expected, atol=1e-5)
+    got = np.array([v for v in embedding if v is not None], np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    kept = EncoderPredictor(**opts, keep_text=True)({"text": np.array(notes[:2], dtype=object)})
+    assert kept["text"].to_pylist() == notes[:2]
 
     ds = ray.data.from_items([{"k": i, "text": t} for i, t in enumerate(notes)])
-    ds = ds.map_batches(EncoderPredictor, fn_constructor_kwargs=opts, concurrency=1, batch_size=4)
+    ds = ds.map_batches(EncoderPredictor, fn_constructor_kwargs=opts,
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=4)  # fmt: skip
     rows = sorted(ds.take_all(), key=lambda r: r["k"])
-    assert [r["error"] for r in rows] == [None] * 4 + ["null", None, "empty"] + [None] * 2
+    assert [r["error"] for r in rows] == errors and "text" not in rows[0]
     got = np.stack([r["embedding"] for r in rows if r["error"] is None])
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_readme_ray_data_snippet_runs_as_written(tmp_path, ray_local, monkeypatch):
+    """The README's Ray Data block, executed verbatim on the demo corpus and model."""
+    import re
+
+    from jobs.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- ray-data-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-data", "--out", "out/demo", "--notes", "12", "--hidden", "32"]) == 0
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    out = pq.read_table("out/demo/embedded")
+    assert out.num_rows == 12 and "text" not in out.column_names
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 32)
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +435,176 @@ def test_spec_mistakes_against_the_model_are_refused_before_ray(
     out, _ = read_out(tmp_path / "out")
     assert report["rows_out"] == 10 and "embedding" not in out.column_names
     assert "mlm_top_ids" in out.column_names
+
+
+def test_standard_readers_get_exactly_the_vectors_and_no_text_under_output(
+    tmp_path, model_dir, ray_local, capfd
+):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    notes = make_notes(14, seed=21, max_words=60)
+    notes = [f"{t} {CANARY}" for t in notes]
+    lines = [f'{i},"{t}"' for i, t in enumerate(notes)]
+    lines += ["100,", f'101,"{"x " * 3000} {CANARY}"', f'102,"\\u200b {CANARY}"']
+    with gzip.open(tmp_path / "notes.csv.gz", "wb") as f:
+        f.write(("ROW_ID,TEXT\n" + "\n".join(lines) + "\n").encode())
+        f.write(b'103,"bad \xff bytes ' + CANARY.encode() + b'"\n')
+    corpus = {"format": "csv", "paths": [str(tmp_path / "notes.csv.gz")],
+              "id_column": "ROW_ID", "text_column": "TEXT"}  # fmt: skip
+    out_dir = tmp_path / "out"
+    staging = tmp_path / "out.staging"
+    staging.mkdir()  # a staging run killed earlier left a partial copy of the notes
+    (staging / f".notes-x.parquet.{'0' * 32}.tmp").write_text(CANARY)
+    report = run(job(tmp_path, model_dir, corpus, run={"max_note_chars": 5000}), tmp_path)
+    assert report["errors_by_reason"] == {"null": 1, "too_long": 1, "undecodable": 1}
+    assert report["rows_out"] == 15 and not staging.exists()  # staged copy removed on success
+
+    expected = sorted(read_out(out_dir)[0]["id"].to_pylist())
+    readers = {
+        "pandas": lambda: pd.read_parquet(out_dir)["id"].tolist(),
+        "pyarrow": lambda: pq.read_table(out_dir)["id"].to_pylist(),
+        "dataset": lambda: ds.dataset(out_dir, format="parquet").to_table()["id"].to_pylist(),
+        "polars": lambda: pl.read_parquet(f"{out_dir}/part-*.parquet")["id"].to_list(),
+        "polars scan": lambda: pl.scan_parquet(f"{out_dir}/part-*.parquet").collect()["id"]
+        .to_list(),
+        "duckdb": lambda: [
+            r[0] for r in duckdb.sql(f"SELECT id FROM '{out_dir}/part-*.parquet'").fetchall()
+        ],
+    }  # fmt: skip
+    for name, read in readers.items():
+        assert sorted(read()) == expected, name
+    frame = pd.read_parquet(out_dir)
+    assert len(frame["embedding"].iloc[0]) == 32 and set(frame.columns) >= {"id", "n_tokens"}
+
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    searched = [p for p in out_dir.rglob("*") if p.is_file()] + [
+        p for p in (session / "logs").rglob("*") if p.is_file()
+    ]
+    assert any(p.name == "_report.json" for p in searched)
+    for path in searched:
+        assert CANARY.encode() not in path.read_bytes(), path
+    captured = capfd.readouterr()
+    assert CANARY not in captured.out + captured.err
+
+
+def test_verify_finds_what_is_wrong_with_an_output(tmp_path, model_dir, ray_local, capsys):
+    import shutil
+
+    from jobs.cli import main
+    from jobs.verify import verify_output
+
+    table = notes_table(20)
+    texts = table["text"].to_pylist()
+    texts[3] = None
+    table = table.set_column(2, "text", pa.array(texts))
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")],
+              "id_column": "note_id"}  # fmt: skip
+    run(job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5}), tmp_path)
+    out = tmp_path / "out"
+    assert verify_output(str(out)) == []
+    assert main(["verify", str(out)]) == 0 and "ok" in capsys.readouterr().out
+
+    parts = sorted(out.glob("part-*.parquet"))
+    extra = out / "part-0000extra.parquet"
+    shutil.copy(parts[0], extra)  # a part written twice
+    text = "\n".join(verify_output(str(out)))
+    assert "part-0000extra.parquet: footer names shard" in text
+    dupes = pq.read_table(parts[0]).num_rows
+    assert f"{dupes} ids written more than once" in text
+    assert "_report.json: rows_in 20, the parts' footers sum to 25" in text
+    extra.unlink()
+
+    footer = pq.ParquetFile(parts[1]).metadata.metadata  # a part that lost a row
+    pq.write_table(pq.read_table(parts[1]).slice(1).replace_schema_metadata(footer), parts[1])
+    (out / "_SUCCESS").unlink()
+    findings = verify_output(str(out))
+    rows = pq.read_table(parts[1]).num_rows
+    assert f"{parts[1].name}: {rows} rows, its footer says {rows + 1}" in findings
+    assert "_SUCCESS is missing: the job did not finish every shard" in findings
+    assert main(["verify", str(out)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(findings) and CANARY not in "\n".join(lines)
+
+
+def test_empty_where_ends_non_zero_and_spec_changes_after_a_failed_start(
+    tmp_path, model_dir, ray_local
+):
+    table, corpus = parquet_corpus(tmp_path, 10, 10)
+    nothing = job(tmp_path, model_dir, corpus | {"where": {"subject_id": -1}})
+    report = run(nothing, tmp_path)
+    assert report["rows_in"] == 10 == report["filtered_rows"] and "wrote no note" in report["empty"]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    allowed = job(tmp_path, model_dir, corpus | {"where": {"subject_id": -1}},
+                  run={"allow_empty": True})  # fmt: skip
+    assert "empty" not in run(allowed, tmp_path)
+
+    # a start that committed nothing (a bad spec) does not block the corrected one
+    from jobs.spec import SpecError
+
+    second = tmp_path / "second"
+    second.mkdir()
+    failing = job(second, model_dir, corpus, device_pool=[
+        {"name": "cpu", "device": "cpu", "actors": 1, "cpus_per_actor": 64}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"device_pool\[0\] \(cpu\): one actor needs 64 CPU"):
+        run(failing, second)
+    fixed = job(second, model_dir, corpus, heads={"pooling": "mean"})
+    assert run(fixed, second)["rows_out"] == 10
+    before = {p.name: p.stat().st_mtime_ns for p in (second / "out").glob("part-*")}
+    assert run(fixed, second)["shards"]["processed"] == 0  # resumed: nothing to do
+    report = run(fixed, second, overwrite=True)  # --overwrite recomputes
+    assert report["shards"]["processed"] == 1 and report["shards"]["committed_before"] == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (second / "out").glob("part-*")}
+    assert before.keys() == after.keys() and before != after
+
+
+def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(tmp_path, model_dir, ray_local):
+    a = notes_table(10)
+    pq.write_table(a, tmp_path / "a.parquet", row_group_size=5)
+    b = notes_table(6, seed=1)
+    b = b.set_column(0, "note_id", pa.array([f"n{i}" for i in range(6)]))
+    pq.write_table(b, tmp_path / "b.parquet")
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "*.parquet")], "id_column": "note_id"}
+    with pytest.raises(ValueError, match=r"'note_id' is int64 in .*a.parquet but string in .*b"):
+        run(job(tmp_path, model_dir, corpus), tmp_path)
+    (tmp_path / "b.parquet").unlink()
+    first = run(job(tmp_path, model_dir, corpus), tmp_path)
+    assert first["shards"]["processed"] == 1
+    c = notes_table(7, seed=2).set_column(0, "note_id", pa.array(range(500, 507)))
+    pq.write_table(c, tmp_path / "c.parquet")  # the archive grew: a new file
+    second = run(job(tmp_path, model_dir, corpus), tmp_path)
+    assert second["shards"] == {"total": 2, "committed_before": 1, "processed": 1, "failed": []}
+    assert second["rows_out"] == 17
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    run(job(fresh, model_dir, corpus), fresh)
+    x, _ = read_out(tmp_path / "out")
+    y, _ = read_out(fresh / "out")
+    x, y = x.sort_by("id"), y.sort_by("id")
+    assert x["id"].equals(y["id"])
+    np.testing.assert_allclose(np.stack(x["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(y["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+
+
+def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, monkeypatch, capfd):
+    import re
+
+    import ray
+
+    table, corpus = parquet_corpus(tmp_path, 40, 40)
+    monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "lag=0.4")  # only this test's pool
+    ray.shutdown()  # actors inherit the env of the Ray started after setenv
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 40, "batch_rows": 4,
+                                                 "progress_interval_s": 0.5})  # fmt: skip
+    spec["device_pool"][0] |= {"name": "lag", "actors": 1}
+    report = run(spec, tmp_path)
+    assert report["rows_out"] == 40
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("progress:")]
+    inside = [ln for ln in lines if "shards 0/1" in ln]
+    counts = [int(re.match(r"progress: (\d+)/", ln).group(1)) for ln in inside]
+    assert any(0 < c < 40 for c in counts), lines  # rows counted before the shard committed
+    assert all("notes written" in ln and "error rows" in ln for ln in lines)

@@ -121,7 +121,7 @@ def test_write_part_commits_atomically_with_metadata(tmp_path: Path):
     out.write_part("s1", part(["a", "b"]), errors("s1", ["c", None], ReasonCode.EMPTY), META)
     out.write_part("s2", part(["d"]), None, META)
     assert files(tmp_path / "out") == [
-        "errors/part-s1.parquet",
+        "_errors/part-s1.parquet",
         "part-s1.parquet",
         "part-s2.parquet",
     ]
@@ -196,33 +196,32 @@ def test_errors_part_is_written_before_the_part(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
     with pytest.raises(OSError, match="killed"):
         out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
-    assert files(tmp_path) == ["errors/part-s.parquet"]  # the errors part, no part, no temp
+    assert files(tmp_path) == ["_errors/part-s.parquet"]  # the errors part, no part, no temp
     assert out.committed() == set() and out.read_errors() is None  # not committed: not read
 
     monkeypatch.undo()
     out.write_part("t", part(["c"]), errors("t", ["d"], ReasonCode.NULL), META)
     out.clean_temp()  # as a resumed run starts: the orphan errors part goes, t's stays
-    assert files(tmp_path) == ["errors/part-t.parquet", "part-t.parquet"]
+    assert files(tmp_path) == ["_errors/part-t.parquet", "part-t.parquet"]
 
     monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
     with pytest.raises(OSError, match="killed"):
         out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
     monkeypatch.undo()
     out.write_part("s", part(["a"]), None, META)  # a retry without bad rows drops the stale one
-    assert files(tmp_path) == ["errors/part-t.parquet", "part-s.parquet", "part-t.parquet"]
+    assert files(tmp_path) == ["_errors/part-t.parquet", "part-s.parquet", "part-t.parquet"]
     assert out.read_errors()["id"].to_pylist() == ["d"]
 
 
 def test_file_uri_output_dir(tmp_path: Path):
     out = OutputDir(f"file://{tmp_path}/out/")
     assert out.uri == f"file://{tmp_path}/out"
-    assert out.staging_dir == f"file://{tmp_path}/out/_staged"
     out.check_spec("h1", {"name": "t"}, overwrite=False)
     out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.TOO_LONG), META)
     out.write_json("_report.json", {"rows_in": 2})
     out.mark_success()
     assert files(tmp_path / "out") == [
-        "_SUCCESS", "_job.json", "_report.json", "errors/part-s.parquet", "part-s.parquet",
+        "_SUCCESS", "_errors/part-s.parquet", "_job.json", "_report.json", "part-s.parquet",
     ]  # fmt: skip
     assert out.committed() == {"s"} and out.read_table()["id"].to_pylist() == ["a"]
     assert out.read_json("_report.json") == {"rows_in": 2}
@@ -237,9 +236,6 @@ def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
     assert json.loads((root / "_job.json").read_text()) == {"spec_hash": "h1", "spec": resolved}
     out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
     (root / ".tmp-x-123.parquet").write_bytes(b"partial")
-    staged = root / "_staged" / "notes-0123.parquet"
-    staged.parent.mkdir()
-    staged.write_bytes(b"staged")
 
     out.check_spec("h1", resolved, overwrite=False)  # same spec: resume, temp files cleaned
     assert out.committed() == {"s"} and not (root / ".tmp-x-123.parquet").exists()
@@ -257,7 +253,7 @@ def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
     out.write_json("_report.json", {})
     out.mark_success()
     out.check_spec("h2", resolved, overwrite=True)
-    assert files(root) == ["_job.json", "_staged/notes-0123.parquet"]  # staged inputs stay
+    assert files(root) == ["_job.json"]
     assert out.read_json("_job.json")["spec_hash"] == "h2"
     out.write_part("s", part(["a"]), None, META)
     out.check_spec("h2", changed, overwrite=True)  # same spec, new weights: cleared too

@@ -335,3 +335,29 @@ def test_variant_names_without_the_runtime(tmp_path: Path, monkeypatch: pytest.M
     assert parse_spec(data, tmp_path).model.variant == "bio_clinicalbert"
     data["model"] = {"variant": "nope", "path": "model"}
     assert "model.variant: unknown variant" in errors(data, tmp_path)
+
+
+def test_set_overrides_and_staging_outside_the_output(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(base(tmp_path)))
+    spec = load_spec(path, overrides=["model.max_seq=256", "device_pool[0].actors=3",
+                                      "corpus.where.CATEGORY=Discharge summary",
+                                      "run.keep_staged=true"])  # fmt: skip
+    assert spec.model.max_seq == 256 and spec.device_pool[0].actors == 3
+    assert spec.corpus.where == {"CATEGORY": "Discharge summary"} and spec.run.keep_staged
+    assert spec.staging_dir() == str(tmp_path / "out") + ".staging"
+    with pytest.raises(SpecError, match="model.max_seq: Input should be greater"):
+        load_spec(path, overrides=["model.max_seq=2"])
+    with pytest.raises(SpecError, match=r"--set device_pool.5.x: device_pool.5 is not a section"):
+        load_spec(path, overrides=["device_pool.5.x=1"])
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(path, overrides=["model.max_seq"])
+    inside = base(tmp_path) | {"run": {"staging_dir": "out/staged"}}
+    assert "run.staging_dir: must not be inside output.path" in errors(inside, tmp_path)
+    # fields that do not change the vectors do not change the job's identity
+    a = parse_spec(base(tmp_path), tmp_path)
+    b = parse_spec(base(tmp_path) | {"run": {"staging_dir": "/elsewhere", "keep_staged": True,
+                                             "allow_empty": True}}, tmp_path)  # fmt: skip
+    assert a.spec_hash() == b.spec_hash()
+    c = parse_spec(base(tmp_path) | {"heads": {"normalize": True}}, tmp_path)
+    assert c.spec_hash() != a.spec_hash()

@@ -1,0 +1,222 @@
+"""Checks of a job spec against its data, its model and its cluster, before any Ray work.
+
+`validate` runs them all; `run` runs the corpus and model checks before it starts Ray and the
+pool check right after. Each returns problems as lines naming the spec field (and the file),
+never note text: the corpus is read only as far as its column names (Parquet footer, CSV
+header line, first JSONL record) and, for `where`, a sample of the filtered columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from .corpus import Source, filesystem, list_sources
+from .spec import CorpusSpec, CsvOptions, JobSpec, PoolSpec
+
+WHERE_SAMPLE_ROWS = 10_000
+
+
+def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
+    """The columns of one corpus file, read cheaply (no note is parsed)."""
+    fs, path = filesystem(source.path)
+    if corpus.format == "parquet":
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow.names
+    with fs.open_input_stream(path, compression="detect") as f:
+        line = _first_line(f)
+    if corpus.format == "csv":
+        opts = corpus.csv or CsvOptions()
+        row = next(csv.reader(io.StringIO(line), delimiter=opts.delimiter,
+                              quotechar=opts.quote_char), [])  # fmt: skip
+        return list(row)
+    try:
+        record = json.loads(line) if line.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source.path}: the first line is not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{source.path}: the first line is not a JSON object")
+    return list(record)
+
+
+def _first_line(stream: Any, limit: int = 1 << 20) -> str:
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = stream.read(64 << 10)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+
+
+def hint(name: str, available: list[str]) -> str:
+    """' (did you mean ...?)' for a near miss: case, surrounding spaces, or a close spelling."""
+    key = name.strip().casefold()
+    near = [a for a in available if a.strip().casefold() == key]
+    near = near or difflib.get_close_matches(name, available, n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+
+
+def check_corpus(spec: JobSpec) -> list[str]:
+    """Every input file has the id, text, keep and where columns; `where` values occur."""
+    corpus = spec.corpus
+    if corpus.format == "text":
+        return []
+    problems: list[str] = []
+    roles = [("id_column", corpus.id_column), ("text_column", corpus.text_column)]
+    roles += [(f"keep_columns[{i}]", c) for i, c in enumerate(corpus.keep_columns)]
+    roles += [(f"where.{c}", c) for c in corpus.where or {}]
+    try:
+        sources = list_sources(corpus, spec.run.shard_rows)
+    except (OSError, ValueError) as e:
+        return [f"corpus.paths: {e}"]
+    reported: set[str] = set()
+    for source in sources:
+        try:
+            names = column_names(source, corpus)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            problems.append(f"corpus.paths: {source.path}: cannot read its columns: {e}")
+            continue
+        for role, column in roles:
+            if column not in names and role not in reported:
+                reported.add(role)
+                problems.append(
+                    f"corpus.{role}: column {column!r} is not in {source.path}"
+                    f"{hint(column, names)}; its columns: {', '.join(map(repr, names))}"
+                )
+    return problems
+
+
+def where_warnings(spec: JobSpec) -> list[str]:
+    """`where` values that match none of the first rows of the first file, with near misses
+    among the values that do occur (MIMIC's CATEGORY values carry trailing spaces). Warnings:
+    the rest of the corpus may hold them (a job that keeps no row ends non-zero anyway)."""
+    corpus = spec.corpus
+    if not corpus.where or corpus.format == "text":
+        return []
+    try:
+        source = next(iter(list_sources(corpus, spec.run.shard_rows)), None)
+    except (OSError, ValueError):
+        return []
+    if source is None:
+        return []
+    columns = list(corpus.where)
+    fs, path = filesystem(source.path)
+    try:
+        if corpus.format == "parquet":
+            with fs.open_input_file(path) as f:
+                batch = next(pq.ParquetFile(f).iter_batches(WHERE_SAMPLE_ROWS, columns=columns),
+                             None)  # fmt: skip
+        elif corpus.format == "csv":
+            opts = corpus.csv or CsvOptions()
+            parse = pa_csv.ParseOptions(delimiter=opts.delimiter, quote_char=opts.quote_char,
+                                        newlines_in_values=True)  # fmt: skip
+            with fs.open_input_stream(path, compression="detect") as f:
+                reader = pa_csv.open_csv(
+                    f, parse_options=parse,
+                    convert_options=pa_csv.ConvertOptions(include_columns=columns),
+                )  # fmt: skip
+                batch = next(iter(reader), None)
+        else:
+            return []
+    except (OSError, pa.ArrowException):
+        return []  # the job's own reader reports unreadable files, naming them
+    if batch is None or batch.num_rows == 0:
+        return []
+    problems = []
+    for column, wanted in (corpus.where or {}).items():
+        values = wanted if isinstance(wanted, tuple) else (wanted,)
+        present = set(batch.column(column).to_pylist())
+        if any(v in present for v in values):
+            continue
+        strings = sorted({p for p in present if isinstance(p, str)})
+        near = [m for v in values if isinstance(v, str) for m in strings if m.strip() == v.strip()]
+        near_text = f"; values there that differ only in spaces: {near[:3]!r}" if near else ""
+        problems.append(
+            f"corpus.where.{column}: {wanted!r} matches none of the first {batch.num_rows:,} "
+            f"rows of {source.path}{near_text}"
+        )
+    return problems
+
+
+def model_fit_problems(
+    spec: JobSpec,
+    max_positions: int,
+    heads: dict[str, bool],
+    mask_token: int | None,
+    variant: str,
+) -> list[str]:
+    """What the spec asks of the model that the checkpoint cannot give."""
+    problems = []
+    if spec.model.max_seq > max_positions:
+        problems.append(
+            f"model.max_seq: {spec.model.max_seq} exceeds the model's max_position_embeddings "
+            f"{max_positions} (config.json of {variant})"
+        )
+    if spec.heads.embeddings and spec.heads.pooling == "pooler" and not heads["pooler"]:
+        problems.append(
+            "heads.pooling: 'pooler' needs trained pooler weights and this checkpoint has none; "
+            "use cls or mean"
+        )
+    mlm = spec.heads.mlm
+    if mlm.enabled and not heads["mlm"]:
+        problems.append("heads.mlm.enabled: this checkpoint has no masked-LM head")
+    if mlm.enabled and mlm.positions == "mask" and mask_token is None:
+        problems.append(
+            "heads.mlm.positions: 'mask' needs a mask token and this tokenizer has none; "
+            "use positions: all"
+        )
+    return problems
+
+
+def check_model(spec: JobSpec) -> list[str]:
+    """The model opens (config, variant preset, tokenizer, manifest sha256s, a complete weights
+    file) and fits the spec. A hub model is checked only when it is in the local cache."""
+    from clinicalbert_core import weights as W
+    from clinicalbert_core.hub import open_checkpoint
+
+    from .driver import model_source
+
+    source, revision = model_source(spec)
+    m = spec.model
+    try:
+        ck = open_checkpoint(source, m.variant, m.lowercase, revision, offline=True)
+        names = W.tensor_names(ck.files.weights)
+    except FileNotFoundError as e:
+        return [f"model: not checked here ({e})"] if "cache" in str(e) else [f"model: {e}"]
+    except (ValueError, RuntimeError) as e:
+        return [f"model{'.path' if m.path else ''}: {e}"]
+    heads = W.heads_present(names, ck.config)
+    return model_fit_problems(
+        spec, ck.config.max_position_embeddings, heads, ck.specials.mask, ck.variant.name
+    )
+
+
+def pool_problems(pools: tuple[PoolSpec, ...], nodes: list[dict[str, Any]]) -> list[str]:
+    """Pools one actor of which fits on no alive node (Ray would wait for it forever)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", n.get("alive", True))]
+    problems = []
+    for i, pool in enumerate(pools):
+        need = {"CPU": pool.cpus_per_actor}
+        if pool.device == "cuda":
+            need["GPU"] = 1
+            if pool.accelerator_type:
+                need[f"accelerator_type:{pool.accelerator_type}"] = 0.001
+        if any(all(res.get(k, 0) >= v for k, v in need.items()) for res in alive):
+            continue
+        best_cpu = max((res.get("CPU", 0) for res in alive), default=0)
+        gpus = max((res.get("GPU", 0) for res in alive), default=0)
+        problems.append(
+            f"device_pool[{i}] ({pool.name}): one actor needs "
+            + ", ".join(f"{v:g} {k}" for k, v in need.items())
+            + f" but no node of this Ray cluster has that (largest node: {best_cpu:g} CPU, "
+            f"{gpus:g} GPU); lower cpus_per_actor or add nodes"
+        )
+    return problems

@@ -1,0 +1,123 @@
+"""`clinicalbert verify OUT`: re-check a finished output without trusting the job that wrote it.
+
+Every part: readable, the same schema and the same job metadata as the others, its row count
+equal to the count its writer put in the footer; its errors part likewise. Across parts: every
+note id exactly once (with its window rows once each), no id both written and in the errors.
+`_report.json` adds up and matches the parts; `_SUCCESS` is present. Findings are one line
+each (never note text); none means the output is whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
+
+from .output import STATS_KEY, OutputDir, Report
+
+PER_PART_KEYS = ("shard", STATS_KEY)  # metadata that differs between parts by design
+
+
+def verify_output(path: str) -> list[str]:
+    """Findings about the output dir at `path`: [] when it is whole."""
+    out = OutputDir(path)
+    findings: list[str] = []
+    shards = sorted(out.committed())
+    if not shards:
+        return [f"{out.uri}: no part files"]
+    schema: pa.Schema | None = None
+    meta: dict[str, str] | None = None
+    ids: Counter[Any] = Counter()
+    error_ids: set[Any] = set()
+    totals = Counter[str]()
+    for shard in shards:
+        name = f"part-{shard}.parquet"
+        try:
+            with out.fs.open_input_file(out.part_path(shard)) as f:
+                parquet = pq.ParquetFile(f)
+                table, footer = parquet.read(), parquet.metadata.metadata or {}
+        except (OSError, pa.ArrowException) as e:
+            findings.append(f"{name}: unreadable ({type(e).__name__})")
+            continue
+        part_meta = {
+            k.decode(): v.decode() for k, v in footer.items() if not k.startswith(b"ARROW:")
+        }
+        stats = json.loads(part_meta.get(STATS_KEY, "null") or "null")
+        shared = {k: v for k, v in part_meta.items() if k not in PER_PART_KEYS}
+        bare = table.schema.remove_metadata()
+        if schema is None:
+            schema, meta = bare, shared
+        else:
+            if not bare.equals(schema):
+                findings.append(f"{name}: schema differs from the other parts")
+            if shared != meta:
+                keys = sorted(k for k in set(shared) | set(meta) if shared.get(k) != meta.get(k))
+                findings.append(f"{name}: metadata differs from the other parts in {keys}")
+        if part_meta.get("shard") != shard:
+            findings.append(f"{name}: footer names shard {part_meta.get('shard')!r}")
+        if not isinstance(stats, dict):
+            findings.append(f"{name}: no shard counts in the footer")
+            stats = {}
+        want = stats.get("output_rows") or stats.get("rows_out")
+        if want is not None and table.num_rows != want:
+            findings.append(f"{name}: {table.num_rows} rows, its footer says {want}")
+        keys = table["id"].to_pylist()
+        if "window_index" in table.column_names:
+            keys = list(zip(keys, table["window_index"].to_pylist()))
+        ids.update(keys)
+        for key in ("rows_in", "rows_out", "error_rows", "filtered_rows"):
+            totals[key] += int(stats.get(key, 0))
+        errors = _read(out, out.errors_path(shard))
+        n_errors = 0 if errors is None else errors.num_rows
+        if n_errors != stats.get("error_rows", 0):
+            findings.append(
+                f"_errors/{name}: {n_errors} rows, the part's footer says {stats.get('error_rows', 0)}"
+            )
+        if errors is not None:
+            error_ids.update(errors["id"].to_pylist())
+    dupes = [k for k, n in ids.items() if n > 1]
+    if dupes:
+        findings.append(f"{len(dupes)} ids written more than once, e.g. {dupes[0]!r}")
+    written = {k[0] if isinstance(k, tuple) else k for k in ids}
+    both = sorted((written & error_ids) - {None}, key=str)
+    if both:
+        findings.append(f"{len(both)} ids both written and in the errors, e.g. {both[0]!r}")
+    findings += _check_report(out, totals)
+    if not _exists(out, "_SUCCESS"):
+        findings.append("_SUCCESS is missing: the job did not finish every shard")
+    return findings
+
+
+def _check_report(out: OutputDir, totals: Counter[str]) -> list[str]:
+    try:
+        raw = out.read_json("_report.json")
+    except ValueError as e:
+        return [str(e)]
+    if raw is None:
+        return ["_report.json is missing"]
+    try:
+        report = Report.from_json(raw)
+        report.check()
+    except (TypeError, ValueError) as e:
+        return [f"_report.json: {e}"]
+    return [
+        f"_report.json: {key} {getattr(report, key)}, the parts' footers sum to {totals[key]}"
+        for key in ("rows_in", "rows_out", "error_rows", "filtered_rows")
+        if getattr(report, key) != totals[key]
+    ]
+
+
+def _read(out: OutputDir, path: str) -> pa.Table | None:
+    try:
+        with out.fs.open_input_file(path) as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        return None
+
+
+def _exists(out: OutputDir, name: str) -> bool:
+    return out.fs.get_file_info(f"{out.root}/{name}").type == pa_fs.FileType.File
