@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -140,10 +140,17 @@ class ShardProcessor:
         r = self.runner
         return {"device": str(r.device), "precision": r.precision, "mlm_mode": r.mlm_mode.value}
 
-    def process(self, shard: Shard) -> ShardResult:
+    def process(
+        self, shard: Shard, attempt: str = "", may_commit: Callable[[], bool] | None = None
+    ) -> ShardResult:
+        """Encode one shard into its part file; `may_commit` (fencing) is asked before the
+        part is committed (see output.CommitGate)."""
         t0 = time.perf_counter()
-        result = ShardResult(shard_id=shard.id, pool=self.pool.name, actor=self.actor_name)
-        reader = read_shard(shard, self.spec.corpus, self.spec.run.batch_rows)
+        result = ShardResult(
+            shard_id=shard.id, pool=self.pool.name, actor=self.actor_name, attempt=attempt
+        )
+        run = self.spec.run
+        reader = read_shard(shard, self.spec.corpus, run.batch_rows, run.batch_bytes)
         errors: list[pa.Table] = []
         self._shard_id, self._out_schema = shard.id, self._schema(shard)
         with (
@@ -173,7 +180,8 @@ class ShardProcessor:
                 for reason, count in zip(*np.unique(reasons, return_counts=True)):
                     result.reasons[str(reason)] = int(count)
             result.seconds = time.perf_counter() - t0
-            writer.commit(error_table, result.stats())
+            result.batches = self.live.get("batches", 0)
+            writer.commit(error_table, result.stats(), may_commit)
         self.live = {}
         return result
 
@@ -338,10 +346,19 @@ class EncoderActor:
         log.info("actor %s ready: %s", actor_name, self.processor.describe())
 
     def describe(self) -> dict[str, Any]:
-        return {**self.processor.describe(), "pid": os.getpid()}
+        import ray
 
-    def process(self, shard: Shard) -> ShardResult:
-        return self.processor.process(shard)
+        node = ray.get_runtime_context().get_node_id()
+        return {**self.processor.describe(), "pid": os.getpid(), "node_id": node}
+
+    def process(self, shard: Shard, attempt: str = "", gate: Any = None) -> ShardResult:
+        """`gate`: the run's CommitGate actor; only the attempt it trusts may commit."""
+        may_commit = None
+        if gate is not None:
+            import ray
+
+            may_commit = lambda: ray.get(gate.claim.remote(shard.id, attempt))  # noqa: E731
+        return self.processor.process(shard, attempt, may_commit)
 
     def progress(self) -> dict[str, Any]:
         """Counts of the shard in progress (called in the `monitor` concurrency group, so it

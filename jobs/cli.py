@@ -7,8 +7,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -105,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec, overrides=args.set)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: actors first, partial report
     report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite, address=args.address)
     if args.dry_run:
         print_dry_run(report)
@@ -129,6 +132,10 @@ def _verify(args: argparse.Namespace) -> int:
     if not findings:
         print(f"{args.output}: ok")
     return 1 if findings else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -239,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # storage: a missing mount, an unreachable s3:// bucket, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the shards committed so far are kept and counted in "
+              "_report.json (interrupted: true); run again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    except Exception as e:  # the Ray cluster itself went away (raylet, GCS, object store)
+        if not type(e).__module__.startswith("ray"):
+            raise
+        print(f"error: lost the Ray cluster ({type(e).__name__}: {_first_line(e)}); committed "
+              "shards are kept, run again to resume", file=sys.stderr)  # fmt: skip
+        return 3
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -86,8 +86,13 @@ class ShardReader(Iterator[pa.RecordBatch]):
     null, empty, binary (staged csv/text inputs always are) or not text at all.
     """
 
-    def __init__(self, shard: Shard, corpus: CorpusSpec, batch_rows: int):
+    def __init__(
+        self, shard: Shard, corpus: CorpusSpec, batch_rows: int, batch_bytes: int | None = None
+    ):
+        """batch_bytes: also cut batches so their note text stays under this many bytes (at
+        least one row per batch), so memory follows the budget, not the notes' length."""
         self.shard, self.corpus, self.batch_rows = shard, corpus, batch_rows
+        self.batch_bytes = batch_bytes
         self.rows_in = 0
         self.rows_filtered = 0
         self._batches = self._read()
@@ -126,12 +131,34 @@ class ShardReader(Iterator[pa.RecordBatch]):
                     out = out.filter(where_mask(batch, corpus.where, shard.path))
                     self.rows_filtered += n - out.num_rows
                 if out.num_rows:
-                    yield out
+                    yield from cut_by_bytes(out, "text", self.batch_bytes)
 
 
-def read_shard(shard: Shard, corpus: CorpusSpec, batch_rows: int) -> ShardReader:
-    """Stream a shard as record batches of at most `batch_rows` rows (see ShardReader)."""
-    return ShardReader(shard, corpus, batch_rows)
+def cut_by_bytes(batch: pa.RecordBatch, column: str, limit: int | None) -> Iterator[pa.RecordBatch]:
+    """Slices of `batch` whose `column` (string/binary) holds at most `limit` bytes each, or one
+    row when a single value is larger."""
+    arr = batch.column(column)
+    if limit is None or not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)
+                             or pa.types.is_large_string(arr.type)
+                             or pa.types.is_large_binary(arr.type)):  # fmt: skip
+        yield batch
+        return
+    sizes = pc.fill_null(pc.binary_length(arr), 0).to_numpy(zero_copy_only=False)
+    start, used = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and used + n > limit:
+            yield batch.slice(start, i - start)
+            start, used = i, 0
+        used += int(n)
+    yield batch.slice(start)
+
+
+def read_shard(
+    shard: Shard, corpus: CorpusSpec, batch_rows: int, batch_bytes: int | None = None
+) -> ShardReader:
+    """Stream a shard as record batches of at most `batch_rows` rows and (when given)
+    `batch_bytes` bytes of note text (see ShardReader)."""
+    return ShardReader(shard, corpus, batch_rows, batch_bytes)
 
 
 def plan_shards(
@@ -188,9 +215,15 @@ def stage_source(
     so a staged file that exists is complete and is reused as is.
     """
     if corpus.format == "parquet":
+        if source.size == 0:  # an empty file is zero rows
+            identity = _hash(["parquet", source.path, 0, source.mtime_ns])
+            return ParquetInput(source.path, identity, (), source.path)
         fs, path = filesystem(source.path)
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+        except (OSError, *_ARROW_ERRORS) as e:
+            raise ValueError(f"{source.path}: not a readable Parquet file: {_redact(e)}") from None
         schema = meta.schema.to_arrow_schema()
         check_columns(schema.names, corpus, source.path)
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
@@ -208,9 +241,12 @@ def stage_source(
     final = _join(staging_dir, name)
     fs, final_path = filesystem(final)
     if fs.get_file_info(final_path).type != pa_fs.FileType.File:
-        batches = (
-            _text_batches(source) if corpus.format == "text" else _table_batches(source, corpus)
-        )
+        if corpus.format == "text":
+            batches = _text_batches(source)
+        elif source.size == 0:  # an empty file is zero rows
+            batches = iter(())
+        else:
+            batches = _table_batches(source, corpus)
         _write_atomic(fs, final_path, batches, shard_rows)
     with fs.open_input_file(final_path) as f:
         meta = pq.ParquetFile(f).metadata
@@ -398,7 +434,7 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
             batches = _jsonl_reader(fs, path, source.path, corpus, columns)
         for batch in batches:
             yield batch.select(columns)
-    except _ARROW_ERRORS as e:
+    except (OSError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
         hint = ""
         if "conversion error" in str(e):
             hint = (

@@ -38,6 +38,8 @@ class ShardResult:
     reasons: dict[str, int] = field(default_factory=dict)
     token_lengths: list[int] = field(default_factory=list)  # per note; kept for dry runs only
     seconds: float = 0.0  # busy time in the actor
+    batches: int = 0  # record batches read
+    attempt: str = ""  # the attempt id the driver trusted with this shard
 
     def stats(self) -> dict[str, Any]:
         """Counts for the part file's footer (no per-note lists)."""
@@ -92,21 +94,21 @@ class Dispatcher:
             max_attempts, max_in_flight, max_restarts,
         )  # fmt: skip
         self.on_result, self.on_tick = on_result, on_tick
+        self.in_flight: dict[Any, tuple[Slot, Any, Any, int]] = {}  # ref -> slot, handle, ...
+        self.outcome = DispatchOutcome([], [], 0, 0)
 
     def run(self, shards: Sequence[Any]) -> DispatchOutcome:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         pending: deque[tuple[Any, int]] = deque((s, 1) for s in shards)
-        in_flight: dict[Any, tuple[Slot, Any, Any, int]] = {}  # ref -> slot, handle, shard, try
-        results: list[ShardResult] = []
-        failed: list[FailedShard] = []
-        retries = restarts = 0
+        in_flight = self.in_flight  # ref -> slot, handle, shard, try (read by `stop`)
+        outcome = self.outcome = DispatchOutcome([], [], 0, 0)  # so far, also if interrupted
+        results, failed = outcome.results, outcome.failed
 
         def retry_or_fail(shard: Any, attempt: int, error: str) -> None:
-            nonlocal retries
             if attempt < self.max_attempts:
-                retries += 1
+                outcome.retries += 1
                 log.warning("shard %s attempt %d failed (%s); re-queued", shard.id, attempt, error)
                 pending.appendleft((shard, attempt + 1))
             else:
@@ -139,7 +141,7 @@ class Dispatcher:
                         if slot.restarts < self.max_restarts:
                             slot.handle, slot.alive = self.restart(slot), True
                             slot.restarts += 1
-                            restarts += 1
+                            outcome.actor_restarts += 1
                             log.warning("actor %s restarted (%d)", slot.name, slot.restarts)
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
@@ -150,7 +152,17 @@ class Dispatcher:
                         self.on_result(result, slot)
             if self.on_tick:
                 self.on_tick()
-        return DispatchOutcome(results, failed, retries, restarts)
+        return outcome
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Kill every actor and wait until each in-flight shard's task has ended (its result,
+        or the actor's death): once this returns, no actor of this run can still commit."""
+        import ray
+
+        for slot in self.slots:
+            ray.kill(slot.handle)
+        if self.in_flight:
+            ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
 
 
 def _first_line(e: BaseException) -> str:

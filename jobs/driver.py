@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from clinicalbert_core.hub import ModelBundle
 
 from .corpus import Shard, clean_staging, plan_shards, remove_staged
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
-from .output import OutputDir, Report
+from .output import CommitGate, OutputDir, OutputLock, Report
 from .preflight import check_corpus, model_fit_problems, pool_problems, where_warnings
 from .spec import JobSpec, PoolSpec, SpecError
 
@@ -105,10 +106,6 @@ def run_job(
     on_result: Any = None,
 ) -> dict[str, Any]:
     """Run (or dry-run) a job to completion; returns the report. Raises on setup errors."""
-    import ray
-
-    started = datetime.now(UTC)
-    t0 = time.monotonic()
     # the real job's staging dir (outside any output): a dry run's staging is reused later
     staging = spec.staging_dir()
     full = spec
@@ -128,6 +125,32 @@ def run_job(
     bundle = load_bundle(spec)
     check_model_fit(spec, bundle)
     out = OutputDir(spec.output.path)
+    lock = OutputLock(out, spec.name)
+    lock.acquire()  # one run per output dir; released when this run ends, however it ends
+    try:
+        return _run_locked(spec, full, bundle, out, lock, staging, dry_run=dry_run,
+                           overwrite=overwrite, address=address, on_result=on_result)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    spec: JobSpec,
+    full: JobSpec,
+    bundle: ModelBundle,
+    out: OutputDir,
+    lock: OutputLock,
+    staging: str,
+    *,
+    dry_run: bool,
+    overwrite: bool,
+    address: str | None,
+    on_result: Any,
+) -> dict[str, Any]:
+    import ray
+
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
     out.check_spec(
         spec.spec_hash(), {**spec.resolved_json(), "model_identity": bundle.identity()}, overwrite
     )
@@ -165,49 +188,59 @@ def run_job(
     ]
     pool_of = {p.name: p for p in pools}
 
-    def poll() -> list[dict[str, Any]]:
-        """Counts of the shards in progress, from every live actor (0.5 s at most)."""
-        refs = [
-            slot.handle.progress.options(concurrency_group="monitor").remote()
-            for slot in slots
-            if slot.alive
-        ]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
-        out = []
-        for ref in ready:
-            with contextlib.suppress(ray.exceptions.RayError):
-                out.append(ray.get(ref))
-        return [live for live in out if live]
-
+    monitor = Monitor(slots, spec.run.stall_timeout_s, min(spec.run.progress_interval_s, 5.0))
     progress = Progress(
         sum(s.num_rows for s in todo), spec.run.progress_interval_s, total_shards=len(todo),
-        poll=poll,
+        poll=monitor.partials,
     )  # fmt: skip
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    gate = ray.remote(num_cpus=0)(CommitGate).options(scheduling_strategy=here).remote()  # on
+    # the driver's node: it lives exactly as long as the driver, whatever node is lost
+
+    def submit(handle: Any, shard: Shard) -> Any:
+        attempt = uuid.uuid4().hex[:16]
+        ray.get(gate.trust.remote(shard.id, attempt))  # the previous attempt has ended
+        return handle.process.remote(shard, attempt, gate)
+
+    def tick() -> None:
+        if lock.lost:  # our lease lapsed and another run took the dir: stop writing now
+            raise RuntimeError(lock.lost)
+        monitor.check(dispatcher.in_flight)
+        progress.tick()
 
     def result_hook(result: ShardResult, slot: Slot) -> None:
+        monitor.done(result, slot)
         progress.update(result, slot)
         if on_result is not None:
             on_result(result, slot, slots)
 
     dispatcher = Dispatcher(
         slots,
-        submit=lambda handle, shard: handle.process.remote(shard),
+        submit=submit,
         restart=lambda slot: _start_actor(
             pool_of[slot.pool], slot.index, bundle_ref, spec, dry_run
         ),
         max_attempts=spec.run.max_shard_attempts,
         on_result=result_hook,
-        on_tick=progress.tick,
+        on_tick=tick,
     )
+    interrupted = False
     try:
         outcome = dispatcher.run(todo)
-    finally:  # also on Ctrl-C: no actor of this run may go on writing
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+        interrupted, outcome = True, dispatcher.outcome
+        raise
+    finally:  # also when interrupted: no actor of this run may go on writing
         progress.close()
-        for slot in slots:
-            ray.kill(slot.handle)
-    earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
-    report = build_report(spec, shards, earlier, outcome, pools, started, t0)
-    out.write_json("_report.json", report)
+        dispatcher.stop()
+        out.clean_temp()  # what killed attempts left; every actor of this run has stopped
+        if interrupted:  # what was committed so far, counted and said to be partial
+            _write_report(out, spec, shards, committed, dispatcher.outcome, pools, started, t0,
+                          monitor.stalls, interrupted=True)  # fmt: skip
+    report = _write_report(out, spec, shards, committed, outcome, pools, started, t0,
+                           monitor.stalls)  # fmt: skip
     wrote_nothing = report["rows_in"] and not (report["rows_out"] or report["error_rows"])
     if wrote_nothing and not spec.run.allow_empty:
         report["empty"] = (
@@ -223,6 +256,107 @@ def run_job(
         full_shards = plan_shards(full.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
         report["dry_run"] = dry_run_summary(full, full_shards, report, outcome)
         shutil.rmtree(spec.output.path, ignore_errors=True)  # the sample's scratch output
+    return report
+
+
+class Monitor:
+    """Watches the actors while shards run: their counts for the progress line, and stalls.
+
+    Every `every_s` it asks each busy actor for its shard's counts (the actor answers from its
+    `monitor` concurrency group while it encodes). An actor whose counts have not moved for the
+    stall timeout (a hung process does not even answer) is killed: the dispatcher sees it die,
+    re-queues its shards and starts a replacement, and the commit gate keeps the hung attempt
+    from ever committing. Timeout: `run.stall_timeout_s`, else 10x the slowest record batch
+    seen so far (at least 120 s; 600 s before any shard is done). An actor still loading its
+    model is not stalled: its clock starts once its constructor has returned."""
+
+    def __init__(self, slots: list[Slot], timeout_s: float | None, every_s: float):
+        self.slots, self.fixed, self.every = slots, timeout_s, every_s
+        self.slowest_batch_s = 0.0
+        self.live: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, Any] = {}
+        self.changed: dict[str, float] = {}
+        self.last = 0.0
+        self.stalls: list[dict[str, Any]] = []
+        self.ready: dict[str, tuple[Any, Any]] = {}  # slot -> (handle, its describe() ref)
+
+    def _ready(self, slot: Slot) -> bool:
+        """Whether this slot's current actor finished constructing (model loaded): only then
+        does its silence count as a stall."""
+        import ray
+
+        handle, ref = self.ready.get(slot.name, (None, None))
+        if handle is not slot.handle:
+            ref = slot.handle.describe.options(concurrency_group="monitor").remote()
+            self.ready[slot.name] = (slot.handle, ref)
+        done, _ = ray.wait([ref], timeout=0)
+        if not done:
+            self.changed[slot.name] = time.monotonic()  # loading: the clock starts after
+        return bool(done)
+
+    def timeout(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        return max(120.0, 10 * self.slowest_batch_s) if self.slowest_batch_s else 600.0
+
+    def done(self, result: ShardResult, slot: Slot) -> None:
+        self.slowest_batch_s = max(self.slowest_batch_s, result.seconds / max(result.batches, 1))
+        self.changed[slot.name] = time.monotonic()
+        self.live.pop(slot.name, None)
+
+    def partials(self) -> list[dict[str, Any]]:
+        return list(self.live.values())
+
+    def check(self, in_flight: dict[Any, tuple[Slot, Any, Any, int]]) -> None:
+        import ray
+
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        busy = [s for s in self.slots if s.alive and s.in_flight and self._ready(s)]
+        refs = {s.name: s.handle.progress.options(concurrency_group="monitor").remote()
+                for s in busy}  # fmt: skip
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.5)
+        answered = set(ready)
+        for slot in busy:
+            live = None
+            if refs[slot.name] in answered:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    live = ray.get(refs[slot.name])
+            key = None if live is None else (live.get("shard"), live.get("batches"))
+            if live is not None and key != self.seen.get(slot.name):
+                self.seen[slot.name], self.changed[slot.name] = key, now
+                self.live[slot.name] = live
+                continue
+            quiet = now - self.changed.setdefault(slot.name, now)
+            if quiet > self.timeout():
+                stuck = [sh.id for sl, h, sh, _ in in_flight.values() if h is slot.handle]
+                log.warning("actor %s made no progress for %.0fs (shards %s): killed and "
+                            "replaced, its shards re-queued", slot.name, quiet, stuck)  # fmt: skip
+                self.stalls.append(
+                    {"actor": slot.name, "shards": stuck, "quiet_s": round(quiet, 1)}
+                )
+                self.live.pop(slot.name, None)
+                self.changed[slot.name] = now
+                ray.kill(slot.handle)
+
+
+def _write_report(
+    out: OutputDir,
+    spec: JobSpec,
+    shards: list[Shard],
+    committed: set[str],
+    outcome: DispatchOutcome,
+    pools: tuple[PoolSpec, ...],
+    started: datetime,
+    t0: float,
+    stalls: list[dict[str, Any]],
+    interrupted: bool = False,
+) -> dict[str, Any]:
+    earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
+    report = build_report(spec, shards, earlier, outcome, pools, started, t0, stalls, interrupted)
+    out.write_json("_report.json", report)
     return report
 
 
@@ -257,6 +391,8 @@ def build_report(
     pools: tuple[PoolSpec, ...],
     started: datetime,
     t0: float,
+    stalls: list[dict[str, Any]] | None = None,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     """Counts cover the whole output (shards committed by earlier runs included); throughput
     and per-pool/per-actor figures cover this run."""
@@ -303,6 +439,7 @@ def build_report(
             "failed": [asdict(f) for f in outcome.failed],
         },
         "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
+        "stalls": stalls or [], "interrupted": interrupted,
         "per_pool": per_pool, "per_actor": per_actor,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(sum(r.tokens for r in results) / wall, 1) if wall else 0.0,
@@ -324,11 +461,15 @@ def dry_run_summary(
     corpus_rows = sum(s.num_rows for s in full_shards)
     kept = (notes / rows_in) if rows_in else 0.0  # share of rows that become notes
     corpus_tokens = corpus_rows * kept * (tokens / notes if notes else 0.0)
+    # one throughput figure: the sample's actors together, per second of their busy time
+    # (Ray and model start-up excluded), the same rates the projections scale from
+    rate = sum(a["tokens_per_busy_s"] for a in report["per_actor"].values())
+    tokens_per_note = tokens / notes if notes else 0.0
     summary: dict[str, Any] = {
         "sampled_rows": rows_in,
         "sampled_notes": notes,
-        "notes_per_s": notes / report["wall_s"] if report["wall_s"] else 0.0,
-        "tokens_per_s": report["tokens_per_s"],
+        "notes_per_s": rate / tokens_per_note if tokens_per_note else 0.0,
+        "tokens_per_s": rate,
         "windows_per_note": report["windows"] / notes if notes else 0.0,
         "corpus_rows": corpus_rows,
         "corpus_tokens_estimate": int(corpus_tokens),
@@ -365,8 +506,8 @@ def dry_run_summary(
 def print_dry_run(report: dict[str, Any]) -> None:
     d = report["dry_run"]
     print(f"dry run sample: {d['sampled_notes']:,} notes ({d['sampled_rows']:,} rows), "
-          f"{d['notes_per_s']:.1f} notes/s, {d['tokens_per_s']:,.0f} tokens/s, "
-          f"{d['windows_per_note']:.2f} windows/note")  # fmt: skip
+          f"{d['notes_per_s']:.1f} notes/s = {d['tokens_per_s']:,.0f} tokens/s (its actors "
+          f"together, start-up excluded), {d['windows_per_note']:.2f} windows/note")  # fmt: skip
     if "token_length" in d:
         t = d["token_length"]
         print(f"token length per note: p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, max {t['max']}, "

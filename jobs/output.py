@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
+import os
+import socket
+import threading
+import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,9 +38,12 @@ import pyarrow.parquet as pq
 
 from .corpus import filesystem
 
+log = logging.getLogger(__name__)
+
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-"
 ERRORS_DIR = "_errors"
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
+LOCK_FILE = "_lock.json"
 STATS_KEY = "clinicalbert_shard_stats"  # footer key: the shard's counts (see PartWriter.commit)
 DISTRIBUTION = "clinicalbert-jobs"
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -132,6 +140,35 @@ def errors_schema(id_type: pa.DataType) -> pa.Schema:
     )
 
 
+class StaleAttempt(RuntimeError):
+    """A shard attempt the driver no longer trusts tried to commit."""
+
+
+class CommitGate:
+    """Fencing: which attempt of each shard may commit (a Ray actor in a job, one method call
+    at a time). The driver `trust`s an attempt when it dispatches it, after the previous one
+    is known dead; an attempt `claim`s the commit once its part is complete; only the trusted
+    attempt's first claim is granted, so a stalled attempt that wakes up later cannot land."""
+
+    def __init__(self) -> None:
+        self.trusted: dict[str, str] = {}
+        self.claimed: dict[str, str] = {}
+
+    def trust(self, shard_id: str, attempt: str) -> None:
+        self.trusted[shard_id] = attempt
+        self.claimed.pop(shard_id, None)  # its previous attempt is dead: its claim lapses
+
+    def revoke(self, shard_id: str, attempt: str) -> None:
+        if self.trusted.get(shard_id) == attempt:
+            del self.trusted[shard_id]
+
+    def claim(self, shard_id: str, attempt: str) -> bool:
+        if self.trusted.get(shard_id) != attempt or shard_id in self.claimed:
+            return False
+        self.claimed[shard_id] = attempt
+        return True
+
+
 class PartWriter:
     """Streams one shard's rows to a temporary file; `commit` makes it final."""
 
@@ -155,13 +192,24 @@ class PartWriter:
         """Append rows (a table of the writer's schema; its own metadata is ignored)."""
         self._writer.write_table(table.replace_schema_metadata(self.schema.metadata))
 
-    def commit(self, errors: pa.Table | None, stats: dict[str, Any] | None = None) -> None:
+    def commit(
+        self,
+        errors: pa.Table | None,
+        stats: dict[str, Any] | None = None,
+        may_commit: Callable[[], bool] | None = None,
+    ) -> None:
         """Errors part first (or a stale one removed), then the part under its final name.
         `stats` (counts only) go in the part's footer so a resumed job can report the whole
-        output without reading its rows."""
+        output without reading its rows. `may_commit()` (fencing): asked once the part is
+        complete, before anything is renamed; False -> StaleAttempt, nothing committed."""
         if stats is not None:
             self._writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
         self._close()
+        if may_commit is not None and not may_commit():
+            raise StaleAttempt(
+                f"shard {self.shard_id}: this attempt is no longer the one the driver trusts "
+                "(it was declared stalled and re-queued); its part is discarded"
+            )
         errors_path = self.out.errors_path(self.shard_id)
         if errors is not None and errors.num_rows:
             self.out._write_atomic(errors_path, lambda sink: pq.write_table(errors, sink))
@@ -365,6 +413,101 @@ class OutputDir:
         return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
 
 
+class OutputLock:
+    """One run per output dir: `_lock.json` names the holder (host, pid, job, start) and holds a
+    lease the holder renews every lease_s / 3 from a background thread. Another run is refused
+    while the lease is fresh; a lock whose lease expired (its driver died), or whose holder was
+    a process of this host that no longer exists, is taken over. On a local file system the lock
+    is created exclusively (O_EXCL); on object stores (s3://) it is read-check-write."""
+
+    def __init__(self, out: OutputDir, job: str, lease_s: float = 60.0):
+        self.out, self.lease_s = out, lease_s
+        self.token = uuid.uuid4().hex
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
+                   "token": self.token, "started_at": time.time(), "lease_s": lease_s}  # fmt: skip
+        self.lost: str | None = None  # set when another run took the lock over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        self.out.fs.create_dir(self.out.root, recursive=True)
+        path = self.out._join(LOCK_FILE)
+        holder = self._read()
+        if holder is not None and not self._stale(holder):
+            raise RuntimeError(self._busy(holder))
+        if holder is not None:
+            log.warning("taking over the lock of a run that is gone: %s", _who(holder))
+        self._write(exclusive=holder is None)
+        if (self._read() or {}).get("token") != self.token:  # lost a race for a stale lock
+            raise RuntimeError(self._busy(self._read() or {}))
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lock-lease")
+        self._thread.start()
+        log.debug("locked %s", path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if (self._read() or {}).get("token") == self.token:
+            _delete(self.out.fs, self.out._join(LOCK_FILE))
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            holder = self._read()
+            if (holder or {}).get("token") != self.token:
+                self.lost = f"another run took over the lock of {self.out.uri}: {_who(holder)}"
+                log.error("%s", self.lost)
+                return
+            self._write(exclusive=False)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            holder = self.out.read_json(LOCK_FILE)
+        except ValueError:  # half-written by a crashed writer: no valid holder
+            return {"host": "?", "pid": -1, "job": "?", "renewed_at": 0, "lease_s": 0}
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if time.time() > holder.get("renewed_at", 0) + holder.get("lease_s", 0):
+            return True
+        if holder.get("host") == socket.gethostname():  # a dead process of this host
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+        return False
+
+    def _busy(self, holder: dict[str, Any]) -> str:
+        left = holder.get("renewed_at", 0) + holder.get("lease_s", 0) - time.time()
+        return (
+            f"output dir {self.out.uri} is in use by another run ({_who(holder)}); its lease "
+            f"expires in {max(left, 0):.0f}s unless renewed. Wait for that run, or use another "
+            "output.path"
+        )
+
+    def _write(self, exclusive: bool) -> None:
+        data = json.dumps({**self.me, "renewed_at": time.time()}, indent=2).encode()
+        path = self.out._join(LOCK_FILE)
+        if exclusive and isinstance(self.out.fs, pa_fs.LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise RuntimeError(self._busy(self._read() or {})) from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        self.out._write_atomic(path, lambda sink: sink.write(data))
+
+
+def _who(holder: dict[str, Any] | None) -> str:
+    h = holder or {}
+    started = h.get("started_at")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)) if started else "?"
+    return f"host {h.get('host')}, pid {h.get('pid')}, job {h.get('job')}, started {when} UTC"
+
+
 @dataclass
 class Report:
     """`_report.json`: counts cover the whole output (shards committed by earlier runs
@@ -383,6 +526,8 @@ class Report:
     shards: dict[str, Any]  # total, committed_before, processed, failed (shard_id, attempts, error)
     retries: int
     actor_restarts: int
+    stalls: list[dict[str, Any]]  # actors killed for making no progress: actor, shard, quiet_s
+    interrupted: bool  # the run was stopped (Ctrl-C, SIGTERM): shards left are not counted
     per_pool: dict[str, dict[str, Any]]  # name -> device, actors, shards, rows, tokens, busy_s, ...
     per_actor: dict[str, dict[str, Any]]  # name -> pool, shards, rows, tokens, busy_s, ...
     wall_s: float
@@ -419,9 +564,10 @@ class Report:
         if unknown := sorted(set(self.errors_by_reason) - {r.value for r in ReasonCode}):
             problems.append(f"unknown reason codes {unknown}")
         s = self.shards
+        done = s.get("committed_before", 0) + s.get("processed", 0) + len(s.get("failed", []))
         if missing := sorted({"total", "committed_before", "processed", "failed"} - set(s)):
             problems.append(f"shards lacks {missing}")
-        elif s["total"] != s["committed_before"] + s["processed"] + len(s["failed"]):
+        elif s["total"] < done if self.interrupted else s["total"] != done:
             problems.append(
                 f"shards total {s['total']} != committed_before {s['committed_before']} + "
                 f"processed {s['processed']} + failed {len(s['failed'])}"

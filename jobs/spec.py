@@ -53,8 +53,10 @@ HASH_EXCLUDED = (
     ("output", "path"),
     ("run", "max_shard_attempts"),
     ("run", "batch_rows"),
+    ("run", "batch_bytes"),
     ("run", "dry_run_notes"),
     ("run", "progress_interval_s"),
+    ("run", "stall_timeout_s"),
     ("run", "staging_dir"),
     ("run", "keep_staged"),
     ("run", "allow_empty"),
@@ -454,9 +456,24 @@ class RunSpec(_Section):
     batch_rows: int = Field(
         512, ge=1, description="Rows per Arrow record batch read from a shard (default 512)."
     )
+    batch_bytes: int = Field(
+        8_000_000,
+        ge=1,
+        description="Record batches are also cut so their note text stays under this many "
+        "bytes (default 8000000; a longer single note is a batch of its own): memory follows "
+        "this bound, not the notes' length.",
+    )
     dry_run_notes: int = Field(300, ge=1, description="Notes a dry run samples (default 300).")
     progress_interval_s: float = Field(
         10, gt=0, description="Seconds between progress lines when not on a terminal (default 10)."
+    )
+    stall_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A shard attempt with no new record batch for this long has its actor "
+        "killed and replaced and the shard re-queued. Default null: 10x the slowest record "
+        "batch measured so far in this run, at least 120 s (600 s until a first shard is done, "
+        "which covers model loading).",
     )
     staging_dir: Annotated[str, AfterValidator(_output_path)] | None = Field(
         None,

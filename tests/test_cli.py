@@ -128,6 +128,16 @@ def test_validate_catches_data_and_model_mistakes_before_ray(tmp_path, capsys):
     assert main(["inspect", str(weights.parent)]) == 1
     assert "CORRUPT     model.safetensors: sha256" in capsys.readouterr().out
 
+    from clinicalbert_core.hub import prepare
+    from jobs.synthetic import make_modernbert
+
+    modern = prepare(make_modernbert(tmp_path / "mb", hidden=32, layers=2), tmp_path / "mbp")
+    spec["model"] |= {"path": str(modern), "max_seq": 128}
+    spec["heads"] = {"pooling": "pooler"}  # ModernBERT has no pooler
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    assert "heads.pooling: 'pooler' needs trained pooler weights" in capsys.readouterr().err
+
     spec["corpus"]["paths"] = ["/cluster/only/notes.parquet"]
     spec["model"]["path"] = "/cluster/only/model"
     path.write_text(yaml.safe_dump(spec))

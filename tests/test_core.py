@@ -486,3 +486,13 @@ def test_long_batches_run_the_ffn_in_chunks(ckpts):
     whole = r.encode(NOTES * 8, return_hidden=False).pooled
     r.encoder.place(varlen=False, ffn_chunk=7)  # many chunks, split mid-sequence
     torch.testing.assert_close(r.encode(NOTES * 8, return_hidden=False).pooled, whole)
+
+
+def test_normalize_and_numpy_embed(ckpts):
+    path, _ = ckpts["mlm"]
+    plain = load(path, long_notes="windows", stride=8)
+    unit = load(path, long_notes="windows", stride=8, normalize=True)
+    a, b = plain.embed(NOTES), unit.embed(NOTES)
+    assert isinstance(b, np.ndarray) and b.dtype == np.float32 and b.shape == (len(NOTES), 32)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(b, a / np.linalg.norm(a, axis=1, keepdims=True), atol=1e-6)

@@ -389,3 +389,16 @@ def test_staging_dir_as_uri(tmp_path: Path):
     shards = plan_shards(corpus, f"file://{tmp_path}/out/_staging", shard_rows=2)
     assert all(s.path.startswith(f"file://{tmp_path}/out/_staging/") for s in shards)
     assert [r["id"] for r in read_all(shards, corpus)[0]] == list(range(5))
+
+
+def test_batches_are_cut_by_text_bytes():
+    from jobs.corpus import cut_by_bytes
+
+    texts = ["a" * 10, "b" * 10, "c" * 35, None, "d" * 5, "e" * 20]
+    batch = pa.RecordBatch.from_pydict({"text": texts, "i": list(range(6))})
+    pieces = list(cut_by_bytes(batch, "text", 30))
+    assert [p["i"].to_pylist() for p in pieces] == [[0, 1], [2], [3, 4, 5]]
+    assert sum(p.num_rows for p in pieces) == 6  # nothing lost
+    assert [p.num_rows for p in cut_by_bytes(batch, "text", None)] == [6]
+    ints = pa.RecordBatch.from_pydict({"text": [1, 2, 3]})
+    assert [p.num_rows for p in cut_by_bytes(ints, "text", 1)] == [3]  # not text: uncut

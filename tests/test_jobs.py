@@ -15,26 +15,10 @@ import pytest
 from clinicalbert_core import ClinicalBertRunner
 from clinicalbert_core.hub import prepare
 from jobs.spec import parse_spec
-from jobs.synthetic import make_model, make_notes
+from jobs.synthetic import make_notes
 
 pytestmark = pytest.mark.ray
 CANARY = "ZQXJ-CANARY-7781"  # planted in notes; must never appear in logs, errors or reports
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    raw = make_model(root / "raw", hidden=32, layers=2, heads=4, max_positions=128, seed=3)
-    return prepare(raw, root / "prepared", variant="custom", lowercase=False)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
 
 
 def notes_table(n: int, seed: int = 0) -> pa.Table:
@@ -102,6 +86,33 @@ def check_exactly_once(ids_in: list, out: pa.Table, errors: pa.Table | None) -> 
     assert sorted(got, key=str) == sorted(ids_in, key=str)
 
 
+def interrupt_after(n: int):
+    """An on_result hook that raises KeyboardInterrupt once `n` shards are done."""
+    done = []
+
+    def hook(result, slot, slots):
+        done.append(result.shard_id)
+        if len(done) == n:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
+    """Run `spec` again into a fresh output dir: `out` must hold the same ids (each once) and
+    vectors as that uninterrupted run. Returns `out`'s rows sorted by id."""
+    fresh = tmp / "fresh"
+    fresh.mkdir()
+    run({**spec, "output": {**spec["output"], "path": str(fresh / "out")}}, fresh)
+    a, _ = read_out(out)
+    b, _ = read_out(fresh / "out")
+    a, b = a.sort_by("id"), b.sort_by("id")
+    assert a["id"].equals(b["id"])
+    vectors = lambda t: np.stack(t["embedding"].to_numpy(zero_copy_only=False))  # noqa: E731
+    np.testing.assert_allclose(vectors(a), vectors(b), atol=1e-6)
+    return a
+
+
 def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_local):
     table = notes_table(45)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
@@ -123,6 +134,7 @@ def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_l
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     meta = pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata
     assert meta[b"casing"] == b"cased" and meta[b"pooling"] == b"cls"
+    assert meta[b"normalize"] == b"false" and meta[b"id_column"] == b"note_id"
 
 
 def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, capfd):
@@ -219,29 +231,18 @@ def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local)
 def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_local):
     table, corpus = parquet_corpus(tmp_path, 50)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
-    done = []
-
-    def interrupt(result, slot, slots):
-        done.append(result.shard_id)
-        if len(done) == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run(spec, tmp_path, on_result=interrupt)
+        run(spec, tmp_path, on_result=interrupt_after(3))
     committed = len(list((tmp_path / "out").glob("part-*.parquet")))
     assert 3 <= committed < 10 and not (tmp_path / "out" / "_SUCCESS").exists()
+    partial = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert partial["interrupted"] is True and 3 <= partial["shards"]["processed"] <= committed
+    assert partial["rows_in"] == partial["rows_out"] + partial["error_rows"]
+    assert not list((tmp_path / "out").glob(".tmp-*"))  # no attempt left a temp file
     report = run(spec, tmp_path)
     assert report["shards"]["committed_before"] == committed
     assert report["shards"]["processed"] == 10 - committed
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    run(job(fresh, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5}), fresh)
-    a, _ = read_out(tmp_path / "out")
-    b, _ = read_out(fresh / "out")
-    a, b = a.sort_by("id"), b.sort_by("id")
-    assert a["id"].equals(b["id"])
-    np.testing.assert_allclose(np.stack(a["embedding"].to_numpy(zero_copy_only=False)),
-                               np.stack(b["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+    assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
 
 
 def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local):
@@ -376,29 +377,16 @@ def test_modernbert_job_with_mlm_resumes_to_the_same_output(tmp_path, modernbert
     }  # fmt: skip
     spec = job(tmp_path, modernbert_dir, corpus, **over)
     spec["device_pool"][0]["batch_tokens"] = 2048
-    done = []
-
-    def interrupt(result, slot, slots):
-        done.append(result.shard_id)
-        if len(done) == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run(spec, tmp_path, on_result=interrupt)
+        run(spec, tmp_path, on_result=interrupt_after(2))
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     report = run(spec, tmp_path)
     assert report["shards"]["committed_before"] >= 2 and report["rows_out"] == 30
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    run(job(fresh, modernbert_dir, corpus, **over) | {"device_pool": spec["device_pool"]}, fresh)
-    a, errors = read_out(tmp_path / "out")
-    b, _ = read_out(fresh / "out")
-    check_exactly_once(table["note_id"].to_pylist(), a, errors)
-    a, b = a.sort_by("id"), b.sort_by("id")
-    assert a["id"].equals(b["id"]) and a["mlm_top_ids"].equals(b["mlm_top_ids"])
+    a = assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
+    check_exactly_once(table["note_id"].to_pylist(), a, None)
+    b, _ = read_out(tmp_path / "fresh" / "out")
+    assert a["mlm_top_ids"].equals(b.sort_by("id")["mlm_top_ids"])
     vectors = np.stack(a["embedding"].to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(vectors, np.stack(b["embedding"].to_numpy(zero_copy_only=False)),
-                               atol=1e-6)  # fmt: skip
     runner = ClinicalBertRunner.load(modernbert_dir, precision="fp32", max_seq=256,
                                      long_notes="windows", stride=32, batch_tokens=2048)  # fmt: skip
     order = np.argsort(table["note_id"].to_numpy())
@@ -578,15 +566,7 @@ def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(tmp_path, mo
     second = run(job(tmp_path, model_dir, corpus), tmp_path)
     assert second["shards"] == {"total": 2, "committed_before": 1, "processed": 1, "failed": []}
     assert second["rows_out"] == 17
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    run(job(fresh, model_dir, corpus), fresh)
-    x, _ = read_out(tmp_path / "out")
-    y, _ = read_out(fresh / "out")
-    x, y = x.sort_by("id"), y.sort_by("id")
-    assert x["id"].equals(y["id"])
-    np.testing.assert_allclose(np.stack(x["embedding"].to_numpy(zero_copy_only=False)),
-                               np.stack(y["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+    assert_equals_clean_run(tmp_path / "out", job(tmp_path, model_dir, corpus), tmp_path)
 
 
 def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, monkeypatch, capfd):

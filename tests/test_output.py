@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
 import tomllib
 from pathlib import Path
 
@@ -284,7 +286,7 @@ def report(**over) -> Report:
         errors_by_reason={"null": 1, "empty": 2}, windows=9, tokens=900, truncated_notes=0,
         shards={"total": 3, "committed_before": 1, "processed": 1,
                 "failed": [{"shard_id": "s3", "attempts": 3, "error": "actor died"}]},
-        retries=2, actor_restarts=1, per_pool={}, per_actor={}, wall_s=1.5, tokens_per_s=600.0,
+        retries=2, actor_restarts=1, stalls=[], interrupted=False, per_pool={}, per_actor={}, wall_s=1.5, tokens_per_s=600.0,
         started_at="2025-01-01T00:00:00+00:00", finished_at="2025-01-01T00:00:02+00:00",
     )  # fmt: skip
     return Report(**(base | over))
@@ -330,3 +332,72 @@ def test_every_output_column_is_reserved_for_keep_columns():
 
     schema = output_schema(pa.int64(), [], 8, "float32", embeddings=True, windows=True, mlm=True)
     assert set(schema.names) <= set(RESERVED_COLUMNS)
+
+
+def test_one_run_per_output_dir_lock(tmp_path: Path):
+    import subprocess
+    import sys
+    import time
+
+    from jobs.output import LOCK_FILE, OutputLock
+
+    out = OutputDir(str(tmp_path / "out"))
+    a = OutputLock(out, "job-a", lease_s=60)
+    a.acquire()
+    (tmp_path / "out" / ".tmp-a-1.parquet").write_bytes(b"a's part in progress")
+    b = OutputLock(out, "job-b")
+    with pytest.raises(RuntimeError) as e:
+        b.acquire()
+    assert "in use by another run" in str(e.value) and "job job-a" in str(e.value)
+    assert f"pid {os.getpid()}" in str(e.value)
+    assert (tmp_path / "out" / ".tmp-a-1.parquet").exists()  # nothing of a's removed
+    a.release()
+    assert not (tmp_path / "out" / LOCK_FILE).exists()
+    b.acquire()
+    b.release()
+
+    # a holder whose lease expired, and a dead process of this host, are taken over
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    for holder in (
+        {"host": "elsewhere", "pid": 1, "job": "old", "renewed_at": time.time() - 120,
+         "lease_s": 60},
+        {"host": socket.gethostname(), "pid": int(gone.stdout), "job": "dead",
+         "renewed_at": time.time(), "lease_s": 60},
+    ):  # fmt: skip
+        (tmp_path / "out" / LOCK_FILE).write_text(json.dumps(holder))
+        c = OutputLock(out, "job-c")
+        c.acquire()
+        assert json.loads((tmp_path / "out" / LOCK_FILE).read_text())["job"] == "job-c"
+        c.release()
+
+    # a run whose lock was taken over after its lease lapsed learns it at the next renewal
+    d = OutputLock(out, "job-d", lease_s=0.3)
+    d.acquire()
+    (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"token": "x", "job": "job-e"}))
+    deadline = time.monotonic() + 5
+    while d.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.lost is not None and "job job-e" in d.lost
+    d.release()
+    assert (tmp_path / "out" / LOCK_FILE).exists()  # not d's to remove
+
+
+def test_commit_gate_fences_stale_attempts(tmp_path: Path):
+    from jobs.output import CommitGate, StaleAttempt
+
+    gate = CommitGate()
+    gate.trust("s", "a1")
+    gate.trust("s", "a2")  # a1 was declared stalled; a2 is the attempt the driver trusts
+    assert not gate.claim("s", "a1") and gate.claim("s", "a2") and not gate.claim("s", "a2")
+    gate.trust("s", "a3")  # a2 died after claiming, before its rename: a3 may commit
+    assert gate.claim("s", "a3")
+
+    out = OutputDir(str(tmp_path / "out"))
+    with (
+        pytest.raises(StaleAttempt, match="no longer the one the driver trusts"),
+        out.part_writer("s", schema(), META) as writer,
+    ):
+        writer.write(part(["a"]))
+        writer.commit(errors("s", ["b"], ReasonCode.NULL), {"rows_in": 2}, lambda: False)
+    assert files(tmp_path / "out") == []  # no part, no errors part, no temp file

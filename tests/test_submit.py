@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -33,6 +34,38 @@ def ray_cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedPr
                           timeout=timeout, cwd=REPO)  # fmt: skip
 
 
+def pids_using(marker: str) -> list[int]:
+    """Processes whose command line names `marker` (this test's Ray temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop_head(temp: str, timeout: float = 30.0) -> None:
+    """Stop exactly the Ray processes of the head this test started (never `ray stop`, which
+    stops every Ray on the machine): SIGTERM, then SIGKILL whatever is left."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_using(temp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while pids_using(temp) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not pids_using(temp):
+            return
+    raise AssertionError(f"Ray processes of {temp} still running: {pids_using(temp)}")
+
+
 def test_ray_job_submit_on_loopback(tmp_path: Path):
     raw = make_model(tmp_path / "raw", hidden=32, layers=2, heads=4, max_positions=128)
     model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
@@ -61,7 +94,7 @@ def test_ray_job_submit_on_loopback(tmp_path: Path):
         assert submitted.returncode == 0, log[-3000:]
         assert "succeeded" in log.lower()
     finally:
-        ray_cli("stop", "--force", env=env)
+        stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
     parts = sorted((tmp_path / "run").glob("part-*.parquet"))
     rows = sum(pq.read_metadata(p).num_rows for p in parts)

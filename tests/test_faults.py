@@ -1,0 +1,166 @@
+"""Faults at cluster scale on a local Ray: a hung actor, a second run into the same output.
+
+Each asserts exactly-once output (ids and vectors equal to a clean run) and the report's counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_jobs import (
+    assert_equals_clean_run,
+    check_exactly_once,
+    job,
+    parquet_corpus,
+    read_out,
+    run,
+)
+
+from jobs.synthetic import make_notes
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def vectors(path: Path):
+    table, errors = read_out(path)
+    table = table.sort_by("id")
+    return table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+
+
+def test_hung_actor_is_replaced_and_its_late_commit_never_lands(tmp_path, model_dir, ray_local):
+    import ray
+
+    table, corpus = parquet_corpus(tmp_path, 60)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5,
+                                                 "stall_timeout_s": 3})  # fmt: skip
+    stopped: list[int] = []
+
+    def hang_one(result, slot, slots):
+        if stopped:
+            return
+        victim = next(s for s in slots if s is not slot)
+        info = ray.get(victim.handle.describe.options(concurrency_group="monitor").remote())
+        os.kill(info["pid"], signal.SIGSTOP)  # hung: alive to the OS, silent to everyone
+        stopped.append(info["pid"])
+
+    t0 = time.monotonic()
+    report = run(spec, tmp_path, on_result=hang_one)
+    elapsed = time.monotonic() - t0
+    assert stopped and report["stalls"] and report["actor_restarts"] >= 1
+    assert report["stalls"][0]["quiet_s"] >= 3 and report["stalls"][0]["shards"]
+    with pytest.raises(ProcessLookupError):  # killed (SIGKILL reaches a stopped process)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.kill(stopped[0], signal.SIGCONT)
+            time.sleep(0.2)
+    assert report["rows_out"] == 60 and not report["shards"]["failed"]
+    clean = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    out = assert_equals_clean_run(tmp_path / "out", clean, tmp_path)
+    check_exactly_once(table["note_id"].to_pylist(), out, None)  # none lost, none twice
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+    print(f"hung actor: job finished in {elapsed:.1f}s with a 3s stall timeout")
+
+
+def test_second_run_into_the_same_output_is_refused(tmp_path, model_dir, ray_local):
+    from jobs.output import OutputDir, OutputLock
+
+    table, corpus = parquet_corpus(tmp_path, 20)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    holder = OutputLock(OutputDir(str(tmp_path / "out")), "other-job")
+    holder.acquire()  # another driver (here: this process) holds the dir
+    try:
+        with pytest.raises(RuntimeError, match=r"in use by another run \(host .*job other-job"):
+            run(spec, tmp_path)
+    finally:
+        holder.release()
+    report = run(spec, tmp_path)  # the holder is gone: this run goes ahead
+    assert report["rows_out"] == 20
+    ids, _ = vectors(tmp_path / "out")
+    assert ids == sorted(table["note_id"].to_pylist())
+
+
+def test_corrupt_inputs_are_named_and_empty_files_are_zero_rows(tmp_path, model_dir, ray_local):
+    import gzip
+    import json
+
+    from test_jobs import notes_table
+
+    from jobs.spec import SpecError
+
+    good = notes_table(8)
+    rows = [{"id": i, "text": t} for i, t in zip(good["note_id"].to_pylist(),
+                                                good["text"].to_pylist())]  # fmt: skip
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "b.jsonl").write_bytes(b"")  # an empty export: zero rows, not an error
+    corpus = {"format": "jsonl", "paths": [str(tmp_path / "*.jsonl*")]}
+    report = run(job(tmp_path, model_dir, corpus), tmp_path)
+    assert report["rows_in"] == 8 == report["rows_out"]
+
+    data = (tmp_path / "a.jsonl.gz").read_bytes()
+    (tmp_path / "c.jsonl.gz").write_bytes(data[: len(data) // 2])  # truncated early: the
+    with pytest.raises(SpecError, match=r"c.jsonl.gz: cannot read its columns: Truncated"):
+        run(job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "out2")}), tmp_path)
+    many = [{"id": 1000 + i, "text": t} for i, t in enumerate(make_notes(300, seed=4))]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:  # header check passes, staging fails
+        f.writelines(json.dumps(r) + "\n" for r in many)
+    data = (tmp_path / "c.jsonl.gz").read_bytes()
+    (tmp_path / "c.jsonl.gz").write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(ValueError) as e:
+        run(job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "out2")}), tmp_path)
+    msg = str(e.value)
+    assert "c.jsonl.gz: cannot read as jsonl" in msg and "\n" not in msg
+    assert "Traceback" not in msg and "ray::" not in msg
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(good, tmp_path / "p1.parquet")
+    (tmp_path / "p2.parquet").write_bytes(b"not parquet at all, just bytes")
+    pcorpus = {"format": "parquet", "paths": [str(tmp_path / "p*.parquet")],
+               "id_column": "note_id"}  # fmt: skip
+    with pytest.raises(SpecError, match=r"corpus.paths: .*p2.parquet: cannot read its columns"):
+        run(job(tmp_path, model_dir, pcorpus, output={"path": str(tmp_path / "out3")}), tmp_path)
+
+
+def test_a_lost_worker_node_and_the_job_completes_exactly_once(tmp_path, model_dir):
+    """A 3-node cluster on this machine (Ray's cluster_utils); a worker node is removed while
+    its actor works: the shards re-run on the other nodes, nothing lost or written twice."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # actors on workers
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    extra = cluster.add_node(num_cpus=1)  # room for a replacement actor
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    try:
+        table, corpus = parquet_corpus(tmp_path, 60)
+        spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+        removed: list[str] = []
+
+        def lose_a_node(result, slot, slots):
+            if removed:
+                return
+            victim = next(s for s in slots if s is not slot)
+            node_id = ray.get(victim.handle.describe.options(concurrency_group="monitor")
+                              .remote())["node_id"]  # fmt: skip
+            node = next(w for w in [*workers, extra] if w.node_id == node_id)
+            cluster.remove_node(node)
+            removed.append(node_id)
+
+        report = run(spec, tmp_path, on_result=lose_a_node)
+        assert removed and report["actor_restarts"] >= 1 and not report["shards"]["failed"]
+        assert report["rows_out"] == 60
+        ids, _ = vectors(tmp_path / "out")
+        assert ids == sorted(table["note_id"].to_pylist())
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
