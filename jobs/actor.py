@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clinicalbert_core.hub import ModelBundle
@@ -26,7 +27,7 @@ from clinicalbert_core.tokenizer import Windows
 
 from .corpus import Shard, read_shard
 from .dispatch import ShardResult
-from .output import OutputDir, ReasonCode, errors_schema, output_schema
+from .output import OutputDir, ReasonCode, StaleAttempt, errors_schema, output_schema
 from .spec import JobSpec, PoolSpec
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,16 @@ class ShardProcessor:
         return {"device": str(r.device), "precision": r.precision, "mlm_mode": r.mlm_mode.value}
 
     def process(
-        self, shard: Shard, attempt: str = "", may_commit: Callable[[], bool] | None = None
+        self,
+        shard: Shard,
+        attempt: str = "",
+        may_commit: Callable[[], bool] | None = None,
+        may_start: Callable[[], bool] | None = None,
     ) -> ShardResult:
-        """Encode one shard into its part file; `may_commit` (fencing) is asked before the
-        part is committed (see output.CommitGate)."""
+        """Encode one shard into its part file. Fencing (see output.CommitGate): `may_start`
+        is asked before anything is written, `may_commit` before the part is committed."""
+        if may_start is not None and not may_start():
+            raise StaleAttempt(f"shard {shard.id}: attempt {attempt} is not trusted any more")
         t0 = time.perf_counter()
         result = ShardResult(
             shard_id=shard.id, pool=self.pool.name, actor=self.actor_name, attempt=attempt
@@ -175,8 +182,12 @@ class ShardProcessor:
             result.rows_in = reader.rows_in
             result.filtered_rows = reader.rows_filtered
             if error_table is not None:
-                result.error_rows = error_table.num_rows
-                reasons = error_table["reason"].to_numpy(False)
+                nulled = pc.equal(error_table["reason"], ReasonCode.UNDECODABLE_VALUE.value)
+                for column in error_table.filter(nulled)["column"].to_pylist():
+                    result.nulled[column] = result.nulled.get(column, 0) + 1
+                row_errors = error_table.filter(pc.invert(nulled))
+                result.error_rows = row_errors.num_rows
+                reasons = row_errors["reason"].to_numpy(False)
                 for reason, count in zip(*np.unique(reasons, return_counts=True)):
                     result.reasons[str(reason)] = int(count)
             result.seconds = time.perf_counter() - t0
@@ -209,16 +220,30 @@ class ShardProcessor:
     ) -> tuple[pa.RecordBatch, np.ndarray, Windows, pa.Table | None]:
         """Classify rows and tokenize the good ones (runs ahead, in the tokenizer thread)."""
         notes, reasons = classify(batch["text"], batch["id"], self.spec.run.max_note_chars)
+        marks = [[c for c in (m or "").split(",") if c] for m in _marks(batch)]
+        id_column = self.spec.corpus.id_column
+        for i, columns in enumerate(marks):  # an id that was not UTF-8: the row is an error
+            if id_column in columns and reasons[i] in (None, str(ReasonCode.NULL_ID.value)):
+                reasons[i] = str(ReasonCode.UNDECODABLE.value)
+                notes[i] = None
         good, windows = tokenize_rows(self.runner, notes, reasons)
-        bad = np.flatnonzero([r is not None for r in reasons])
+        rows = [(i, reasons[i], None) for i in range(len(reasons)) if reasons[i] is not None]
+        rows += [  # a kept value that was not UTF-8: written as null, named here
+            (i, str(ReasonCode.UNDECODABLE_VALUE.value), c)
+            for i in good
+            for c in marks[i]
+            if c != id_column
+        ]
         errors = None
-        if len(bad):
+        if rows:
+            take = pa.array([i for i, _, _ in rows], pa.int64())
             errors = pa.table(
                 {
-                    "id": batch["id"].take(pa.array(bad)),
-                    "shard": pa.array([self._shard_id] * len(bad), pa.string()),
-                    "row_index": batch["row_index"].take(pa.array(bad)),
-                    "reason": pa.array([reasons[i] for i in bad], pa.string()),
+                    "id": batch["id"].take(take),
+                    "shard": pa.array([self._shard_id] * len(rows), pa.string()),
+                    "row_index": batch["row_index"].take(take),
+                    "reason": pa.array([r for _, r, _ in rows], pa.string()),
+                    "column": pa.array([c for _, _, c in rows], pa.string()),
                 },
                 schema=errors_schema(self.id_type),
             )
@@ -302,6 +327,13 @@ class ShardProcessor:
         }
 
 
+def _marks(batch: pa.RecordBatch) -> list[str | None]:
+    """Per row, the id/kept columns staging could not decode (comma-joined), or None."""
+    if "_undecodable" not in batch.schema.names:
+        return [None] * batch.num_rows
+    return batch["_undecodable"].to_pylist()
+
+
 def _fixed_list(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     flat = vectors.astype(np.float16 if dtype == "float16" else np.float32).ravel()
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), vectors.shape[1])
@@ -353,12 +385,12 @@ class EncoderActor:
 
     def process(self, shard: Shard, attempt: str = "", gate: Any = None) -> ShardResult:
         """`gate`: the run's CommitGate actor; only the attempt it trusts may commit."""
-        may_commit = None
-        if gate is not None:
-            import ray
+        if gate is None:
+            return self.processor.process(shard, attempt)
+        import ray
 
-            may_commit = lambda: ray.get(gate.claim.remote(shard.id, attempt))  # noqa: E731
-        return self.processor.process(shard, attempt, may_commit)
+        ask = lambda method: lambda: ray.get(method.remote(shard.id, attempt))  # noqa: E731
+        return self.processor.process(shard, attempt, ask(gate.claim), ask(gate.may_start))
 
     def progress(self) -> dict[str, Any]:
         """Counts of the shard in progress (called in the `monitor` concurrency group, so it

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
 
-STAGING_VERSION = 1  # bump when the staged layout changes: old staged files are then ignored
+STAGING_VERSION = 2  # bump when the staged layout changes: old staged files are then ignored
+UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
 INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
 _ARROW_TYPES = {
     "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -51,6 +52,8 @@ class Source:
     size: int
     mtime_ns: int | None
     files: tuple[tuple[str, int, int | None], ...] = ()  # text: (relative path, size, mtime_ns)
+    name: str = ""  # the path relative to its spec path's base: what identifies it, wherever
+    # the corpus is mounted
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Shard:
 class ShardReader(Iterator[pa.RecordBatch]):
     """Iterates a shard's record batches; `rows_in` and `rows_filtered` count as it goes.
 
-    Each batch has columns `id`, `text`, the keep columns (input names and types), and
+    Each batch has columns `id`, `text`, the keep columns (input names and types), for staged
+    CSV `_undecodable` (the id/kept columns whose value in that row was not UTF-8), and
     `row_index` (int64, the row's position within the shard, before `where`). Rows failing
     `where` are dropped and counted in `rows_filtered`; when exhausted,
     rows_in = rows yielded + rows_filtered. Text is passed through as stored: it may be
@@ -109,9 +113,11 @@ class ShardReader(Iterator[pa.RecordBatch]):
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             check_columns(pf.schema_arrow.names, corpus, shard.path)
+            marks = [UNDECODABLE] if UNDECODABLE in pf.schema_arrow.names else []
             batches = pf.iter_batches(
-                batch_size=self.batch_rows, row_groups=list(shard.row_groups), columns=list(columns)
-            )
+                batch_size=self.batch_rows, row_groups=list(shard.row_groups),
+                columns=[*columns, *marks],
+            )  # fmt: skip
             for batch in batches:
                 if self.rows_in >= limit:
                     break
@@ -123,9 +129,10 @@ class ShardReader(Iterator[pa.RecordBatch]):
                         batch.column(corpus.id_column),
                         batch.column(corpus.text_column),
                         *(batch.column(c) for c in keep),
+                        *(batch.column(c) for c in marks),
                         pa.array(np.arange(start, start + n, dtype=np.int64)),
                     ],
-                    names=["id", "text", *keep, "row_index"],
+                    names=["id", "text", *keep, *marks, "row_index"],
                 )
                 if corpus.where:
                     out = out.filter(where_mask(batch, corpus.where, shard.path))
@@ -195,13 +202,17 @@ def list_sources(corpus: CorpusSpec, shard_rows: int) -> list[Source]:
         files = [f for f in files if f.path not in seen]
         seen.update(f.path for f in files)
         if corpus.format != "text":
-            sources += [Source(_uri(spec_path, f.path), f.size, f.mtime_ns) for f in files]
+            sources += [
+                Source(_uri(spec_path, f.path), f.size, f.mtime_ns, (), _relative(base, f.path))
+                for f in files
+            ]
             continue
         rel = [(_relative(base, f.path), f.size, f.mtime_ns) for f in files]
+        name = os.path.basename(base.rstrip("/"))
         for i in range(0, len(rel), shard_rows):
             chunk = tuple(rel[i : i + shard_rows])
             size = sum(s for _, s, _ in chunk)
-            sources.append(Source(_uri(spec_path, base), size, None, chunk))
+            sources.append(Source(_uri(spec_path, base), size, None, chunk, name))
     return sources
 
 
@@ -210,13 +221,14 @@ def stage_source(
 ) -> ParquetInput:
     """Describe a Parquet input, or stage a jsonl/csv/text source into Parquet and describe that.
 
-    The staged file's name derives from the source (path, size, mtime, files), the columns
-    read, the csv options and `shard_rows`; it is written under a temporary name and renamed,
+    The staged file's name derives from the source (its name relative to the spec path, size,
+    a digest of its first and last 64 KiB, the text files' names, sizes and mtimes), the
+    columns read, the csv options and `shard_rows`, never from where the corpus is mounted; it is written under a temporary name and renamed,
     so a staged file that exists is complete and is reused as is.
     """
     if corpus.format == "parquet":
         if source.size == 0:  # an empty file is zero rows
-            identity = _hash(["parquet", source.path, 0, source.mtime_ns])
+            identity = _hash(["parquet", source.name, 0])
             return ParquetInput(source.path, identity, (), source.path)
         fs, path = filesystem(source.path)
         try:
@@ -227,12 +239,15 @@ def stage_source(
         schema = meta.schema.to_arrow_schema()
         check_columns(schema.names, corpus, source.path)
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        identity = _hash(["parquet", source.path, source.size, source.mtime_ns])
+        # name, size and footer (row groups, their statistics, writer): the same file gets the
+        # same shard ids wherever it is mounted, a rewritten one new ids
+        footer = json.dumps(meta.to_dict(), sort_keys=True, default=str)
+        identity = _hash(["parquet", source.name, source.size, footer])
         return ParquetInput(source.path, identity, rows, source.path, _types(schema, corpus))
 
     key = _hash(
         [
-            STAGING_VERSION, corpus.format, source.path, source.size, source.mtime_ns,
+            STAGING_VERSION, corpus.format, source.name, source.size, _edges(source),
             source.files, corpus.read_columns(), (corpus.csv or CsvOptions()).model_dump(),
             shard_rows,
         ]
@@ -432,8 +447,9 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
             batches = _csv_reader(fs, path, source.path, corpus, columns)
         else:
             batches = _jsonl_reader(fs, path, source.path, corpus, columns)
+        decode = (corpus.id_column, *corpus.keep_columns) if corpus.format == "csv" else ()
         for batch in batches:
-            yield batch.select(columns)
+            yield _decoded(batch.select(columns), decode) if decode else batch.select(columns)
     except (OSError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
         hint = ""
         if "conversion error" in str(e):
@@ -444,6 +460,32 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
         raise ValueError(
             f"{source.path}: cannot read as {corpus.format}: {_redact(e)}{hint}"
         ) from None
+
+
+def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:
+    """The textual id/kept columns (read as raw bytes) as strings: a value that is not UTF-8
+    becomes null and its column is named in `_undecodable` for that row, so one bad byte
+    never turns a whole column into binary. Other columns pass through."""
+    bad: list[list[str]] = [[] for _ in range(batch.num_rows)]
+    arrays, names = [], []
+    for name in batch.schema.names:
+        arr = batch.column(name)
+        if name in columns and pa.types.is_binary(arr.type):
+            try:
+                arr = arr.cast(pa.string())  # the common case: every value is UTF-8
+            except pa.ArrowInvalid:
+                values = []
+                for i, v in enumerate(arr.to_pylist()):
+                    try:
+                        values.append(None if v is None else v.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        values.append(None)
+                        bad[i].append(name)
+                arr = pa.array(values, pa.string())
+        arrays.append(arr)
+        names.append(name)
+    marks = pa.array([",".join(b) if b else None for b in bad], pa.string())
+    return pa.RecordBatch.from_arrays([*arrays, marks], names=[*names, UNDECODABLE])
 
 
 def _redact(error: Exception) -> str:
@@ -470,6 +512,11 @@ def _csv_reader(
     types |= {
         c: pa.string() for c in columns if c not in types and schema.field(c).type == pa.null()
     }
+    for c in (corpus.id_column, *corpus.keep_columns):  # textual: raw bytes, decoded per value
+        if c not in opts.column_types and schema.field(c).type in (
+            pa.string(), pa.binary(), pa.null(),
+        ):  # fmt: skip
+            types[c] = pa.binary()
     # unquoted empty fields are null (as pandas reads MIMIC), a quoted "" is an empty string
     convert = pa_csv.ConvertOptions(
         column_types=types,
@@ -549,6 +596,19 @@ def _write_atomic(
 def _safe_stem(source: Source) -> str:
     stem = os.path.basename(source.path.rstrip("/")) or "input"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:40]
+
+
+def _edges(source: Source, span: int = 1 << 16) -> str:
+    """sha256 of a file's first and last `span` bytes (a cheap content fingerprint that does
+    not depend on where the file is mounted or when it was copied); '' for text dirs."""
+    if source.files or source.size == 0:
+        return ""
+    fs, path = filesystem(source.path)
+    with fs.open_input_file(path) as f:
+        head = f.read(span)
+        f.seek(max(source.size - span, 0))
+        tail = f.read(span)
+    return hashlib.sha256(head + tail).hexdigest()
 
 
 def _hash(parts: Any) -> str:

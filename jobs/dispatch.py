@@ -36,6 +36,7 @@ class ShardResult:
     tokens: int = 0
     truncated: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    nulled: dict[str, int] = field(default_factory=dict)  # kept column -> values nulled
     token_lengths: list[int] = field(default_factory=list)  # per note; kept for dry runs only
     seconds: float = 0.0  # busy time in the actor
     batches: int = 0  # record batches read

@@ -231,6 +231,7 @@ def _run_locked(
         outcome = dispatcher.run(todo)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
         interrupted, outcome = True, dispatcher.outcome
+        ray.get(gate.close.remote())  # from now on no attempt starts or commits
         raise
     finally:  # also when interrupted: no actor of this run may go on writing
         progress.close()
@@ -401,9 +402,12 @@ def build_report(
     everything = earlier + results
     total = lambda key: sum(getattr(r, key) for r in everything)  # noqa: E731
     reasons: dict[str, int] = {}
+    nulled: dict[str, int] = {}
     for r in everything:
         for k, v in r.reasons.items():
             reasons[k] = reasons.get(k, 0) + v
+        for k, v in r.nulled.items():
+            nulled[k] = nulled.get(k, 0) + v
     per_pool: dict[str, Any] = {}
     per_actor: dict[str, Any] = {}
     for p in pools:
@@ -432,7 +436,7 @@ def build_report(
         "name": spec.name,
         "spec_hash": spec.spec_hash(),
         "rows_in": rows_in, "rows_out": rows_out, "error_rows": errors, "filtered_rows": filtered,
-        "errors_by_reason": reasons,
+        "errors_by_reason": reasons, "nulled_values": nulled,
         "windows": total("windows"), "tokens": total("tokens"), "truncated_notes": total("truncated"),
         "shards": {
             "total": len(shards), "committed_before": len(earlier), "processed": len(results),

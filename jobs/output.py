@@ -59,6 +59,12 @@ class ReasonCode(enum.StrEnum):
     UNDECODABLE = "undecodable"  # bytes that are not UTF-8
     TOO_LONG = "too_long"  # more than run.max_note_chars characters
     NULL_ID = "null_id"  # the id is null: the row could not be identified in the output
+    # Not a row error: the row is written, with this kept column's value (not UTF-8) as null;
+    # the errors table names the column. Counted apart (Report.nulled_values).
+    UNDECODABLE_VALUE = "undecodable_value"
+
+
+ROW_REASONS = tuple(r.value for r in ReasonCode if r is not ReasonCode.UNDECODABLE_VALUE)
 
 
 def package_version() -> str:
@@ -129,13 +135,15 @@ def output_schema(
 
 
 def errors_schema(id_type: pa.DataType) -> pa.Schema:
-    """Schema of an errors part: id (input type, nullable), shard, row_index, reason code."""
+    """Schema of an errors part: id (input type, nullable), shard, row_index, reason code, and
+    `column` (the kept column a value was nulled in, for reason undecodable_value; else null)."""
     return pa.schema(
         [
             pa.field("id", id_type),
             pa.field("shard", pa.string()),
             pa.field("row_index", pa.int64()),
             pa.field("reason", pa.string()),
+            pa.field("column", pa.string()),
         ]
     )
 
@@ -153,17 +161,26 @@ class CommitGate:
     def __init__(self) -> None:
         self.trusted: dict[str, str] = {}
         self.claimed: dict[str, str] = {}
+        self.closed = False
 
     def trust(self, shard_id: str, attempt: str) -> None:
         self.trusted[shard_id] = attempt
         self.claimed.pop(shard_id, None)  # its previous attempt is dead: its claim lapses
+
+    def close(self) -> None:
+        """The run is stopping (interrupted): no attempt may start or commit any more."""
+        self.closed = True
+        self.trusted.clear()
+
+    def may_start(self, shard_id: str, attempt: str) -> bool:
+        return not self.closed and self.trusted.get(shard_id) == attempt
 
     def revoke(self, shard_id: str, attempt: str) -> None:
         if self.trusted.get(shard_id) == attempt:
             del self.trusted[shard_id]
 
     def claim(self, shard_id: str, attempt: str) -> bool:
-        if self.trusted.get(shard_id) != attempt or shard_id in self.claimed:
+        if not self.may_start(shard_id, attempt) or shard_id in self.claimed:
             return False
         self.claimed[shard_id] = attempt
         return True
@@ -520,6 +537,7 @@ class Report:
     error_rows: int
     filtered_rows: int  # dropped by corpus.where
     errors_by_reason: dict[str, int]
+    nulled_values: dict[str, int]  # kept column -> values written as null (not UTF-8)
     windows: int
     tokens: int
     truncated_notes: int
@@ -561,7 +579,7 @@ class Report:
                 f"errors_by_reason {self.errors_by_reason} do not sum to error_rows "
                 f"{self.error_rows}"
             )
-        if unknown := sorted(set(self.errors_by_reason) - {r.value for r in ReasonCode}):
+        if unknown := sorted(set(self.errors_by_reason) - set(ROW_REASONS)):
             problems.append(f"unknown reason codes {unknown}")
         s = self.shards
         done = s.get("committed_before", 0) + s.get("processed", 0) + len(s.get("failed", []))

@@ -90,6 +90,16 @@ def has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def mount_free(path: str) -> str:
+    """A corpus path without where it is mounted: its last component, or from the component
+    before the first glob on (`/mnt/a/notes/*.csv.gz` -> `notes/*.csv.gz`)."""
+    parts = [p for p in path.split("://", 1)[-1].split("/") if p]
+    first_glob = next((i for i, p in enumerate(parts) if has_glob(p)), None)
+    if first_glob is None:
+        return "/".join(parts[-1:])
+    return "/".join(parts[max(first_glob - 1, 0) :])
+
+
 def _resolve(path: str, info: ValidationInfo) -> str:
     """Resolve a relative local path against the spec's directory (from the validation context)."""
     base = (info.context or {}).get("base_dir")
@@ -514,8 +524,8 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _pools(self) -> JobSpec:
         names: set[str] = set()
-        staging = self.staging_dir().rstrip("/") + "/"
-        if staging.startswith(self.output.path.rstrip("/") + "/"):
+        staging = self.staging_dir().partition("?")[0].rstrip("/") + "/"
+        if staging.startswith(self.output.path.partition("?")[0].rstrip("/") + "/"):
             raise _fail(
                 "must not be inside output.path (staged files hold note text)",
                 "run.staging_dir",
@@ -535,15 +545,21 @@ class JobSpec(_Section):
 
     def staging_dir(self) -> str:
         """run.staging_dir, or the default beside the output: '<output.path>.staging'."""
-        return self.run.staging_dir or self.output.path.rstrip("/") + ".staging"
+        if self.run.staging_dir:
+            return self.run.staging_dir
+        path, sep, query = self.output.path.partition("?")  # s3://b/out?endpoint_override=..
+        return path.rstrip("/") + ".staging" + sep + query
 
     def resolved_json(self) -> dict[str, Any]:
         """The spec with every default filled in and paths resolved, as JSON-ready data."""
         return self.model_dump(mode="json")
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical JSON of the fields that change the output (see HASH_EXCLUDED)."""
+        """sha256 of the canonical JSON of the fields that change the output (see HASH_EXCLUDED).
+        Corpus paths count without their mount point (`/mnt/a/notes/*.parquet` and
+        `s3://b/notes/*.parquet` are both `notes/*.parquet`): moving the archive is the same job."""
         data = self.resolved_json()
+        data["corpus"]["paths"] = [mount_free(p) for p in data["corpus"]["paths"]]
         for path in HASH_EXCLUDED:
             node = data
             for key in path[:-1]:

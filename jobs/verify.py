@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
-from .output import STATS_KEY, OutputDir, Report
+from .output import STATS_KEY, OutputDir, ReasonCode, Report
 
 PER_PART_KEYS = ("shard", STATS_KEY)  # metadata that differs between parts by design
 
@@ -72,13 +72,15 @@ def verify_output(path: str) -> list[str]:
         for key in ("rows_in", "rows_out", "error_rows", "filtered_rows"):
             totals[key] += int(stats.get(key, 0))
         errors = _read(out, out.errors_path(shard))
+        want_errors = stats.get("error_rows", 0) + sum((stats.get("nulled") or {}).values())
         n_errors = 0 if errors is None else errors.num_rows
-        if n_errors != stats.get("error_rows", 0):
+        if n_errors != want_errors:
             findings.append(
-                f"_errors/{name}: {n_errors} rows, the part's footer says {stats.get('error_rows', 0)}"
+                f"_errors/{name}: {n_errors} rows, the part's footer says {want_errors}"
             )
-        if errors is not None:
-            error_ids.update(errors["id"].to_pylist())
+        if errors is not None:  # rows with no output row (a nulled kept value is written)
+            lost = [r != ReasonCode.UNDECODABLE_VALUE.value for r in errors["reason"].to_pylist()]
+            error_ids.update(i for i, x in zip(errors["id"].to_pylist(), lost) if x)
     dupes = [k for k, n in ids.items() if n > 1]
     if dupes:
         findings.append(f"{len(dupes)} ids written more than once, e.g. {dupes[0]!r}")

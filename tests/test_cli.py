@@ -144,3 +144,16 @@ def test_validate_catches_data_and_model_mistakes_before_ray(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     assert main(["validate", "--no-check-paths", str(path)]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_unreachable_object_store_output_is_one_line(tmp_path, capsys, monkeypatch):
+    """An s3:// output nobody answers for: one line naming the problem, no traceback."""
+    spec = demo_spec(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    spec["output"]["path"] = "s3://bucket/out?endpoint_override=127.0.0.1:9&scheme=http"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: OSError:") and "\n" not in err and "Traceback" not in err

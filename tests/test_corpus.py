@@ -402,3 +402,70 @@ def test_batches_are_cut_by_text_bytes():
     assert [p.num_rows for p in cut_by_bytes(batch, "text", None)] == [6]
     ints = pa.RecordBatch.from_pydict({"text": [1, 2, 3]})
     assert [p.num_rows for p in cut_by_bytes(ints, "text", 1)] == [3]  # not text: uncut
+
+
+def test_moving_the_corpus_keeps_shard_ids_and_the_job_hash(tmp_path: Path):
+    import shutil
+
+    from jobs.spec import mount_free, parse_spec
+
+    write_parquet_dir(tmp_path / "mnt_a" / "notes")
+    shutil.copytree(tmp_path / "mnt_a", tmp_path / "mnt_b")  # a new mount: new paths, mtimes
+    with gzip.open(tmp_path / "mnt_a" / "n.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"id": i, "text": f"note {i}"}) + "\n" for i in range(30))
+    shutil.copy(tmp_path / "mnt_a" / "n.jsonl.gz", tmp_path / "mnt_b" / "n.jsonl.gz")
+    plans = {}
+    for mnt in ("mnt_a", "mnt_b"):
+        pq_corpus = spec(format="parquet", paths=[str(tmp_path / mnt / "notes")],
+                         id_column="note_id", text_column="TEXT")  # fmt: skip
+        js_corpus = spec(format="jsonl", paths=[str(tmp_path / mnt / "*.jsonl.gz")])
+        plans[mnt] = [
+            [s.id for s in plan_shards(c, str(tmp_path / mnt / "staging"), shard_rows=10)]
+            for c in (pq_corpus, js_corpus)
+        ]
+    assert plans["mnt_a"] == plans["mnt_b"]  # same files, same shard ids: resume finds them
+    (tmp_path / "mnt_b" / "n.jsonl.gz").write_bytes(b"")  # another content: other ids
+    moved = plan_shards(spec(format="jsonl", paths=[str(tmp_path / "mnt_b" / "*.jsonl.gz")]),
+                        str(tmp_path / "mnt_b" / "staging2"), shard_rows=10)  # fmt: skip
+    assert [s.id for s in moved] != plans["mnt_a"][1]
+
+    assert mount_free("/mnt/a/notes/*.parquet") == "notes/*.parquet"
+    assert mount_free("s3://bucket/x/NOTEEVENTS.csv.gz") == "NOTEEVENTS.csv.gz"
+    assert mount_free("/data/notes/") == "notes"
+    assert mount_free("/data/**/*.txt") == "data/**/*.txt"
+
+    def job_hash(path: str) -> str:
+        data = {"name": "t", "corpus": {"format": "parquet", "paths": [path]},
+                "model": {"variant": "custom", "path": "/models/m"},
+                "device_pool": [{"name": "cpu", "device": "cpu"}],
+                "output": {"path": "/out"}}  # fmt: skip
+        return parse_spec(data, tmp_path, check_paths=False).spec_hash()
+
+    assert job_hash("/mnt/a/notes") == job_hash("s3://bucket/notes/")
+    assert job_hash("/mnt/a/notes") != job_hash("/mnt/a/other_notes")
+
+
+def test_one_bad_byte_never_changes_a_column_type(tmp_path: Path):
+    """A non-UTF-8 value in the id or a kept column, in the first block or a later one: the
+    column stays string, that value becomes null and `_undecodable` names its column."""
+    good = b"".join(b"n%d,h%d,note %d\n" % (i, i, i) for i in range(3000))
+    for where in ("first", "late"):
+        bad = b"n\xff1,h1,note x\nn2,h\xfe2,note y\n"
+        body = bad + good if where == "first" else good + bad
+        path = tmp_path / f"{where}.csv.gz"
+        with gzip.open(path, "wb") as f:
+            f.write(b"ROW_ID,HADM,TEXT\n" + body)
+        monkey = corpus_mod.INFER_BLOCK_BYTES
+        corpus_mod.INFER_BLOCK_BYTES = 4096  # several blocks: the bad rows in a later one
+        try:
+            corpus = spec(format="csv", paths=[str(path)], id_column="ROW_ID",
+                          text_column="TEXT", keep_columns=["HADM"])  # fmt: skip
+            shards = plan_shards(corpus, str(tmp_path / f"staging-{where}"), shard_rows=1000)
+        finally:
+            corpus_mod.INFER_BLOCK_BYTES = monkey
+        rows, rows_in, _ = read_all(shards, corpus, batch_rows=500)
+        assert rows_in == 3002
+        schema = pq.read_schema(shards[0].path)
+        assert schema.field("ROW_ID").type == pa.string() == schema.field("HADM").type
+        marked = {(r["id"], r["HADM"], r["_undecodable"]) for r in rows if r["_undecodable"]}
+        assert marked == {(None, "h1", "ROW_ID"), ("n2", None, "HADM")}

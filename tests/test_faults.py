@@ -164,3 +164,123 @@ def test_a_lost_worker_node_and_the_job_completes_exactly_once(tmp_path, model_d
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_undecodable_ids_and_kept_values_keep_the_column_types(tmp_path, model_dir, ray_local):
+    import gzip
+
+    import pyarrow as pa
+
+    from jobs.verify import verify_output
+
+    good = b"".join(b"n%d,h%d,pt was seen on day %d\n" % (i, i, i) for i in range(40))
+    with gzip.open(tmp_path / "notes.csv.gz", "wb") as f:
+        f.write(b"ROW_ID,HADM,TEXT\n" + good + b"n\xff901,h901,a note\nn902,h\xfe902,another\n")
+    corpus = {"format": "csv", "paths": [str(tmp_path / "notes.csv.gz")], "id_column": "ROW_ID",
+              "text_column": "TEXT", "keep_columns": ["HADM"]}  # fmt: skip
+    report = run(job(tmp_path, model_dir, corpus), tmp_path)
+    assert report["errors_by_reason"] == {"undecodable": 1} and report["rows_out"] == 41
+    assert report["nulled_values"] == {"HADM": 1}
+    out, errors = read_out(tmp_path / "out")
+    assert out.schema.field("id").type == pa.string() == out.schema.field("HADM").type
+    row = next(r for r in out.to_pylist() if r["id"] == "n902")
+    assert row["HADM"] is None and row["embedding"] is not None
+    assert sorted(errors.select(["id", "reason", "column"]).to_pylist(), key=str) == sorted([
+        {"id": None, "reason": "undecodable", "column": None},
+        {"id": "n902", "reason": "undecodable_value", "column": "HADM"},
+    ], key=str)  # fmt: skip
+    assert verify_output(str(tmp_path / "out")) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_local, sig):
+    """The CLI driver in its own process (its own local Ray): SIGINT stops its actors and
+    writes a partial report (exit 130); SIGKILL leaves a stale lock the next run takes over.
+    Either way the resumed output equals a clean run."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+    from test_submit import stop_head
+
+    table, corpus = parquet_corpus(tmp_path, 60)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5,
+                                                 "progress_interval_s": 0.2})  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
+    temps = []
+
+    def driver(slowdown: str = "") -> dict:  # each driver starts its own local Ray
+        temps.append(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))  # short AF_UNIX paths
+        return {**os.environ, "RAY_TMPDIR": temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
+
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.Popen(cmd, env=driver("cpu=0.3"), stderr=subprocess.PIPE, text=True,
+                                cwd=repo)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(out.glob("part-*.parquet")), "the job never committed a shard"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1]
+            partial = json.loads((out / "_report.json").read_text())
+            assert partial["interrupted"] is True
+            assert not (out / "_lock.json").exists()
+        else:
+            assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()
+            stop_head(temps[-1])  # what the killed driver's own Ray left running
+        assert not (out / "_SUCCESS").exists()
+        done = subprocess.run(cmd, env=driver(), capture_output=True, text=True, timeout=300,
+                              cwd=repo)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not list(out.glob(".tmp-*"))  # what the stopped attempts left is gone
+    finally:
+        for temp in temps:
+            stop_head(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+    report = json.loads((out / "_report.json").read_text())
+    assert report["shards"]["committed_before"] >= 1 and report["rows_out"] == 60
+    result = assert_equals_clean_run(out, spec, tmp_path)
+    check_exactly_once(table["note_id"].to_pylist(), result, None)
+
+
+def test_full_disk_loses_nothing_and_resumes(tmp_path, model_dir, ray_local):
+    """The output on a tiny tmpfs (skipped where mounting is not allowed): shards that cannot
+    be written fail cleanly (no partial part, no temp file, no _SUCCESS); with room again the
+    same spec resumes to exactly the clean run's output."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        table, corpus = parquet_corpus(tmp_path, 60)
+        spec = job(tmp_path, model_dir, corpus, output={"path": str(mnt / "out")},
+                   run={"shard_rows": 5, "batch_rows": 5, "max_shard_attempts": 2})  # fmt: skip
+        try:
+            report = run(spec, tmp_path)
+            assert report["shards"]["failed"], "the disk never filled up"
+        except OSError:
+            pass  # full before the first part: refused at the start
+        out = mnt / "out"
+        assert not (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
+        for part in out.glob("part-*.parquet"):  # whatever landed is whole
+            assert pq.read_metadata(part).num_rows > 0
+        subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
+        report = run(spec, tmp_path)
+        assert report["rows_out"] == 60 and not report["shards"]["failed"]
+        result = assert_equals_clean_run(out, spec, tmp_path)
+        check_exactly_once(table["note_id"].to_pylist(), result, None)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

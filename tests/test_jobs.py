@@ -172,7 +172,7 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
         check_exactly_once(ids, out, errors)
         assert report["errors_by_reason"] == reasons, name
         assert report["rows_in"] == report["rows_out"] + report["error_rows"]
-        assert set(errors.column_names) == {"id", "shard", "row_index", "reason"}
+        assert set(errors.column_names) == {"id", "shard", "row_index", "reason", "column"}
         text = json.dumps(report) + (root / "out" / "_job.json").read_text()
         assert CANARY not in text
     if "csv" in cases:  # the csv notes equal the runner's vectors on the same text
@@ -238,8 +238,8 @@ def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_
     partial = json.loads((tmp_path / "out" / "_report.json").read_text())
     assert partial["interrupted"] is True and 3 <= partial["shards"]["processed"] <= committed
     assert partial["rows_in"] == partial["rows_out"] + partial["error_rows"]
-    assert not list((tmp_path / "out").glob(".tmp-*"))  # no attempt left a temp file
     report = run(spec, tmp_path)
+    assert not list((tmp_path / "out").glob(".tmp-*"))  # killed attempts' temp files removed
     assert report["shards"]["committed_before"] == committed
     assert report["shards"]["processed"] == 10 - committed
     assert_equals_clean_run(tmp_path / "out", spec, tmp_path)

@@ -63,7 +63,7 @@ def part(ids: list[str], **over) -> pa.Table:
 def errors(shard: str, ids: list[str | None], reason: ReasonCode) -> pa.Table:
     return pa.table(
         {"id": ids, "shard": [shard] * len(ids), "row_index": range(len(ids)),
-         "reason": [reason.value] * len(ids)},
+         "reason": [reason.value] * len(ids), "column": [None] * len(ids)},
         schema=errors_schema(pa.string()),
     )  # fmt: skip
 
@@ -108,11 +108,11 @@ def test_schema_rejects_bad_arguments():
 
 def test_errors_schema_and_reason_codes():
     s = errors_schema(pa.int64())
-    assert s.names == ["id", "shard", "row_index", "reason"]
+    assert s.names == ["id", "shard", "row_index", "reason", "column"]
     assert s.field("id").type == pa.int64() and s.field("id").nullable
     assert s.field("row_index").type == pa.int64()
     assert {r.value for r in ReasonCode} == {
-        "null", "empty", "not_text", "undecodable", "too_long", "null_id",
+        "null", "empty", "not_text", "undecodable", "too_long", "null_id", "undecodable_value",
     }  # fmt: skip
     assert ReasonCode.NULL_ID == "null_id"
 
@@ -283,7 +283,7 @@ def test_check_spec_on_an_unrelated_dir_keeps_its_files(tmp_path: Path):
 def report(**over) -> Report:
     base = dict(
         name="t", spec_hash="h", rows_in=10, rows_out=6, error_rows=3, filtered_rows=1,
-        errors_by_reason={"null": 1, "empty": 2}, windows=9, tokens=900, truncated_notes=0,
+        errors_by_reason={"null": 1, "empty": 2}, nulled_values={}, windows=9, tokens=900, truncated_notes=0,
         shards={"total": 3, "committed_before": 1, "processed": 1,
                 "failed": [{"shard_id": "s3", "attempts": 3, "error": "actor died"}]},
         retries=2, actor_restarts=1, stalls=[], interrupted=False, per_pool={}, per_actor={}, wall_s=1.5, tokens_per_s=600.0,
@@ -392,6 +392,9 @@ def test_commit_gate_fences_stale_attempts(tmp_path: Path):
     assert not gate.claim("s", "a1") and gate.claim("s", "a2") and not gate.claim("s", "a2")
     gate.trust("s", "a3")  # a2 died after claiming, before its rename: a3 may commit
     assert gate.claim("s", "a3")
+    gate.trust("t", "b1")
+    gate.close()  # the run was interrupted: nothing starts or commits any more
+    assert not gate.may_start("t", "b1") and not gate.claim("t", "b1")
 
     out = OutputDir(str(tmp_path / "out"))
     with (
