@@ -220,8 +220,11 @@ def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_loca
 
     out = tmp_path / "out"
     try:
+        # SIGINT's default action back: a test run started in the background (`make test &`)
+        # has it ignored, and an ignored SIGINT is inherited across exec
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
         proc = subprocess.Popen(cmd, env=driver("cpu=0.3"), stderr=subprocess.PIPE, text=True,
-                                cwd=repo)  # fmt: skip
+                                cwd=repo, preexec_fn=default_sigint)  # fmt: skip
         deadline = time.monotonic() + 120
         while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
