@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 LONG_NOTE_POLICIES = ("truncate", "windows")
+CHUNK_CHARS = 100_000  # longer notes are tokenized in pieces (see NoteTokenizer.encode)
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -192,6 +193,19 @@ def find_specials(
     return Specials(cls=int(cls), sep=int(sep), mask=None if mask is None else int(mask))
 
 
+def _arrays(enc: Any, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(enc.ids, dtype=np.int32)
+    return ids, np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2) + shift
+
+
+def _cut(text: str, at: int) -> int:
+    """Where to end a piece at or after `at`: the start of a whitespace run (or the end)."""
+    i = at
+    while i < len(text) and not (text[i].isspace() and not text[i - 1].isspace()):
+        i += 1
+    return i
+
+
 @dataclass
 class Windows:
     """Tokenized notes as packed windows (W windows, T tokens in all)."""
@@ -254,17 +268,38 @@ class NoteTokenizer:
         self.specials = specials or find_specials(tokenizer)
         self.cls_id, self.sep_id = self.specials.cls, self.specials.sep
         self.mask_id = self.specials.mask
+        self.chunk_chars = CHUNK_CHARS
+
+    def encode(self, notes: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per note (ids int32[T], char offsets int64[T, 2]). A note longer than
+        `chunk_chars` is tokenized in pieces cut where a whitespace run starts (the same
+        tokens as in one piece, since every pre-tokenizer splits there), so its memory is
+        numpy arrays, not the tokenizer's per-token objects for the whole note at once."""
+        short = [i for i, t in enumerate(notes) if len(t) <= self.chunk_chars]
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(notes)  # type: ignore[list-item]
+        encs = self.tokenizer.encode_batch([notes[i] for i in short], add_special_tokens=False)
+        for i, enc in zip(short, encs):
+            out[i] = _arrays(enc, 0)
+        for i in sorted(set(range(len(notes))) - set(short)):
+            text, pieces, start = notes[i], [], 0
+            while start < len(text):
+                end = _cut(text, start + self.chunk_chars)
+                enc = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+                pieces.append(_arrays(enc, start))
+                start = end
+            out[i] = (
+                np.concatenate([p[0] for p in pieces]),
+                np.concatenate([p[1] for p in pieces]),
+            )
+        return out
 
     def __call__(self, notes: list[str]) -> Windows:
-        encs = self.tokenizer.encode_batch(notes, add_special_tokens=False)
         body, step = self.max_seq - 2, self.max_seq - 2 - self.stride
         ids, chars, bounds, note, widx, cstart, cend = [], [], [0], [], [], [], []
         note_tokens = np.zeros(len(notes), dtype=np.int64)
         truncated = np.zeros(len(notes), dtype=bool)
         total = 0
-        for n, enc in enumerate(encs):
-            tok = np.asarray(enc.ids, dtype=np.int32)
-            offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        for n, (tok, offs) in enumerate(self.encode(notes)):
             note_tokens[n] = len(tok)
             if self.policy == "truncate" or len(tok) <= body:
                 starts = [0]

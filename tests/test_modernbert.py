@@ -388,3 +388,21 @@ def test_cuda_varlen_window_parity(mb):
                 assert (out.hidden[a:e] - hidden).abs().max() <= 1e-4
             else:
                 assert cos(out.hidden[a:e], hidden, -1).min() >= 0.99
+
+
+def test_long_notes_tokenize_in_pieces_exactly(tmp_path, bpe):
+    """A note longer than the piece size is tokenized in pieces cut at whitespace runs: the
+    same ids and offsets as one piece, for WordPiece and byte-level BPE."""
+    from clinicalbert_core.tokenizer import wordpiece_from_vocab
+    from jobs.synthetic import vocab_for
+
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab_for()) + "\n")
+    wordpiece = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=False)
+    note = "  ".join(make_notes(30, seed=5, max_words=300)) + " Ünïcode —  tabs\t\tand \n spaces"
+    for tok in (bpe, wordpiece):
+        nt = NoteTokenizer(tok, max_seq=64, policy="windows", stride=8)
+        whole = nt([note, "short"])
+        nt.chunk_chars = 500  # dozens of pieces
+        pieces = nt([note, "short"])
+        for field in ("ids", "token_char", "bounds", "char_start", "char_end", "note_tokens"):
+            np.testing.assert_array_equal(getattr(pieces, field), getattr(whole, field))
