@@ -377,14 +377,17 @@ def prepare(
     return out
 
 
-def integrity_problems(root: Path, manifest: dict[str, Any] | None) -> list[str]:
-    """One line per file the manifest lists that is missing or has another sha256."""
+def integrity_problems(
+    root: Path, manifest: dict[str, Any] | None, digests: dict[str, str] | None = None
+) -> list[str]:
+    """One line per file the manifest lists that is missing or has another sha256
+    (`digests`: the files' sha256s when the caller has them already)."""
     problems = []
     for name, digest in ((manifest or {}).get("files") or {}).items():
         path = root / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif (actual := sha256_file(path)) != digest:
+        elif (actual := (digests or {}).get(name) or sha256_file(path)) != digest:
             problems.append(f"{name}: sha256 {actual}, the manifest expects {digest}")
     return problems
 
@@ -394,6 +397,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     sha256 per file."""
     ck = open_checkpoint(path, casing_required=False, verify=False)
     state = ck.state()
+    digests = {p.name: sha256_file(p) for p in sorted(ck.files.root.iterdir()) if p.is_file()}
     c = ck.config
     return {
         "path": str(ck.files.root),
@@ -421,8 +425,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "config": c.to_dict(),
         "source": (ck.files.manifest or {}).get("source"),
         "prepared": ck.files.manifest is not None,
-        "integrity": integrity_problems(ck.files.root, ck.files.manifest),
-        "sha256": {p.name: sha256_file(p) for p in sorted(ck.files.root.iterdir()) if p.is_file()},
+        "integrity": integrity_problems(ck.files.root, ck.files.manifest, digests),
+        "sha256": digests,
     }
 
 
