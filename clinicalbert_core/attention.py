@@ -34,12 +34,28 @@ def attention(
         return varlen_attn(q, k, v, cu, cu, m, m, window_size=size)
     if window is not None and batch.max_seqlen > window + 1:
         return banded_attention(q, k, v, batch.seq_ids, window)
-    if batch.num_seqs == 1:
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # 3 x (1, H, N, D)
-        return F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)  # (N, H, D)
+    if batch.key_mask is None:  # every sequence has the same length: no padding at all
+        b, n = batch.num_seqs, batch.max_seqlen
+        heads = q.shape[1:]  # (H, D)
+        q, k, v = (t.view(b, n, *heads).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, L, D)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, *heads)
+    if q.device.type == "cpu":
+        return per_sequence(q, k, v, batch)
     q, k, v = (pad(t, batch, pad_value).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, L, D)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.key_mask)  # (B, H, L, D)
     return unpad(out.transpose(1, 2), batch)  # (N, H, D)
+
+
+def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch):
+    """One unmasked attention call per sequence, straight on its packed rows: on CPU this is
+    about 2x faster than one masked call over the padded batch (fp32 and bf16, 12-512 tokens,
+    sorted or not), and it skips the pad/unpad copies."""
+    out = torch.empty_like(q)
+    bounds = batch.cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, D)
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+    return out  # (N, H, D)
 
 
 def band_block(window: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,23 @@ from . import weights as W
 from .config import EncoderConfig
 from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
 from .hub import ModelBundle, open_checkpoint
-from .ops import FFN_CHUNK
+from .ops import FFN_CHUNK, reuse_freed_memory
 from .packing import PackedBatch, pack_flat, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
+from .quant import int8_supported, quantize_linears
 from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
 from .variants import get_variant
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision -> the dtype activations (and non-int8 weights) are held in
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.float32,
+}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,8 @@ class RunnerOptions:
     """How a runner encodes: device, precision, windows, heads, batching."""
 
     device: str = "cpu"  # cpu | cuda | cuda:1 ...
-    precision: str = "auto"  # fp32 | bf16 | fp16 (cuda) | auto
+    precision: str = "auto"  # fp32 | bf16 | fp16 (cuda, mps) | int8 (cpu) | auto
+    allow_int8: bool = False  # let `auto` pick int8 on CPU (never silently)
     max_seq: int = 512  # tokens per window incl. the framing tokens
     pooling: str | None = None  # cls | mean | pooler; None: the variant's / architecture's
     embeddings: bool = True  # compute pooled vectors
@@ -77,16 +86,26 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where the device computes it natively, else fp32 (fp16 on old GPUs)."""
+def resolve_precision(precision: str, device: torch.device, allow_int8: bool = False) -> str:
+    """`auto` -> int8 on CPU only when `allow_int8`; else bf16 where the device computes it
+    natively, fp16 on GPUs without bf16, fp32 on Apple's mps (its dry runs favour exact
+    vectors over speed) and on CPUs without bf16 units."""
     if precision not in (*DTYPES, "auto"):
-        raise ValueError(f"precision must be one of fp32, bf16, fp16, auto; got {precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, auto; got {precision!r}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision fp16 is not supported on cpu; use fp32 or bf16")
+            raise ValueError("precision fp16 is not supported on cpu; use fp32, bf16 or int8")
+        if precision == "int8" and device.type != "cpu":
+            raise ValueError(
+                f"precision int8 runs on cpu only; on {device.type} use bf16, fp16 or fp32"
+            )
+        if precision == "int8" and not int8_supported():
+            raise ValueError("precision int8: this torch build has no int8 GEMM on this CPU")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and allow_int8 and int8_supported():
+        return "int8"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
@@ -153,10 +172,8 @@ class ClinicalBertRunner:
         self.config, self.variant, self.lowercase = config, variant, lowercase
         self.architecture, self.tokenizer_kind = config.model_type, tokenizer_kind(tokenizer)
         self.weights_sha256 = weights_sha256
-        self.device = torch.device(o.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-        self.precision = resolve_precision(o.precision, self.device)
+        self.device = check_device(o.device)
+        self.precision = resolve_precision(o.precision, self.device, o.allow_int8)
         self.dtype = DTYPES[self.precision]
         self.pooling = o.pooling or get_variant(variant).pooling or arch.DEFAULT_POOLING
         self.aggregate, self.batch_tokens = o.aggregate, o.batch_tokens
@@ -167,7 +184,11 @@ class ClinicalBertRunner:
         params = W.convert(state, config, pooler=want_pooler, mlm=o.mlm, source=source)
         build = partial(_build, params=params, device=self.device, dtype=self.dtype)
         self.encoder = build(arch.Encoder, config, "")
-        varlen = self.device.type == "cuda" and self.dtype != torch.float32 and _has_varlen()
+        if self.precision == "int8":  # the layers' linears; embeddings and heads stay fp32
+            quantize_linears(self.encoder.layers)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
+        varlen = varlen_supported(self.device, self.dtype)
         self.encoder.place(varlen, FFN_CHUNK.get(self.device.type, FFN_CHUNK["cpu"]))
         self.pooler = build(arch.Pooler, config, "pooler.") if want_pooler else None
         self.mlm_head = self.mlm_head_host = None
@@ -405,10 +426,36 @@ def _build(
     return module.to(device=device, dtype=dtype).eval()
 
 
-def _has_varlen() -> bool:
+def check_device(name: str) -> torch.device:
+    """`name` as a torch device this process can use; a clear error where it cannot."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device ({exc})") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be one of {', '.join(DEVICE_TYPES)}; got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA (or ROCm) device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' was asked for but torch sees no Apple GPU (mps)")
+    return device
+
+
+@cache
+def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when the varlen flash kernel runs here: CUDA, half precision, and a kernel this
+    build and GPU have (not every ROCm build or pre-Ampere GPU does). Probed once on a tiny
+    input; elsewhere attention takes the padded SDPA path."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        q = torch.zeros(4, 1, 64, device=device, dtype=dtype)
+        cu = torch.tensor([0, 4], device=device, dtype=torch.int32)
+        varlen_attn(q, q, q, cu, cu, 4, 4)
+    except Exception as exc:  # ImportError, or a RuntimeError from a missing kernel
+        log.info("varlen attention unavailable on %s (%s): padded SDPA", device, type(exc).__name__)
         return False
     return True
 

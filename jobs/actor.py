@@ -91,6 +91,7 @@ def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBe
         bundle,
         device=pool.device,
         precision=pool.precision,
+        allow_int8=pool.allow_int8,
         max_seq=spec.model.max_seq,
         pooling=spec.heads.pooling,
         embeddings=spec.heads.embeddings,

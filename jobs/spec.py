@@ -403,17 +403,26 @@ class PoolSpec(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_-]+$", description="Pool name (unique), used in reports."
     )
-    device: Literal["cpu", "cuda"] = Field(description="cpu | cuda (one GPU per actor).")
+    device: Literal["cpu", "cuda", "mps"] = Field(
+        description="cpu | cuda (one GPU per actor; AMD GPUs through torch's ROCm build are "
+        "cuda too) | mps (Apple GPU: dry runs and small jobs on one machine)."
+    )
     actors: int = Field(1, ge=1, description="Number of actors (default 1).")
     cpus_per_actor: int = Field(
         1,
         ge=1,
         description="Ray num_cpus per actor; CPU actors also use this many torch threads (default 1).",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
-        description="auto (default: resolved in the actor for the device it got) | fp32 | bf16 | "
-        "fp16 (cuda only).",
+        description="auto (default: resolved in the actor for the device it got: bf16 on GPUs "
+        "and CPUs with bf16 units, else fp32) | fp32 | bf16 | fp16 (cuda, mps) | int8 (cpu: "
+        "int8 linear layers, the rest fp32; recorded in the output metadata).",
+    )
+    allow_int8: bool = Field(
+        False,
+        description="Let precision auto pick int8 on CPU actors (default false: auto never "
+        "picks int8 unless allowed here).",
     )
     batch_tokens: int = Field(
         8192, ge=8, description="Token budget per encoder batch (default 8192; >= model.max_seq)."
@@ -428,14 +437,17 @@ class PoolSpec(_Section):
     @field_validator("precision")
     @classmethod
     def _precision(cls, precision: str, info: ValidationInfo) -> str:
-        if precision == "fp16" and info.data.get("device") == "cpu":
-            raise ValueError("fp16 is not supported on cpu; use fp32, bf16 or auto")
+        device = info.data.get("device")
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("fp16 is not supported on cpu; use fp32, bf16, int8 or auto")
+        if precision == "int8" and device != "cpu":
+            raise ValueError(f"int8 runs on cpu only; on {device} use auto, bf16, fp16 or fp32")
         return precision
 
     @field_validator("accelerator_type")
     @classmethod
     def _accelerator(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("device") == "cpu":
+        if value is not None and info.data.get("device") != "cuda":
             raise ValueError("needs device cuda")
         return value
 

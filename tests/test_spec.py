@@ -320,7 +320,7 @@ def test_json_schema():
     assert schema["additionalProperties"] is False
     defs = schema["$defs"]
     assert "bio_clinicalbert" in defs["ModelSpec"]["properties"]["variant"]["enum"]
-    assert defs["PoolSpec"]["properties"]["device"]["enum"] == ["cpu", "cuda"]
+    assert defs["PoolSpec"]["properties"]["device"]["enum"] == ["cpu", "cuda", "mps"]
     assert defs["RunSpec"]["properties"]["shard_rows"]["default"] == 20000
     assert all(p.get("description") for p in defs["CorpusSpec"]["properties"].values())
 

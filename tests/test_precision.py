@@ -1,0 +1,153 @@
+"""Precisions and devices: int8 on CPU (quality budget on a BERT-base-shaped checkpoint),
+`auto` never picking int8 unless allowed, and the mps / ROCm fallbacks forced on CPU."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+
+from clinicalbert_core import bert, runner
+from clinicalbert_core.placement import MlmExecMode, resolve_mlm_mode
+from clinicalbert_core.quant import Int8Linear, int8_supported
+from clinicalbert_core.runner import ClinicalBertRunner, RunnerOptions, resolve_precision
+from clinicalbert_core.tokenizer import Specials
+from jobs.bench import windows_of, workload
+from jobs.predictor import EncoderPredictor
+from jobs.spec import PoolSpec
+
+pytestmark = pytest.mark.skipif(not int8_supported(), reason="no int8 GEMM in this torch build")
+
+BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512)  # fmt: skip
+MASK = 4
+
+
+@pytest.fixture(scope="module")
+def bert_base_runners():
+    """fp32 and int8 runners over one randomly initialised BERT-base-shaped MLM checkpoint."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    state = BertForMaskedLM(BertConfig(**BERT_BASE)).state_dict()
+    names = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(names)}, unk_token="[UNK]"))
+    specials = Specials(cls=101, sep=102, mask=MASK)
+    make = lambda precision: ClinicalBertRunner(  # noqa: E731
+        bert.Config(**BERT_BASE), state, tok, specials,
+        RunnerOptions(precision=precision, pooling="mean", mlm=True),
+    )  # fmt: skip
+    return make("fp32"), make("int8")
+
+
+def test_int8_quality_budget_bert_base_shape(bert_base_runners):
+    fp32, int8 = bert_base_runners
+    swapped = [m for m in int8.encoder.modules() if isinstance(m, Int8Linear)]
+    assert len(swapped) == 4 * BERT_BASE["num_hidden_layers"]  # qkv, attn_out, ffn_in, ffn_out
+    assert not any(isinstance(m, Int8Linear) for m in int8.mlm_head.modules())  # heads fp32
+    assert int8.precision == "int8" and int8.encoder.embed.word.weight.dtype == torch.float32
+
+    rng = np.random.default_rng(1)
+    seqs = workload(24, 16, 256, BERT_BASE["vocab_size"], seed=1)
+    for s in seqs:  # ~1 in 7 tokens masked
+        s[rng.choice(np.arange(1, len(s) - 1), size=max(1, len(s) // 7), replace=False)] = MASK
+    windows = windows_of(seqs)
+    ref, out = fp32.encode_windows(windows), int8.encode_windows(windows)
+
+    a, b = ref.vectors, out.vectors
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.995, cos.min()
+    assert not np.array_equal(a, b)  # the int8 path really ran
+
+    # Random weights leave many [MASK] logits near-tied (fp32 and bf16 disagree there too),
+    # so agreement is counted where fp32's top-1 leads its top-2 by >= 0.02 nats: most
+    # positions, and all of them in a trained checkpoint's confident predictions.
+    assert len(ref.mlm.top_ids) > 400
+    lead = ref.mlm.top_logprobs[:, 0] - ref.mlm.top_logprobs[:, 1]
+    decided = lead >= 0.02
+    assert decided.mean() >= 0.8, decided.mean()
+    agree = (ref.mlm.top_ids[decided, 0] == out.mlm.top_ids[decided, 0]).mean()
+    assert agree >= 0.98, agree
+
+
+def test_int8_linear_matches_float_and_keeps_shape():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    q = Int8Linear(lin)
+    x = torch.randn(3, 7, 96)
+    x[0, 0] *= 50  # one loud row keeps its own scale: the others keep their resolution
+    with torch.inference_mode():
+        want, got = lin(x), q(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert err.max() < 0.02, err.max()
+    zeros = torch.zeros(5, 96)  # all-zero rows: no division by zero, exactly the bias
+    assert torch.equal(q(zeros), lin.bias.expand(5, 40).detach())
+
+
+def test_auto_never_picks_int8_unless_allowed():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    assert resolve_precision("auto", cpu, allow_int8=True) == "int8"
+    assert resolve_precision("int8", cpu) == "int8"
+    for device in ("cuda", "mps"):
+        with pytest.raises(ValueError, match=f"int8 runs on cpu only; on {device}"):
+            resolve_precision("int8", torch.device(device))
+
+
+def test_int8_predictor_records_precision(model_dir):
+    import pyarrow as pa
+
+    pred = EncoderPredictor(str(model_dir), device="cpu", precision="int8", max_seq=128)
+    table = pred(pa.table({"text": ["chest pain resolved", "", "no acute distress"]}))
+    assert table.schema.metadata[b"precision"] == b"int8"
+    assert table["embedding"].null_count == 1  # the empty note is an error row, not a vector
+    auto = EncoderPredictor(
+        str(model_dir), device="cpu", precision="auto", allow_int8=True, max_seq=128
+    )
+    assert auto.runner.precision == "int8"
+
+
+def test_spec_precision_and_device_fields():
+    assert PoolSpec(name="c", device="cpu", precision="int8").precision == "int8"
+    assert PoolSpec(name="c", device="cpu", allow_int8=True).allow_int8
+    with pytest.raises(ValueError, match="int8 runs on cpu only"):
+        PoolSpec(name="g", device="cuda", precision="int8")
+    assert PoolSpec(name="m", device="mps", precision="fp16").device == "mps"
+    with pytest.raises(ValueError, match="needs device cuda"):
+        PoolSpec(name="m", device="mps", accelerator_type="H100")
+
+
+def test_mps_resolves_when_forced(monkeypatch):
+    """No Apple GPU here: force torch to report one and check what the runner would pick."""
+    with pytest.raises(RuntimeError, match="no Apple GPU"):
+        runner.check_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    device = runner.check_device("mps")
+    assert device.type == "mps"
+    assert resolve_precision("auto", device) == "fp32"
+    assert resolve_precision("fp16", device) == "fp16"
+    assert resolve_mlm_mode("auto", "mps", 4) is MlmExecMode.IN_GRAPH
+    assert resolve_mlm_mode("auto", "mps", 64) is MlmExecMode.CPU
+    assert not runner.varlen_supported(device, torch.float16)  # padded SDPA on mps
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda, mps"):
+        runner.check_device("xpu")
+
+
+def test_varlen_falls_back_to_padded_sdpa(monkeypatch):
+    """ROCm builds and pre-Ampere GPUs lack the varlen flash kernel: the probe must say so
+    (import missing, or the kernel raising) rather than fail mid-job."""
+    cuda = torch.device("cuda")
+    runner.varlen_supported.cache_clear()
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # import fails
+    assert not runner.varlen_supported(cuda, torch.bfloat16)
+    runner.varlen_supported.cache_clear()
+    monkeypatch.delitem(sys.modules, "torch.nn.attention.varlen")
+    # the kernel exists in this build but no GPU can run it: the probe's call raises
+    assert not runner.varlen_supported(cuda, torch.bfloat16)
+    assert not runner.varlen_supported(cuda, torch.float32)  # fp32 never takes varlen
+    runner.varlen_supported.cache_clear()
