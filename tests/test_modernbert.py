@@ -166,9 +166,10 @@ def test_fp32_parity_hidden_and_mlm_logits_mixed_batch(which, request):
     assert masked == 4
 
 
-def test_bf16_cosine_hidden_and_mlm_logits(mb):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_cosine_hidden_and_mlm_logits(mb, precision):
     path, model = mb
-    r = load(path, mlm=True, precision="bf16")
+    r = load(path, mlm=True, precision=precision)
     notes = mixed_notes()
     w = r.tokenize(notes)
     out = r.encode_windows(w, return_hidden=True, return_logits=True)
