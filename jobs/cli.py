@@ -103,12 +103,21 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .driver import print_dry_run, run_job
+    from .driver import NodeLost, print_dry_run, run_job
     from .spec import load_spec
 
     spec = load_spec(args.spec, overrides=args.set)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: actors first, partial report
-    report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite, address=args.address)
+    try:
+        report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite,
+                         address=args.address)  # fmt: skip
+    except NodeLost as e:  # stopped like an interrupt: actors gone, partial report written
+        assert e.shards is not None  # counted by the driver once its run has stopped
+        committed, total = e.shards
+        print(f"error: {e}; {committed} of {total} shards are committed and kept (partial "
+              "_report.json, interrupted: true); run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 3
     if args.dry_run:
         print_dry_run(report)
     failed = report["shards"]["failed"]
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; the shards committed so far are kept and counted in "
               "_report.json (interrupted: true); run again to resume", file=sys.stderr)  # fmt: skip
         return 130
-    except Exception as e:  # the Ray cluster itself went away (raylet, GCS, object store)
+    except Exception as e:  # the Ray cluster itself went away (GCS, object store); a dead
+        # local raylet is NodeLost, already handled in _run
         if not type(e).__module__.startswith("ray"):
             raise
         print(f"error: lost the Ray cluster ({type(e).__name__}: {_first_line(e)}); committed "

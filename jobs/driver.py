@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -29,6 +30,7 @@ from .preflight import check_corpus, model_fit_problems, pool_problems, where_wa
 from .spec import JobSpec, PoolSpec, SpecError
 
 log = logging.getLogger(__name__)
+NODE_LOST_WAIT_S = 5.0  # the most each step of stopping waits once the driver's node is gone
 
 
 def model_source(spec: JobSpec) -> tuple[str, str | None]:
@@ -105,7 +107,8 @@ def run_job(
     address: str | None = None,
     on_result: Any = None,
 ) -> dict[str, Any]:
-    """Run (or dry-run) a job to completion; returns the report. Raises on setup errors."""
+    """Run (or dry-run) a job to completion; returns the report. Raises on setup errors, and
+    NodeLost when the driver's own Ray node dies mid-run (Ray is shut down by then)."""
     # the real job's staging dir (outside any output): a dry run's staging is reused later
     staging = spec.staging_dir()
     full = spec
@@ -204,9 +207,12 @@ def _run_locked(
         ray.get(gate.trust.remote(shard.id, attempt))  # the previous attempt has ended
         return handle.process.remote(shard, attempt, gate)
 
+    node = LocalNode()
+
     def tick() -> None:
         if lock.lost:  # our lease lapsed and another run took the dir: stop writing now
             raise RuntimeError(lock.lost)
+        node.check()
         monitor.check(dispatcher.in_flight)
         progress.tick()
 
@@ -226,20 +232,33 @@ def _run_locked(
         on_result=result_hook,
         on_tick=tick,
     )
-    interrupted = False
+    stopped: BaseException | None = None  # what ended the run before its shards were done
     try:
         outcome = dispatcher.run(todo)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
-        interrupted, outcome = True, dispatcher.outcome
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+        stopped = e
         ray.get(gate.close.remote())  # from now on no attempt starts or commits
+        raise
+    except NodeLost as e:
+        stopped = e
+        # the gate's own process outlives its raylet: closed, it grants no commit any more;
+        # an unanswered close leaves no gate to grant one either
+        done, _ = ray.wait([gate.close.remote()], timeout=NODE_LOST_WAIT_S)
+        if not done:
+            log.warning("the commit gate did not answer within %.0fs", NODE_LOST_WAIT_S)
         raise
     finally:  # also when interrupted: no actor of this run may go on writing
         progress.close()
-        dispatcher.stop()
+        lost = isinstance(stopped, NodeLost)
+        dispatcher.stop(timeout_s=NODE_LOST_WAIT_S if lost else 60.0)
+        if lost:  # before Ray's health check declares the node dead and ends this process
+            ray.shutdown()  # a local cluster's processes go too: its actors exit with them
         out.clean_temp()  # what killed attempts left; every actor of this run has stopped
-        if interrupted:  # what was committed so far, counted and said to be partial
+        if stopped is not None:  # what was committed so far, counted and said to be partial
             _write_report(out, spec, shards, committed, dispatcher.outcome, pools, started, t0,
                           monitor.stalls, interrupted=True)  # fmt: skip
+        if isinstance(stopped, NodeLost):  # what is on disk, whatever reached the driver
+            stopped.shards = (len(out.committed() & {s.id for s in shards}), len(shards))
     report = _write_report(out, spec, shards, committed, outcome, pools, started, t0,
                            monitor.stalls)  # fmt: skip
     wrote_nothing = report["rows_in"] and not (report["rows_out"] or report["error_rows"])
@@ -341,6 +360,52 @@ class Monitor:
                 self.live.pop(slot.name, None)
                 self.changed[slot.name] = now
                 ray.kill(slot.handle)
+
+
+class NodeLost(RuntimeError):
+    """The driver's own Ray node died (its raylet): nothing can be scheduled or fetched any
+    more. The run stops like an interrupted one (partial report, interrupted: true); `shards`
+    is (committed, total) once it has stopped."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.shards: tuple[int, int] | None = None
+
+
+class LocalNode:
+    """Watches the raylet of the driver's own node from the dispatch loop.
+
+    Once it is gone the driver's Ray connection is broken for good, but Ray only notices when
+    its health checks declare the node dead (15 s or more later), and then ends the driver
+    from a background thread (exit 1, "The connection to the plasma store is failed"),
+    whatever it is doing. A refused connection to the raylet's port says it within a
+    second, while the actors' processes still answer, so the run can stop cleanly."""
+
+    def __init__(self, every_s: float = 1.0):
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        me = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        self.address = (me["NodeManagerAddress"], int(me["NodeManagerPort"]))
+        self.every, self.last = every_s, 0.0
+
+    def alive(self) -> bool:
+        try:
+            with socket.create_connection(self.address, timeout=self.every):
+                return True
+        except ConnectionRefusedError:  # nothing listens on the raylet's port
+            return False
+        except TimeoutError:  # a busy host, not a verdict: asked again next time
+            return True
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        if not self.alive():
+            host, port = self.address
+            raise NodeLost(f"the local Ray node (raylet at {host}:{port}) died mid-job")
 
 
 def _write_report(

@@ -5,6 +5,7 @@ Each asserts exactly-once output (ids and vectors equal to a clean run) and the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -287,3 +288,134 @@ def test_full_disk_loses_nothing_and_resumes(tmp_path, model_dir, ray_local):
         check_exactly_once(table["note_id"].to_pylist(), result, None)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _processes() -> dict[int, tuple[int, str, str, str]]:
+    """pid -> (parent pid, state, start time, command name) of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        fields = rest.split()  # from field 3 (state) on: 1 = parent pid, 19 = start time
+        table[int(entry.name)] = (int(fields[1]), fields[0], fields[19], name)
+    return table
+
+
+def _tree(root: int) -> dict[int, tuple[str, str]]:
+    """root's descendants now: pid -> (start time, command name); the start time tells a
+    process from a later one given the same pid."""
+    table, found, todo = _processes(), {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _, start, name) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (start, name)
+                todo.append(pid)
+    return found
+
+
+def _still_running(tree: dict[int, tuple[str, str]]) -> list[int]:
+    """The processes of `tree` that still run (the same start time, not a zombie)."""
+    table = _processes()
+    return [pid for pid, (start, _) in tree.items()
+            if pid in table and table[pid][2] == start and table[pid][1] != "Z"]  # fmt: skip
+
+
+def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, ray_local):
+    """The CLI driver in its own process and local Ray; once a shard is committed, that Ray's
+    raylet (and only it) is SIGKILLed. The driver must end within seconds with one error line
+    (exit 3), no traceback, a partial report, no _SUCCESS, and none of its Ray processes left
+    to write; the same command then resumes to exactly a clean run's output."""
+    import json
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+    from test_submit import stop_head
+
+    table, corpus = parquet_corpus(tmp_path, 60)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5,
+                                                 "progress_interval_s": 0.2})  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
+    temps: list[str] = []
+    tree: dict[int, tuple[str, str]] = {}  # the killed run's processes, to check and clean up
+
+    def driver(slowdown: str = "") -> dict:  # each driver starts its own local Ray
+        temps.append(tempfile.mkdtemp(prefix="rayl-", dir="/tmp"))  # short AF_UNIX paths
+        return {**os.environ, "RAY_TMPDIR": temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
+
+    out = tmp_path / "out"
+    proc = None
+    try:
+        # 2 s per shard: 12 shards on 2 actors last far longer than the driver takes to notice
+        proc = subprocess.Popen(cmd, env=driver("cpu=2"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=repo)  # fmt: skip
+        deadline = time.monotonic() + 180
+        while not list(out.glob("part-*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the job never committed a shard"
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # still running
+        tree.update(_tree(proc.pid))
+        raylets = [pid for pid, (_, name) in tree.items() if name == "raylet"]
+        assert len(raylets) == 1, tree  # this driver's own local Ray: one node
+        os.kill(raylets[0], signal.SIGKILL)
+        killed = time.monotonic()
+        stdout, err = proc.communicate(timeout=120)
+        took = time.monotonic() - killed
+
+        assert proc.returncode == 3, err[-3000:]
+        deadline = time.monotonic() + 30  # no process of the killed run may go on writing
+        while (left := _still_running(tree)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, {pid: tree[pid][1] for pid in left}
+        assert "Traceback" not in stdout + err, err[-3000:]
+        lines = err.splitlines()
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], err[-3000:]
+        # nor any error of Python's or Ray's on stderr: an ERROR log, a C++ E/F log line
+        noise = re.compile(r"\bERROR\b|^\[[^]]* [EF] \d+ \d+\]|plasma store")
+        assert not [line for line in lines if noise.search(line)], err[-3000:]
+        line = lines[-1]
+        assert line.startswith("error: the local Ray node (raylet") and "run the same" in line
+        parts = list(out.glob("part-*.parquet"))
+        committed = re.search(r"; (\d+) of 12 shards are committed", line)
+        assert committed and int(committed.group(1)) == len(parts) >= 1, line
+        assert not (out / "_SUCCESS").exists() and not (out / "_lock.json").exists()
+        assert not list(out.glob(".tmp-*"))
+        partial = json.loads((out / "_report.json").read_text())
+        assert partial["interrupted"] is True
+        shards = partial["shards"]
+        assert shards["committed_before"] + shards["processed"] <= len(parts)  # what reached
+        # the driver: a shard whose result was under way when it stopped is not counted
+
+        done = subprocess.run(cmd, env=driver(), capture_output=True, text=True, timeout=300,
+                              cwd=repo)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in _still_running(tree):  # only processes the killed run's driver started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for temp in temps:
+            stop_head(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+    report = json.loads((out / "_report.json").read_text())
+    assert report["interrupted"] is False and report["rows_out"] == 60
+    assert report["shards"]["committed_before"] == len(parts)
+    result = assert_equals_clean_run(out, spec, tmp_path)
+    ids = result["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 60  # none lost, none written twice
+    check_exactly_once(table["note_id"].to_pylist(), result, None)
+    print(f"raylet killed: the driver ended {took:.1f}s later; {len(parts)} of 12 shards kept")
