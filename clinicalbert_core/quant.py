@@ -53,15 +53,3 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
-
-def quantize_linears(module: nn.Module) -> int:
-    """Swap every nn.Linear inside `module` for an Int8Linear, in place; returns how many."""
-    swapped = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
-            swapped += 1
-        else:
-            swapped += quantize_linears(child)
-    return swapped

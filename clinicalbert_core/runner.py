@@ -24,10 +24,10 @@ from . import weights as W
 from .config import EncoderConfig
 from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
 from .hub import ModelBundle, open_checkpoint
-from .ops import FFN_CHUNK, reuse_freed_memory
+from .ops import FFN_CHUNK, PackedLinear, packed_linear_supported, reuse_freed_memory, swap_linears
 from .packing import PackedBatch, pack_flat, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
-from .quant import int8_supported, quantize_linears
+from .quant import Int8Linear, int8_supported
 from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
 from .variants import get_variant
 
@@ -185,7 +185,9 @@ class ClinicalBertRunner:
         build = partial(_build, params=params, device=self.device, dtype=self.dtype)
         self.encoder = build(arch.Encoder, config, "")
         if self.precision == "int8":  # the layers' linears; embeddings and heads stay fp32
-            quantize_linears(self.encoder.layers)
+            swap_linears(self.encoder.layers, Int8Linear)
+        elif self.device.type == "cpu" and not o.compile and packed_linear_supported(self.dtype):
+            swap_linears(self.encoder.layers, PackedLinear)
         if self.device.type == "cpu":
             reuse_freed_memory()
         varlen = varlen_supported(self.device, self.dtype)

@@ -11,6 +11,7 @@ its index in that note and the character span of the note it covers.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,7 @@ class NoteTokenizer:
         policy: str = "truncate",
         stride: int = 128,
         specials: Specials | None = None,
+        threads: int = 1,
     ):
         if policy not in LONG_NOTE_POLICIES:
             raise ValueError(
@@ -262,6 +264,8 @@ class NoteTokenizer:
                 f"stride (tokens shared by consecutive windows) must be in [0, {body}) "
                 f"for max_seq {max_seq}, got {stride}"
             )
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         # the runtime owns truncation and windows: a tokenizer.json's own are switched off
         self.tokenizer, _ = without_padding_and_truncation(tokenizer)
         self.max_seq, self.policy, self.stride = max_seq, policy, stride
@@ -269,58 +273,103 @@ class NoteTokenizer:
         self.cls_id, self.sep_id = self.specials.cls, self.specials.sep
         self.mask_id = self.specials.mask
         self.chunk_chars = CHUNK_CHARS
+        self.threads = threads  # pieces one encode_batch call gets (see `encode`)
 
-    def encode(self, notes: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per note (ids int32[T], char offsets int64[T, 2]). A note longer than
-        `chunk_chars` is tokenized in pieces cut where a whitespace run starts (the same
-        tokens as in one piece, since every pre-tokenizer splits there), so its memory is
-        numpy arrays, not the tokenizer's per-token objects for the whole note at once."""
-        short = [i for i, t in enumerate(notes) if len(t) <= self.chunk_chars]
-        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(notes)  # type: ignore[list-item]
-        encs = self.tokenizer.encode_batch([notes[i] for i in short], add_special_tokens=False)
-        for i, enc in zip(short, encs):
-            out[i] = _arrays(enc, 0)
-        for i in sorted(set(range(len(notes))) - set(short)):
-            text, pieces, start = notes[i], [], 0
-            while start < len(text):
-                end = _cut(text, start + self.chunk_chars)
-                enc = self.tokenizer.encode(text[start:end], add_special_tokens=False)
-                pieces.append(_arrays(enc, start))
+    def __call__(self, notes: Sequence[str]) -> Windows:
+        """Every note's windows (a note without tokens gets one: [CLS][SEP])."""
+        return self._windows(notes, drop_empty=False)[1]
+
+    def nonempty(self, notes: Sequence[str]) -> tuple[np.ndarray, Windows]:
+        """(kept int64[k], windows): the notes that yield at least one token (by index in
+        `notes`) and their windows, numbered 0..k-1 in that order."""
+        return self._windows(notes, drop_empty=True)
+
+    def _pieces(self, notes: Sequence[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray, bool]]:
+        """(note, ids int32[t], char offsets int64[t, 2], last piece of the note) in order.
+
+        A note longer than `chunk_chars` is tokenized in pieces cut where a whitespace run
+        starts (the same tokens as in one piece, since every pre-tokenizer splits there).
+        Pieces (and short notes) go to `encode_batch` about `chunk_chars x threads`
+        characters at a time, so the tokenizer's per-token objects exist for that much text
+        at once, never for a whole long note; `tokenizers` spreads each call over its thread
+        pool when TOKENIZERS_PARALLELISM allows (RAYON_NUM_THREADS threads) and releases the
+        GIL meanwhile.
+        """
+        budget = self.chunk_chars * self.threads
+        group: list[tuple[int, int, int]] = []  # (note, start, end)
+        size = 0
+        for n, text in enumerate(notes):
+            start = 0
+            while True:
+                end = len(text)
+                if end - start > self.chunk_chars:
+                    end = _cut(text, start + self.chunk_chars)
+                if group and size + end - start > budget:
+                    yield from self._encode(notes, group)
+                    group, size = [], 0
+                group.append((n, start, end))
+                size += end - start
                 start = end
-            out[i] = (
-                np.concatenate([p[0] for p in pieces]),
-                np.concatenate([p[1] for p in pieces]),
-            )
-        return out
+                if start >= len(text):
+                    break
+        yield from self._encode(notes, group)
 
-    def __call__(self, notes: list[str]) -> Windows:
+    def _encode(
+        self, notes: Sequence[str], group: list[tuple[int, int, int]]
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, bool]]:
+        texts = [notes[n][s:e] for n, s, e in group]
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+        for (n, s, e), enc in zip(group, encs):
+            yield n, *_arrays(enc, s), e >= len(notes[n])
+
+    def _windows(self, notes: Sequence[str], drop_empty: bool) -> tuple[np.ndarray, Windows]:
+        """Windows made as the pieces come: a note's tokens are kept only from its next
+        window's start on, so a long note costs its windows, not its tokens once more."""
         body, step = self.max_seq - 2, self.max_seq - 2 - self.stride
         ids, chars, bounds, note, widx, cstart, cend = [], [], [0], [], [], [], []
-        note_tokens = np.zeros(len(notes), dtype=np.int64)
-        truncated = np.zeros(len(notes), dtype=bool)
-        total = 0
-        for n, (tok, offs) in enumerate(self.encode(notes)):
-            note_tokens[n] = len(tok)
-            if self.policy == "truncate" or len(tok) <= body:
-                starts = [0]
-                truncated[n] = len(tok) > body
+        kept: list[int] = []  # notes done (and kept), in order
+        counts: list[int] = []  # their tokens
+        first = pos = total = 0  # this note's first window, next window start, tokens read
+        tok, offs = np.zeros(0, np.int32), np.zeros((0, 2), np.int64)  # tokens from `pos` on
+
+        def emit(size: int) -> None:
+            """A window of the note being read: [CLS] tok[:size] [SEP]."""
+            body_ids, body_offs = tok[:size], offs[:size]
+            widx.append(len(note) - first)
+            note.append(len(kept))
+            ids.append(np.concatenate(([self.cls_id], body_ids, [self.sep_id])).astype(np.int32))
+            chars.append(np.concatenate(([-1], body_offs[:, 0], [-1])))
+            bounds.append(bounds[-1] + size + 2)
+            cstart.append(body_offs[0, 0] if size else 0)  # empty note: [CLS][SEP], (0, 0)
+            cend.append(body_offs[-1, 1] if size else 0)
+
+        for n, piece, piece_offs, last in self._pieces(notes):
+            if not len(tok):  # nothing carried: no copy
+                tok, offs = piece, piece_offs
             else:
-                starts = range(0, len(tok) - body + step, step)  # the last one reaches the end
-            for i, s in enumerate(starts):
-                piece = tok[s : s + body]
-                ids.append(np.concatenate(([self.cls_id], piece, [self.sep_id])).astype(np.int32))
-                chars.append(np.concatenate(([-1], offs[s : s + body, 0], [-1])))
-                total += len(piece) + 2
-                bounds.append(total)
-                note.append(n)
-                widx.append(i)
-                if len(piece):
-                    cstart.append(offs[s, 0])
-                    cend.append(offs[s + len(piece) - 1, 1])
-                else:  # empty note: the window is [CLS][SEP]
-                    cstart.append(0)
-                    cend.append(0)
-        return Windows(
+                tok, offs = np.concatenate((tok, piece)), np.concatenate((offs, piece_offs))
+            total += len(piece)
+            if self.policy == "truncate":
+                if len(note) == first and len(tok) >= body:
+                    emit(body)
+                if len(note) > first:  # the note has its window: the rest is only counted
+                    tok, offs = tok[:0], offs[:0]
+            else:
+                while len(tok) >= body:  # every full window the tokens so far allow
+                    emit(body)
+                    pos += step
+                    tok, offs = tok[step:], offs[step:]
+            if not last:
+                continue
+            if total or not drop_empty:
+                if len(note) == first or (self.policy == "windows" and total > pos - step + body):
+                    emit(len(tok))  # the last (partial) window, or the only one
+                kept.append(n)
+                counts.append(total)
+            first, pos, total = len(note), 0, 0
+            tok, offs = tok[:0], offs[:0]
+        note_tokens = np.asarray(counts, dtype=np.int64)
+        return np.asarray(kept, np.int64), Windows(
             ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
             token_char=np.concatenate(chars) if chars else np.zeros(0, np.int64),
             bounds=np.asarray(bounds, dtype=np.int64),
@@ -329,5 +378,5 @@ class NoteTokenizer:
             char_start=np.asarray(cstart, dtype=np.int64),
             char_end=np.asarray(cend, dtype=np.int64),
             note_tokens=note_tokens,
-            truncated=truncated,
+            truncated=(note_tokens > body) & (self.policy == "truncate"),
         )

@@ -1,23 +1,28 @@
 """`clinicalbert bench`: this encoder vs transformers' BertModel on one mixed-length workload.
 
 Everything runs in one process, side by side, on the same token ids (BERT-base shape, random
-weights, lengths spread over 16-512): our packed encoder (fp32, and bf16 where the device has
-bf16 units), transformers fp32 unsorted batches of 16 (as a user would run it), fp32 sorted,
-and its best (bf16 weights, length-sorted). A matmul probe measures the device's peak so the
-achieved GFLOP/s can be read as a fraction of what the hardware can do. Peak memory is the
-high-water mark above the pre-run level (CUDA allocator stats, or sampled RSS on CPU).
+weights, lengths spread over 16-512): our packed encoder (fp32; bf16 where the device has bf16
+units; int8 on CPU), transformers fp32 unsorted batches of 16 (as a user would run it), fp32
+sorted, and its best (bf16 weights, length-sorted). `--peers` adds onnxruntime and CTranslate2,
+fp32 and int8 (see jobs/peers.py), on the same length-sorted batches and thread count. Sides
+are timed in interleaved rounds (each side once per round, best round per side), so the ratios
+are taken side by side. GEMM probes measure the device's peak per precision (fp32, bf16, int8)
+so each side's rate can be read as a fraction of what the hardware can do at its precision.
+Peak memory is the high-water mark above the pre-run level (CUDA allocator stats, or sampled
+RSS on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,8 +30,11 @@ import torch
 
 from clinicalbert_core import bert
 from clinicalbert_core.config import EncoderConfig
+from clinicalbert_core.quant import int8_supported
 from clinicalbert_core.runner import DTYPES, ClinicalBertRunner, RunnerOptions, cpu_has_bf16
 from clinicalbert_core.tokenizer import Specials, Windows
+
+from .peers import MODULES as PEER_MODULES
 
 BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512)  # fmt: skip
@@ -58,37 +66,125 @@ def windows_of(seqs: list[np.ndarray]) -> Windows:
 SPECIALS = Specials(cls=101, sep=102, mask=4)
 
 
-def flops(cfg: EncoderConfig, lengths: np.ndarray) -> float:
-    """Forward FLOPs of the encoder on these sequence lengths (no padding counted)."""
+def flop_parts(cfg: EncoderConfig, lengths: np.ndarray) -> tuple[float, float]:
+    """Forward FLOPs of the encoder on these sequence lengths (no padding counted):
+    (linear layers, attention's two matmuls)."""
     c, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     linear = 2 * (4 * c * c + 2 * c * i) * layers * lengths.sum()
     attn = 4 * layers * c * (lengths.astype(np.float64) ** 2).sum()
-    return float(linear + attn)
+    return float(linear), float(attn)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Best FLOP/s over square matmuls and the encoder's own GEMM shapes
-    (rows x C -> 3C, C -> I, I -> C).
-
-    One shape alone misleads: on some CPUs a 2048^3 fp32 matmul runs at 2/3 of a 4096^3 one.
-    """
+def _encoder_shapes(rows: int) -> list[tuple[int, int, int]]:
+    """The encoder's GEMMs as (m, k, n): rows x C -> 3C (QKV), C -> I, I -> C."""
     c, i = BERT_BASE["hidden_size"], BERT_BASE["intermediate_size"]
-    square = (4096, 8192) if device.type == "cuda" else (2048, 4096)
+    return [(rows, c, 3 * c), (rows, c, i), (rows, i, c)]
+
+
+def _rate(call: Callable[[], Any], flop: float, device: torch.device, seconds: float) -> float:
+    """FLOP/s of `call` (doing `flop` operations) over `seconds`, after one warm-up call."""
+    call()
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        call()
+        reps += 1
+        _sync(device)
+    return flop * reps / (time.perf_counter() - t0)
+
+
+def _gemm_calls(device: torch.device, precision: str) -> Iterator[tuple[str, int, Callable]]:
+    """(kernel, operations, call) for every kernel and shape the `precision` probe times.
+
+    fp32 / bf16: `torch.matmul` on square and encoder shapes (one shape alone misleads: on some
+    CPUs a 2048^3 fp32 matmul runs at 2/3 of a 4096^3 one) and, on CPU, oneDNN's linear on
+    prepacked weights (`torch.ops.mkldnn._linear_pointwise`): on AMD CPUs `torch.matmul` fp32
+    takes MKL's AVX2 path, at less than half of what oneDNN's AVX-512 kernels reach.
+    int8 (CPU): `torch._int_mm` (int8 x int8 -> int32, what our int8 linears call) and oneDNN's
+    quantized linear (`torch.ops.onednn.qlinear_pointwise`: uint8 activations x int8
+    per-channel weights -> fp32 with the scales applied, the u8 x s8 form that VNNI's
+    dot-product instruction takes, as the int8 GEMMs of onnxruntime and CTranslate2 do).
+    """
     rows = 16384 if device.type == "cuda" else 2048
-    shapes = [(n, n, n) for n in square] + [(rows, c, 3 * c), (rows, c, i), (rows, i, c)]
-    best = 0.0
-    for m, k, n in shapes:
+    if precision == "int8":
+        for m, k, n in _encoder_shapes(rows):
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8)  # (out, in), as linears hold it
+            for kernel, call in _int8_gemms(x, w).items():
+                yield kernel, 2 * m * k * n, call
+        return
+    dtype = DTYPES[precision]
+    square = (4096, 8192) if device.type == "cuda" else (2048, 4096)
+    for m, k, n in [(n, n, n) for n in square] + _encoder_shapes(rows):
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        a @ b
-        _sync(device)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            reps += 1
-            _sync(device)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
-    return best
+        yield "torch.matmul", 2 * m * k * n, lambda a=a, b=b: a @ b
+    if device.type != "cpu":
+        return
+    mkldnn = torch.ops.mkldnn
+    for m, k, n in _encoder_shapes(rows):
+        x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        try:
+            packed = mkldnn._reorder_linear_weight(w, m)
+        except (RuntimeError, AttributeError):  # a build without oneDNN
+            return
+        call = lambda x=x, p=packed: mkldnn._linear_pointwise(x, p, None, "none", [], "")  # noqa: E731
+        yield "onednn linear", 2 * m * k * n, call
+
+
+def _int8_gemms(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """kernel -> a call of it on x int8 (m, k) and w int8 (n, k)."""
+    wt = w.t().contiguous()  # (k, n)
+    calls: dict[str, Callable[[], Any]] = {"torch._int_mm": lambda: torch._int_mm(x, wt)}
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, list(x.shape))
+    except (RuntimeError, AttributeError):
+        return calls
+    u8 = (x.to(torch.int16) + 128).to(torch.uint8)  # the same values, zero point 128
+    scale, zero = torch.ones(len(w)), torch.zeros(len(w), dtype=torch.int64)
+    calls["onednn qlinear"] = lambda: torch.ops.onednn.qlinear_pointwise(
+        u8, 1.0, 128, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return calls
+
+
+def gemm_peak(device: torch.device, precision: str, seconds: float = 1.0) -> tuple[float, str]:
+    """Best GEMM rate (operations/s) at this precision over the probed kernels and shapes,
+    and the kernel that reached it; (0.0, "none") when no kernel ran."""
+    rates: dict[str, float] = {}
+    for kernel, ops, call in _gemm_calls(device, precision):
+        try:
+            rate = _rate(call, ops, device, seconds)
+        except RuntimeError:  # a kernel this build or device lacks
+            continue
+        rates[kernel] = max(rates.get(kernel, 0.0), rate)
+    if not rates:
+        return 0.0, "none"
+    kernel = max(rates, key=rates.__getitem__)
+    return rates[kernel], kernel
+
+
+# the precision attention's two matmuls run in, by side precision: int8 sides quantize the
+# linear layers only (ours, onnxruntime's QAttention and CTranslate2 alike)
+ATTENTION_PRECISION = {"fp32": "fp32", "bf16": "bf16", "int8": "fp32"}
+
+
+def gemm_peaks(precisions: set[str], device: torch.device) -> dict[str, tuple[float, str]]:
+    """precision -> (GEMM peak operations/s, kernel) for these side precisions and the
+    precisions their attention runs in."""
+    wanted = precisions | {ATTENTION_PRECISION[p] for p in precisions}
+    return {p: gemm_peak(device, p) for p in sorted(wanted)}
+
+
+def bound_fraction(precision: str, linear: float, attn: float, peaks: dict[str, float],
+                   seconds: float) -> float:  # fmt: skip
+    """The time the GEMM peaks allow at this precision (linear layers at the precision's peak,
+    attention at its attention precision's) over the measured time; 0.0 with no peak."""
+    linear_peak = peaks.get(precision, 0.0)
+    attn_peak = peaks.get(ATTENTION_PRECISION[precision], 0.0)
+    if not (linear_peak > 0 and attn_peak > 0):
+        return 0.0
+    return (linear / linear_peak + attn / attn_peak) / seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -106,14 +202,24 @@ def _status_kib(field: str) -> int:
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up call."""
-    fn()
+    return timed_rounds({"fn": fn}, device, repeats)["fn"]
+
+
+def timed_rounds(
+    runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """name -> best wall time: one warm-up call each, then `repeats` rounds in which every
+    run is called once in turn, so a slow spell on a shared machine hits every side alike."""
+    for run in runs.values():
+        run()
     _sync(device)
-    best = float("inf")
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -139,21 +245,32 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
-def hf_side(model: Any, seqs: list[np.ndarray], batch: int, sort: bool, device: torch.device):
+def padded_batches(
+    seqs: list[np.ndarray], batch: int, sort: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`batch` sequences at a time (longest first when `sort`), each batch padded to its
+    longest: ids int64 (B, T) and attention mask int64 (B, T), 1 on real tokens."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if sort else range(len(seqs))
     order = list(order)
+    out = []
+    for s in range(0, len(order), batch):
+        chunk = [seqs[i] for i in order[s : s + batch]]
+        ids = np.zeros((len(chunk), max(len(x) for x in chunk)), np.int64)
+        mask = np.zeros_like(ids)
+        for j, x in enumerate(chunk):
+            ids[j, : len(x)], mask[j, : len(x)] = x, 1
+        out.append((ids, mask))
+    return out
+
+
+def hf_side(model: Any, seqs: list[np.ndarray], batch: int, sort: bool, device: torch.device):
+    batches = padded_batches(seqs, batch, sort)
 
     def run() -> None:
         with torch.inference_mode():
-            for s in range(0, len(order), batch):
-                chunk = [seqs[i] for i in order[s : s + batch]]
-                width = max(len(x) for x in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                for j, x in enumerate(chunk):
-                    ids[j, : len(x)] = torch.from_numpy(x)
-                    mask[j, : len(x)] = 1
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for ids, mask in batches:
+                model(input_ids=torch.from_numpy(ids).to(device),
+                      attention_mask=torch.from_numpy(mask).to(device))  # fmt: skip
 
     return run
 
@@ -172,9 +289,13 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
     budget = args.batch_tokens or args.hf_batch * args.max_len
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
-    make_hf = lambda: BertModel(hf_config, add_pooling_layer=False).eval()  # noqa: E731
-    torch.manual_seed(0)
-    state = {f"bert.{k}": v for k, v in make_hf().state_dict().items()}
+
+    def reference() -> Any:
+        """transformers' fp32 BertModel with the bench's weights (seeded)."""
+        torch.manual_seed(0)
+        return BertModel(hf_config, add_pooling_layer=False).eval()
+
+    state = {f"bert.{k}": v for k, v in reference().state_dict().items()}
 
     def ours(precision: str) -> Callable:
         options = RunnerOptions(device=str(device), precision=precision, max_seq=512,
@@ -184,8 +305,7 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
         return lambda: runner.encode_windows(windows)
 
     def theirs(dtype: torch.dtype, sort: bool) -> Callable:
-        torch.manual_seed(0)
-        return hf_side(make_hf().to(device, dtype), seqs, args.hf_batch, sort, device)
+        return hf_side(reference().to(device, dtype), seqs, args.hf_batch, sort, device)
 
     out: dict[str, tuple[str, Callable]] = {
         "ours fp32": ("fp32", lambda: ours("fp32")),
@@ -195,6 +315,13 @@ def sides(args: argparse.Namespace, device: torch.device) -> dict[str, tuple[str
     if use_bf16(args, device):
         out["ours bf16"] = ("bf16", lambda: ours("bf16"))
         out["transformers bf16 sorted"] = ("bf16", lambda: theirs(torch.bfloat16, True))
+    if device.type == "cpu" and "int8" in DTYPES and int8_supported():
+        out["ours int8"] = ("int8", lambda: ours("int8"))
+    if args.peers:
+        from . import peers
+
+        batches = padded_batches(seqs, args.hf_batch, sort=True)
+        out |= peers.sides(reference, batches, torch.get_num_threads())
     return out
 
 
@@ -383,16 +510,7 @@ def modernbert_bench(args: argparse.Namespace, device: torch.device, argv: list[
     for work, seqs in workloads.items():
         tokens = sum(len(s) for s in seqs)
         runs = {side: factory(seqs) for side, factory in table.items()}
-        best = dict.fromkeys(runs, float("inf"))
-        for run in runs.values():
-            run()  # warm-up
-        for _ in range(args.repeats):  # interleaved rounds, best of each side
-            for side, run in runs.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                run()
-                _sync(device)
-                best[side] = min(best[side], time.perf_counter() - t0)
+        best = timed_rounds(runs, device, args.repeats)
         del runs
         gc.collect()
         row = {}
@@ -413,6 +531,44 @@ def modernbert_bench(args: argparse.Namespace, device: torch.device, argv: list[
               f"{a['peak_mem_mib']:7.0f} MiB | transformers {b['seconds']:8.3f} s "
               f"{b['tok_s']:>9.0f} tok/s {b['peak_mem_mib']:7.0f} MiB | speed "
               f"{row['speed_ratio']:.2f}x, memory {row['memory_ratio']:.2f}x", flush=True)  # fmt: skip
+    return out
+
+
+BENCH_EXTRA = "clinicalbert-jobs[bench]"
+
+
+def missing_module(modules: list[str]) -> str | None:
+    """The first of these python modules that cannot be imported, or None."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
+def target_figures(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The issue's targets from the rows present: speed ratios (tok/s) of ours vs the best
+    peer (any side not ours: transformers, onnxruntime, CTranslate2) per precision and
+    overall, int8 vs fp32 ours, and ours fp32's fraction of the fp32 GEMM bound."""
+
+    def best(ours: bool, precision: str | None = None) -> str | None:
+        names = [n for n, r in rows.items() if n.startswith("ours ") == ours
+                 and precision in (None, r["precision"])]  # fmt: skip
+        return max(names, key=lambda n: rows[n]["tok_s"], default=None)
+
+    pairs = {
+        "ours int8 / best int8 peer": ("ours int8", best(False, "int8")),
+        "ours fp32 / best fp32 peer": ("ours fp32", best(False, "fp32")),
+        "ours best / best peer": (best(True), best(False)),
+        "ours int8 / ours fp32": ("ours int8", "ours fp32"),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for label, (a, b) in pairs.items():
+        if a in rows and b in rows:
+            out[label] = {"ratio": rows[a]["tok_s"] / rows[b]["tok_s"], "sides": [a, b]}
+    if "ours fp32" in rows:
+        out["ours fp32 of the fp32 GEMM bound"] = {"fraction": rows["ours fp32"]["of_bound"]}
     return out
 
 
@@ -443,9 +599,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="modernbert: ModernBERT-base shape, mixed 64-2,048-token notes and single "
                    "notes (--single-lengths) vs transformers' ModernBertModel")  # fmt: skip
     p.add_argument("--single-lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--peers", action="store_true",
+                   help="also run onnxruntime and CTranslate2, fp32 and int8, on the same batches "
+                   "(CPU; needs the bench extra)")  # fmt: skip
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.peers and (args.arch != "bert" or args.job or args.mlm_placement):
+        p.error("--peers applies to the BERT run only (not modernbert, --job, --mlm-placement)")
+    if args.peers and device.type != "cpu":
+        p.error(f"--peers runs the onnxruntime and CTranslate2 CPU builds; got --device {device}")
+    needs = ([] if args.job else ["transformers"]) + (list(PEER_MODULES) if args.peers else [])
+    missing = missing_module(needs)
+    if missing:
+        print(f"error: clinicalbert bench{' --peers' if args.peers else ''} needs the python "
+              f"package {missing}, which is not installed: pip install '{BENCH_EXTRA}'",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.arch == "modernbert":
         result = modernbert_bench(args, device, argv)
         if args.json and not args.memory_of:
@@ -471,29 +641,41 @@ def main(argv: list[str] | None = None) -> int:
 
     seqs = workload(args.notes, args.min_len, args.max_len, BERT_BASE["vocab_size"], seed=0)
     lengths = np.array([len(s) for s in seqs])
-    tokens, work = int(lengths.sum()), flops(bert.Config(**BERT_BASE), lengths)
-    peaks = {prec: matmul_peak(device, DTYPES[prec]) for prec in {p for p, _ in table.values()}}
+    linear, attn = flop_parts(bert.Config(**BERT_BASE), lengths)
+    tokens, work = int(lengths.sum()), linear + attn
+    probed = gemm_peaks({p for p, _ in table.values()}, device)
+    peaks = {p: rate for p, (rate, _) in probed.items()}
     print(f"bench on {device} ({torch.get_num_threads()} threads): {args.notes} notes, {tokens} tokens "
-          f"({lengths.min()}-{lengths.max()}), {work / 1e9:.0f} GFLOP; matmul peak "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in sorted(peaks.items())), flush=True)  # fmt: skip
-    rows: dict[str, dict[str, float]] = {}
+          f"({lengths.min()}-{lengths.max()}), {work / 1e9:.0f} GFLOP; GEMM peak "
+          + ", ".join(f"{p} {rate / 1e9:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s ({kernel})"
+                      for p, (rate, kernel) in probed.items()), flush=True)  # fmt: skip
+    runs = {}
+    for name, (_, factory) in table.items():
+        t0 = time.perf_counter()
+        runs[name] = factory()
+        print(f"  built {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"timing {len(runs)} sides in {args.repeats} interleaved rounds after a warm-up ...",
+          flush=True)  # fmt: skip
+    best = timed_rounds(runs, device, args.repeats)
+    del runs
+    gc.collect()
+    rows: dict[str, dict[str, Any]] = {}
     for name, (precision, factory) in table.items():
-        run = factory()
-        seconds = timed(run, device, args.repeats)
+        seconds = best[name]
         if device.type == "cuda":
-            mem = peak_memory(run, device)
+            mem = peak_memory(factory(), device)
         else:
-            del run
-            gc.collect()
             mem = memory_in_subprocess(name, argv)
         rows[name] = {
-            "tok_s": tokens / seconds, "seconds": seconds, "gflops": work / seconds / 1e9,
-            "of_peak": work / seconds / peaks[precision], "peak_mem_mib": mem / 2**20,
+            "precision": precision, "tok_s": tokens / seconds, "seconds": seconds,
+            "gflops": work / seconds / 1e9,
+            "of_bound": bound_fraction(precision, linear, attn, peaks, seconds),
+            "peak_mem_mib": mem / 2**20,
         }  # fmt: skip
         r = rows[name]
         print(f"  {name:<28} {r['tok_s']:>9.0f} tok/s {r['gflops']:>9.1f} GFLOP/s "
-              f"({100 * r['of_peak']:3.0f}% of {precision} peak)  peak mem {r['peak_mem_mib']:7.0f} MiB",
-              flush=True)  # fmt: skip
+              f"({100 * r['of_bound']:3.0f}% of the {precision} GEMM bound)  "
+              f"peak mem {r['peak_mem_mib']:7.0f} MiB", flush=True)  # fmt: skip
     pairs = [("ours fp32", "transformers fp32 unsorted"), ("ours fp32", "transformers fp32 sorted"),
              ("ours bf16", "transformers bf16 sorted")]  # fmt: skip
     ratios, memory = {}, {}
@@ -505,11 +687,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak memory: {memory[f'{a} / {b}']:.2f}x")  # fmt: skip
     if not use_bf16(args, device):
         print("  bf16 skipped: this device has no bf16 matrix units (bf16 would be emulated)")
+    targets = target_figures(rows)
+    print("targets:")
+    for label, t in targets.items():
+        if "ratio" in t:
+            print(f"  {label:<34} {t['ratio']:6.2f}x  ({t['sides'][0]} / {t['sides'][1]})")
+        else:
+            print(f"  {label:<34} {100 * t['fraction']:5.0f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "tokens": tokens, "gflop": work / 1e9,
-                       "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
-                       "rows": rows, "speed_ratios": ratios, "memory_ratios": memory}, f, indent=2)  # fmt: skip
+            json.dump({"device": str(device), "threads": torch.get_num_threads(), "tokens": tokens,
+                       "gflop": work / 1e9, "gflop_linear": linear / 1e9, "gflop_attention": attn / 1e9,
+                       "gemm_peak": {p: {"gflops": rate / 1e9, "kernel": kernel}
+                                     for p, (rate, kernel) in probed.items()},
+                       "rows": rows, "speed_ratios": ratios,
+                       "memory_ratios": memory, "targets": targets}, f, indent=2)  # fmt: skip
     return 0
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from clinicalbert_core import bert, runner
+from clinicalbert_core.ops import PackedLinear, packed_linear_supported
 from clinicalbert_core.placement import MlmExecMode, resolve_mlm_mode
 from clinicalbert_core.quant import Int8Linear, int8_supported
 from clinicalbert_core.runner import ClinicalBertRunner, RunnerOptions, resolve_precision
@@ -50,6 +51,9 @@ def test_int8_quality_budget_bert_base_shape(bert_base_runners):
     assert len(swapped) == 4 * BERT_BASE["num_hidden_layers"]  # qkv, attn_out, ffn_in, ffn_out
     assert not any(isinstance(m, Int8Linear) for m in int8.mlm_head.modules())  # heads fp32
     assert int8.precision == "int8" and int8.encoder.embed.word.weight.dtype == torch.float32
+    if packed_linear_supported(torch.float32):  # fp32 on CPU: oneDNN on prepacked weights
+        packed = [m for m in fp32.encoder.modules() if isinstance(m, PackedLinear)]
+        assert len(packed) == len(swapped)
 
     rng = np.random.default_rng(1)
     seqs = workload(24, 16, 256, BERT_BASE["vocab_size"], seed=1)

@@ -1,0 +1,134 @@
+"""`clinicalbert bench`: the one-line message for a missing bench extra, the timing and batching
+helpers, and each peer engine (onnxruntime, CTranslate2; fp32 and int8) agreeing with
+transformers on a tiny BERT before it may be timed."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clinicalbert_core.quant import int8_supported
+from jobs import bench, cli, peers
+
+
+@pytest.mark.parametrize("module", ["onnxruntime", "ctranslate2", "onnx"])
+def test_missing_peer_package_is_one_line(module, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    assert cli.main(["bench", "--peers", "--notes", "2"]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert module in lines[0] and "pip install 'clinicalbert-jobs[bench]'" in lines[0]
+    assert out == ""
+
+
+def test_missing_transformers_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert bench.main(["--notes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transformers" in err[0] and "clinicalbert-jobs[bench]" in err[0]
+
+
+def test_padded_batches_sorted_and_padded():
+    seqs = [np.arange(n) + 1 for n in (3, 5, 2, 4)]
+    batches = bench.padded_batches(seqs, 3, sort=True)
+    assert [ids.shape for ids, _ in batches] == [(3, 5), (1, 2)]
+    ids, mask = batches[0]
+    assert mask.sum(axis=1).tolist() == [5, 4, 3]
+    assert ids[2].tolist() == [1, 2, 3, 0, 0] and ids.dtype == np.int64
+    unsorted = bench.padded_batches(seqs, 3, sort=False)
+    assert unsorted[0][1].sum(axis=1).tolist() == [3, 5, 2]
+
+
+def test_timed_rounds_interleaves():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    best = bench.timed_rounds(runs, torch.device("cpu"), repeats=2)
+    assert calls == list("abc") * 3  # warm-up round, then two timed rounds in turn
+    assert set(best) == set("abc") and all(t >= 0 for t in best.values())
+
+
+def test_gemm_peak_names_its_kernel():
+    cpu = torch.device("cpu")
+    rate, kernel = bench.gemm_peak(cpu, "fp32", seconds=0.01)
+    assert rate > 0 and kernel in ("torch.matmul", "onednn linear")
+    if int8_supported():
+        rate, kernel = bench.gemm_peak(cpu, "int8", seconds=0.01)
+        assert rate > 0 and kernel in ("torch._int_mm", "onednn qlinear")
+
+
+def test_int8_bound_counts_attention_at_fp32():
+    peaks = {"fp32": 100.0, "int8": 400.0}
+    # 400 linear ops at 400/s + 100 attention ops at 100/s = 2 s allowed, 4 s taken
+    assert bench.bound_fraction("int8", 400.0, 100.0, peaks, 4.0) == pytest.approx(0.5)
+    assert bench.bound_fraction("fp32", 400.0, 100.0, peaks, 10.0) == pytest.approx(0.5)
+    assert bench.bound_fraction("bf16", 400.0, 100.0, peaks, 1.0) == 0.0  # not probed
+
+
+def test_target_figures():
+    rows = {
+        "ours fp32": {"precision": "fp32", "tok_s": 300.0, "of_bound": 0.7},
+        "ours int8": {"precision": "int8", "tok_s": 600.0, "of_bound": 0.2},
+        "transformers fp32 sorted": {"precision": "fp32", "tok_s": 200.0, "of_bound": 0.5},
+        "onnxruntime fp32": {"precision": "fp32", "tok_s": 250.0, "of_bound": 0.6},
+        "onnxruntime int8": {"precision": "int8", "tok_s": 400.0, "of_bound": 0.1},
+    }
+    t = bench.target_figures(rows)
+    best_int8 = {"ratio": 1.5, "sides": ["ours int8", "onnxruntime int8"]}
+    assert t["ours int8 / best int8 peer"] == best_int8
+    assert t["ours fp32 / best fp32 peer"]["sides"] == ["ours fp32", "onnxruntime fp32"]
+    assert t["ours best / best peer"] == best_int8
+    assert t["ours int8 / ours fp32"]["ratio"] == 2.0
+    assert t["ours fp32 of the fp32 GEMM bound"] == {"fraction": 0.7}
+
+
+def test_check_agreement_rejects_a_wrong_output():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 3 + [0] * 3])
+    noisy_padding = ref.copy()
+    noisy_padding[1, 3:] = 1e3  # padded slots are not compared
+    peers.check_agreement("same", noisy_padding, ref, mask)
+    wrong = ref.copy()
+    wrong[1, 1] = -wrong[1, 1]
+    with pytest.raises(RuntimeError, match="wrong disagrees with transformers fp32"):
+        peers.check_agreement("wrong", wrong, ref, mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_peers():
+    """The peer sides over a 2-layer, hidden-32 BERT and batches of 3 mixed-length sequences."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config._attn_implementation = "sdpa"
+
+    def make_hf() -> BertModel:
+        torch.manual_seed(0)
+        return BertModel(config, add_pooling_layer=False).eval()
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(5, 1000, n) for n in (40, 7, 23, 3, 31, 12, 18)]
+    return make_hf, bench.padded_batches(seqs, 3, sort=True)
+
+
+@pytest.mark.parametrize(
+    "side, module",
+    [("onnxruntime fp32", "onnxruntime"), ("onnxruntime int8", "onnxruntime"),
+     ("ctranslate2 fp32", "ctranslate2"), ("ctranslate2 int8", "ctranslate2")],
+)  # fmt: skip
+def test_peer_agrees_with_transformers(side, module, tiny_peers):
+    pytest.importorskip(module)
+    if module == "onnxruntime":
+        pytest.importorskip("onnx")
+    make_hf, batches = tiny_peers
+    table = peers.sides(make_hf, batches, threads=1)
+    precision, factory = table[side]
+    assert precision == side.split()[1]
+    run = factory()  # raises unless it agrees with transformers fp32 (cosine >= 0.99)
+    run()
