@@ -3,13 +3,14 @@
 The whole runtime works on packed tokens: the B sequences of a batch are concatenated into
 one row of N tokens, `cu_seqlens` int32[B+1] marks where each starts, `position_ids` int64[N]
 restarts at 0 for every sequence. Only attention needs per-sequence structure; it pads in
-`pad`/`unpad` below, the one place padding exists.
+`pad`/`unpad` below, the one place padding exists. `DeviceFeed` moves batches to the device
+one ahead of the one being computed (pinned memory and a side stream on CUDA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -35,16 +36,24 @@ class PackedBatch:
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return PackedBatch(
-            move(self.input_ids),
-            move(self.position_ids),
-            move(self.cu_seqlens),
-            self.max_seqlen,
-            move(self.pad_index),
-            move(self.key_mask),
-            move(self.seq_ids),
-        )
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> PackedBatch:
+        """A copy in page-locked host memory (needs CUDA), so a copy to the GPU can overlap."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the CUDA allocator these tensors are used on `stream` too."""
+        for t in self._tensors().values():
+            t.record_stream(stream)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
+        return replace(self, **{name: fn(t) for name, t in self._tensors().items()})
 
 
 def cu_seqlens_from_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -120,3 +129,76 @@ def token_budget_batches(lengths: Sequence[int] | np.ndarray, budget: int) -> li
         batches.append(order[start : start + take])
         start += take
     return batches
+
+
+@dataclass(frozen=True)
+class FedBatch:
+    """One batch of a DeviceFeed."""
+
+    index: int  # which of the feed's batches
+    ids: np.ndarray  # int64[N] its packed ids, on the host
+    host: PackedBatch  # on the host (page-locked when fed to CUDA)
+    batch: PackedBatch  # on the device, usable on the current stream
+
+
+class DeviceFeed:
+    """Packed batches of windows moved to `device`, the next one ahead of the one in use.
+
+    `ids`/`bounds` are a Windows' packed ids and bounds; `batches[i]` lists the windows of
+    batch i (e.g. from `token_budget_batches`). Iterating yields FedBatch in order. After
+    launching its work on a batch the caller calls `prefetch()`: the next batch is packed
+    and, on CUDA, copied from page-locked memory with non_blocking=True on a side stream, so
+    the copy overlaps the compute already queued; the compute stream waits for that copy
+    (an event) only when the batch is handed out. A batch not prefetched is made when asked
+    for. Elsewhere (CPU, mps) batches are packed one ahead and moved with `.to(device)`.
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        bounds: np.ndarray,
+        batches: Sequence[np.ndarray],
+        device: torch.device,
+        pin: bool | None = None,
+    ):
+        self.ids, self.bounds, self.batches, self.device = ids, bounds, batches, device
+        self.cuda = device.type == "cuda"
+        self.pin = self.cuda if pin is None else pin  # page-locked host memory needs CUDA
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.made = 0  # batches packed so far
+        self._ready: tuple[FedBatch, torch.cuda.Event | None] | None = None
+
+    def prefetch(self) -> None:
+        """Make the next batch now (a no-op if it is made already, or there is none)."""
+        if self._ready is not None or self.made == len(self.batches):
+            return
+        windows = np.asarray(self.batches[self.made])
+        starts, ends = self.bounds[windows], self.bounds[windows + 1]
+        ids = np.concatenate([self.ids[a:b] for a, b in zip(starts, ends)]).astype(np.int64)
+        host = pack_flat(torch.from_numpy(ids), ends - starts)
+        if self.pin:
+            host = host.pin_memory()
+        event = None
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                batch = host.to(self.device)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            batch = host.to(self.device)
+        self._ready = FedBatch(self.made, ids, host, batch), event
+        self.made += 1
+
+    def __iter__(self) -> DeviceFeed:
+        return self
+
+    def __next__(self) -> FedBatch:
+        self.prefetch()
+        if self._ready is None:
+            raise StopIteration
+        (fed, event), self._ready = self._ready, None
+        if event is not None:  # made on the side stream, used on the current one
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            fed.batch.record_stream(current)
+        return fed

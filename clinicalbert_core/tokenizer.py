@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 LONG_NOTE_POLICIES = ("truncate", "windows")
-CHUNK_CHARS = 100_000  # longer notes are tokenized in pieces (see NoteTokenizer.encode)
+CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer._pieces)
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 

@@ -1,20 +1,26 @@
 """EncoderActor: one per device slot; processes one shard at a time.
 
 `ShardProcessor` is everything an actor does, without Ray: read the shard as Arrow record
-batches -> classify bad rows (errors part, by reason code, never the text) -> tokenize the
-next batch in a background thread while this one encodes -> token-budget batches -> encode ->
-output rows -> write the part file atomically. Memory stays bounded by the token budget and a
-few record batches whatever the shard size; a note is bounded by `run.max_note_chars`.
+batches -> classify bad rows (errors part, by reason code, never the text) -> cut each batch's
+notes into units of at most `Feed.unit_chars` characters (a longer note alone) -> tokenize
+units in a background thread, `Feed.depth` ahead of the one being encoded -> token-budget
+batches -> encode -> output rows (written once per record batch) -> write the part file
+atomically. Beyond the model and one batch's activations, memory is bounded by
+`depth + 1` units of tokens and one record batch (`run.batch_bytes` of text), whatever the
+shard size; a single note by `run.max_note_chars` (README: "What bounds an actor's memory").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -68,20 +74,21 @@ def classify(
 
 
 def tokenize_rows(
-    runner: ClinicalBertRunner, notes: list[str | None], reasons: list[str | None]
+    runner: ClinicalBertRunner,
+    notes: list[str | None],
+    reasons: list[str | None],
+    rows: Iterable[int] | None = None,
 ) -> tuple[np.ndarray, Windows]:
-    """Tokenize the rows that have no error reason yet. A note that yields no token at all
-    (only control characters, zero-width spaces, a BOM) gets reason `empty` in `reasons`.
-    Returns the indices of the rows that were encoded and their windows."""
-    good = np.flatnonzero([r is None for r in reasons])
-    windows = runner.tokenize([notes[i] for i in good])
-    zero = windows.note_tokens == 0
-    if zero.any():
-        for i in good[zero]:
-            reasons[i] = str(ReasonCode.EMPTY.value)
-        good = good[~zero]
-        windows = runner.tokenize([notes[i] for i in good])
-    return good, windows
+    """Tokenize `rows` (default: every row with no error reason yet). A note that yields no
+    token at all (only control characters, zero-width spaces, a BOM) gets reason `empty` in
+    `reasons`. Returns the indices of the rows that were encoded and their windows."""
+    if rows is None:
+        rows = [i for i, r in enumerate(reasons) if r is None]
+    rows = np.fromiter(rows, np.int64)
+    kept, windows = runner.tokenizer.nonempty([notes[i] for i in rows])
+    for i in np.setdiff1d(rows, rows[kept]):
+        reasons[i] = str(ReasonCode.EMPTY.value)
+    return rows[kept], windows
 
 
 def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBertRunner:
@@ -105,6 +112,49 @@ def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBe
     )
 
 
+GPU_DEPTH = 4  # units a cuda actor keeps tokenized ahead of the one being encoded
+UNIT_BATCHES = 64  # a unit holds up to UNIT_BATCHES x batch_tokens characters of notes
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How an actor keeps its encoder fed (README: "What bounds an actor's memory").
+
+    The notes of each record batch are cut into units of at most `unit_chars` characters (a
+    longer note is a unit of its own) and tokenized in a background thread at most `depth`
+    units ahead of the one being encoded, `threads` tokenizer threads at a time.
+    """
+
+    depth: int = 1  # units tokenized ahead (memory: depth + 1 units of tokens at most)
+    threads: int = 1  # tokenizer threads (`tokenizers`' pool: RAYON_NUM_THREADS)
+    unit_chars: int = UNIT_BATCHES * 8192
+
+    def __post_init__(self) -> None:
+        if self.depth < 0 or self.threads < 1 or self.unit_chars < 1:
+            raise ValueError(f"feed needs depth >= 0, threads >= 1, unit_chars >= 1: {self}")
+
+    @classmethod
+    def for_pool(cls, pool: PoolSpec, cpus: int | None = None) -> Feed:
+        """CPU (and mps) actors: one unit ahead, one tokenizer thread (the other CPUs run
+        torch). cuda actors: GPU_DEPTH units ahead, tokenized on `cpus` threads (default the
+        pool's cpus_per_actor)."""
+        unit = UNIT_BATCHES * pool.batch_tokens
+        if pool.device == "cuda":
+            return cls(depth=GPU_DEPTH, threads=cpus or pool.cpus_per_actor, unit_chars=unit)
+        return cls(depth=1, threads=1, unit_chars=unit)
+
+
+@dataclass
+class Unit:
+    """Some notes of one record batch, tokenized: what one encoder call takes."""
+
+    batch: pa.RecordBatch  # the record batch they come from
+    rows: np.ndarray  # int64[n] their rows in `batch` (notes that yielded tokens)
+    windows: Windows
+    errors: pa.Table | None = None  # the batch's error rows, on its last unit
+    last: bool = False  # the batch's last unit
+
+
 class ShardProcessor:
     """One shard in, one committed part file (+ errors part) out. No Ray needed."""
 
@@ -116,9 +166,12 @@ class ShardProcessor:
         actor_name: str = "local",
         slowdown_s: float = 0.0,
         collect_lengths: bool = False,
+        feed: Feed | None = None,
     ):
         self.spec, self.pool, self.actor_name = spec, pool, actor_name
         self.runner = runner_for(bundle, spec, pool)
+        self.feed = feed or Feed.for_pool(pool)
+        self.runner.tokenizer.threads = self.feed.threads
         self.out = OutputDir(spec.output.path)
         self.slowdown_s, self.collect_lengths = slowdown_s, collect_lengths
         self.live: dict[str, Any] = {}  # the shard in progress, counts so far (see `progress`)
@@ -162,22 +215,27 @@ class ShardProcessor:
         errors: list[pa.Table] = []
         self._shard_id, self._out_schema = shard.id, self._schema(shard)
         with (
-            ThreadPoolExecutor(1, thread_name_prefix="tokenize") as ahead,
+            closing(prefetch(self._units(reader), self.feed.depth)) as units,
             self.out.part_writer(shard.id, self._out_schema, self.metadata) as writer,
         ):
-            n_errors = 0
-            for batch, rows, windows, bad in _prefetch(ahead, reader, self._prepare):
-                if bad is not None:
-                    errors.append(bad)
-                    n_errors += bad.num_rows
-                if len(rows):
-                    writer.write(self._encode(batch, rows, windows, result))
+            n_errors, batches, rows_out = 0, 0, []
+            for unit in units:
+                if len(unit.rows):
+                    rows_out.append(self._encode(unit.batch, unit.rows, unit.windows, result))
+                if unit.last:  # one write per record batch: row groups as the input's
+                    if rows_out:
+                        writer.write(pa.concat_tables(rows_out))
+                        rows_out = []
+                    if unit.errors is not None:
+                        errors.append(unit.errors)
+                        n_errors += unit.errors.num_rows
+                    batches += 1
                 self.live = {
                     "shard": shard.id, "rows_in": reader.rows_in, "rows_out": result.rows_out,
                     "error_rows": n_errors, "filtered_rows": reader.rows_filtered,
-                    "batches": self.live.get("batches", 0) + 1 if self.live else 1,
+                    "batches": batches,
                 }  # fmt: skip
-                if self.slowdown_s:
+                if unit.last and self.slowdown_s:
                     time.sleep(self.slowdown_s)
             error_table = pa.concat_tables(errors) if errors else None
             result.rows_in = reader.rows_in
@@ -192,7 +250,7 @@ class ShardProcessor:
                 for reason, count in zip(*np.unique(reasons, return_counts=True)):
                     result.reasons[str(reason)] = int(count)
             result.seconds = time.perf_counter() - t0
-            result.batches = self.live.get("batches", 0)
+            result.batches = batches
             writer.commit(error_table, result.stats(), may_commit)
         self.live = {}
         return result
@@ -216,39 +274,56 @@ class ShardProcessor:
             mlm=self.spec.heads.mlm.enabled,
         )
 
-    def _prepare(
-        self, batch: pa.RecordBatch
-    ) -> tuple[pa.RecordBatch, np.ndarray, Windows, pa.Table | None]:
-        """Classify rows and tokenize the good ones (runs ahead, in the tokenizer thread)."""
-        notes, reasons = classify(batch["text"], batch["id"], self.spec.run.max_note_chars)
-        marks = [[c for c in (m or "").split(",") if c] for m in _marks(batch)]
+    def _units(self, reader: Iterator[pa.RecordBatch]) -> Iterator[Unit]:
+        """Each record batch's notes, classified and tokenized in units (runs ahead, in the
+        tokenizer thread); the batch's error rows come with its last unit."""
+        for batch in reader:
+            notes, reasons = classify(batch["text"], batch["id"], self.spec.run.max_note_chars)
+            marks = [[c for c in (m or "").split(",") if c] for m in _marks(batch)]
+            id_column = self.spec.corpus.id_column
+            for i, columns in enumerate(marks):  # an id that was not UTF-8: the row is an error
+                if id_column in columns and reasons[i] in (None, str(ReasonCode.NULL_ID.value)):
+                    reasons[i] = str(ReasonCode.UNDECODABLE.value)
+                    notes[i] = None
+            todo = [i for i, r in enumerate(reasons) if r is None]
+            groups = _groups(todo, [len(notes[i]) for i in todo], self.feed.unit_chars)
+            encoded: list[np.ndarray] = []
+            for k, rows in enumerate(groups or [[]]):
+                good, windows = tokenize_rows(self.runner, notes, reasons, rows)
+                encoded.append(good)
+                last = k == max(len(groups) - 1, 0)
+                errors = (
+                    self._errors(batch, reasons, marks, np.concatenate(encoded)) if last else None
+                )
+                yield Unit(batch, good, windows, errors, last)
+
+    def _errors(
+        self, batch: pa.RecordBatch, reasons: list[str | None], marks: list[list[str]],
+        encoded: np.ndarray,
+    ) -> pa.Table | None:  # fmt: skip
+        """The batch's error rows: a reason per bad row, and per encoded row each kept column
+        whose value was not UTF-8 (written as null, named here)."""
         id_column = self.spec.corpus.id_column
-        for i, columns in enumerate(marks):  # an id that was not UTF-8: the row is an error
-            if id_column in columns and reasons[i] in (None, str(ReasonCode.NULL_ID.value)):
-                reasons[i] = str(ReasonCode.UNDECODABLE.value)
-                notes[i] = None
-        good, windows = tokenize_rows(self.runner, notes, reasons)
         rows = [(i, reasons[i], None) for i in range(len(reasons)) if reasons[i] is not None]
-        rows += [  # a kept value that was not UTF-8: written as null, named here
+        rows += [
             (i, str(ReasonCode.UNDECODABLE_VALUE.value), c)
-            for i in good
+            for i in encoded
             for c in marks[i]
             if c != id_column
         ]
-        errors = None
-        if rows:
-            take = pa.array([i for i, _, _ in rows], pa.int64())
-            errors = pa.table(
-                {
-                    "id": batch["id"].take(take),
-                    "shard": pa.array([self._shard_id] * len(rows), pa.string()),
-                    "row_index": batch["row_index"].take(take),
-                    "reason": pa.array([r for _, r, _ in rows], pa.string()),
-                    "column": pa.array([c for _, _, c in rows], pa.string()),
-                },
-                schema=errors_schema(self.id_type),
-            )
-        return batch, good, windows, errors
+        if not rows:
+            return None
+        take = pa.array([i for i, _, _ in rows], pa.int64())
+        return pa.table(
+            {
+                "id": batch["id"].take(take),
+                "shard": pa.array([self._shard_id] * len(rows), pa.string()),
+                "row_index": batch["row_index"].take(take),
+                "reason": pa.array([r for _, r, _ in rows], pa.string()),
+                "column": pa.array([c for _, _, c in rows], pa.string()),
+            },
+            schema=errors_schema(self.id_type),
+        )
 
     def _encode(
         self, batch: pa.RecordBatch, rows: np.ndarray, windows: Windows, result: ShardResult
@@ -340,22 +415,59 @@ def _fixed_list(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), vectors.shape[1])
 
 
-def _prefetch(
-    executor: ThreadPoolExecutor, batches: Iterator[pa.RecordBatch], prepare: Any
-) -> Iterator[Any]:
-    """Yield prepare(batch) for each batch, computing the next one while the caller works."""
-    it = iter(batches)
+def _groups(rows: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """`rows` in order, cut into runs whose `sizes` add up to at most `budget` (a row whose
+    size alone is larger: a run of its own)."""
+    groups: list[list[int]] = []
+    used = 0
+    for row, size in zip(rows, sizes):
+        if not groups or used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(row)
+        used += size
+    return groups
 
-    def step() -> Any:
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Yield `items` in order, made by a background thread at most `depth` items ahead of
+    the one the caller holds (an item is released when the caller asks for the next): at
+    most depth + 1 items exist at once. The producer's exception is raised here; closing
+    this generator early stops the producer after the item it is making."""
+    slots = threading.Semaphore(depth + 1)
+    made: queue.SimpleQueue[tuple[Any, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
         try:
-            return prepare(next(it))
-        except StopIteration:
-            return None
+            it = iter(items)
+            while slots.acquire() and not stop.is_set():
+                item = next(it, end)
+                made.put((item, None))
+                if item is end:
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            made.put((end, e))
 
-    future = executor.submit(step)
-    while (item := future.result()) is not None:
-        future = executor.submit(step)
-        yield item
+    thread = threading.Thread(target=produce, name="tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = made.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+            slots.release()
+    finally:
+        stop.set()
+        slots.release()  # wakes a producer waiting for a slot, so it sees `stop`
+        thread.join()
 
 
 class EncoderActor:
@@ -368,14 +480,19 @@ class EncoderActor:
         pool_name: str,
         actor_name: str,
         collect_lengths: bool = False,
+        cpus: int | None = None,
     ):
+        """cpus: the CPUs Ray gave this actor (default the pool's cpus_per_actor): torch
+        threads on a CPU actor, tokenizer threads on a cuda one."""
         import torch
 
         pool = next(p for p in spec.device_pool if p.name == pool_name)
+        cpus = cpus or pool.cpus_per_actor
         if pool.device == "cpu":
-            torch.set_num_threads(pool.cpus_per_actor)
+            torch.set_num_threads(cpus)
         slow = _test_slowdown(pool_name)
-        self.processor = ShardProcessor(bundle, spec, pool, actor_name, slow, collect_lengths)
+        feed = Feed.for_pool(pool, cpus)
+        self.processor = ShardProcessor(bundle, spec, pool, actor_name, slow, collect_lengths, feed)
         log.info("actor %s ready: %s", actor_name, self.processor.describe())
 
     def describe(self) -> dict[str, Any]:

@@ -83,20 +83,65 @@ def _ray_map(fn: Any, items: Any) -> list[Any]:
         raise e.cause from None
 
 
+GPU_CPUS = 4  # CPUs a cuda actor tokenizes on when its pool leaves cpus_per_actor unset
+
+
+def actor_cpus(pool: PoolSpec, nodes: list[dict[str, Any]]) -> int:
+    """CPUs one actor of `pool` asks Ray for: cpus_per_actor when the spec sets it. A cuda
+    pool that leaves it unset gets GPU_CPUS, at most the CPUs per GPU of its smallest alive
+    GPU node (so every GPU there can still get an actor), at least 1."""
+    if pool.device != "cuda" or "cpus_per_actor" in pool.model_fields_set:
+        return pool.cpus_per_actor
+    shares = [
+        int(res.get("CPU", 0) // res["GPU"])
+        for res in (n.get("Resources", {}) for n in nodes if n.get("Alive", True))
+        if res.get("GPU")
+    ]
+    return max(1, min([GPU_CPUS, *shares]))
+
+
+def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
+    """The environment an actor's process starts with (the libraries read it once).
+
+    Threads: torch gets `cpus` (OMP_NUM_THREADS). A cuda actor tokenizes on its `cpus`
+    CPUs (`tokenizers`' pool: TOKENIZERS_PARALLELISM on, RAYON_NUM_THREADS; unset, rayon
+    would take every CPU of the node); a CPU actor's CPUs run torch, and it tokenizes on
+    one thread ahead of the encoder.
+
+    oneDNN caches off: torch's oneDNN ops (the packed CPU linears, exact GELU) otherwise
+    keep a kernel with its buffers per input shape, up to 1,024 in each of two caches, and
+    every encoder batch has its own token count: an actor's memory climbs by hundreds of
+    MiB over a shard. Off, it stays flat at the same speed (README: what bounds an actor's
+    memory).
+    """
+    env = {
+        "OMP_NUM_THREADS": str(cpus),
+        "TOKENIZERS_PARALLELISM": "false",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+        "LRU_CACHE_CAPACITY": "1",  # ideep's (torch's oneDNN layer) own cache
+    }
+    if pool.device == "cuda":
+        env |= {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
+    if pool.device == "mps":  # an operator MPS lacks runs on the CPU instead of failing
+        env["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
+    return env
+
+
 def _start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, lengths: bool) -> Any:
     import ray
 
     from .actor import EncoderActor
 
-    options: dict[str, Any] = {"num_cpus": pool.cpus_per_actor}
+    cpus = actor_cpus(pool, ray.nodes())
+    options: dict[str, Any] = {"num_cpus": cpus}
     if pool.device == "cuda":
         options["num_gpus"] = 1
         if pool.accelerator_type:
             options["accelerator_type"] = pool.accelerator_type
-    env = {"OMP_NUM_THREADS": str(pool.cpus_per_actor), "TOKENIZERS_PARALLELISM": "false"}
+    env = actor_env(pool, cpus)
     cls = ray.remote(concurrency_groups={"monitor": 1})(EncoderActor)  # progress() answers
     cls = cls.options(**options, runtime_env={"env_vars": env})  # while process() runs
-    return cls.remote(bundle_ref, spec, pool.name, f"{pool.name}-{index}", lengths)
+    return cls.remote(bundle_ref, spec, pool.name, f"{pool.name}-{index}", lengths, cpus)
 
 
 def run_job(

@@ -411,7 +411,9 @@ class PoolSpec(_Section):
     cpus_per_actor: int = Field(
         1,
         ge=1,
-        description="Ray num_cpus per actor; CPU actors also use this many torch threads (default 1).",
+        description="Ray num_cpus per actor (default 1). CPU actors run this many torch "
+        "threads; cuda actors tokenize on this many `tokenizers` threads (unset on a cuda pool: "
+        "4, at most the CPUs per GPU of the smallest GPU node).",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
