@@ -40,14 +40,6 @@ SHAPES = {
 }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def long_note(chars: int, seed: int) -> str:
     """A synthetic note of exactly `chars` characters (sections repeated, as in a long
     record that concatenates many notes)."""
@@ -107,6 +99,7 @@ def measure(corpus: str, model: str, out: str, long_notes: str, threads: int) ->
     from clinicalbert_core.hub import ModelBundle
 
     from .actor import ShardProcessor
+    from .bench import _status_kib
     from .corpus import plan_shards
     from .spec import parse_spec
 
