@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from functools import cache, partial
 
@@ -35,6 +36,22 @@ def place(layers: nn.ModuleList, varlen: bool, ffn_chunk: int) -> None:
     """Kernel choices made once for the device: varlen attention, feed-forward chunk."""
     for layer in layers:
         layer.varlen, layer.ffn_chunk = varlen, ffn_chunk
+
+
+# torch's oneDNN ops (the packed CPU linears, exact GELU) keep a compiled kernel with its
+# buffers per input shape, up to 1,024 in each of two caches (oneDNN's own and ideep's), and
+# every encoder batch has its own token count: memory climbs by hundreds of MiB batch after
+# batch. 16 entries keep a repeated shape as fast as before and memory flat. oneDNN reads them
+# at its first use; LRU_CACHE_CAPACITY=0 crashes torch (2.13), so 16 for both.
+ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
+
+
+def bound_onednn_caches() -> None:
+    """Bound torch's oneDNN caches in this process (ONEDNN_CACHE_ENV) unless the environment
+    already sets them; effective when called before torch's first oneDNN op (clinicalbert_core
+    calls it on import)."""
+    for name, value in ONEDNN_CACHE_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters

@@ -31,7 +31,7 @@ from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 from clinicalbert_core.tokenizer import Windows
 
-from .corpus import Shard, read_shard
+from .corpus import Shard, injected_delay, read_shard
 from .dispatch import ShardResult
 from .output import OutputDir, ReasonCode, StaleAttempt, errors_schema, output_schema
 from .spec import JobSpec, PoolSpec
@@ -490,7 +490,7 @@ class EncoderActor:
         cpus = cpus or pool.cpus_per_actor
         if pool.device == "cpu":
             torch.set_num_threads(cpus)
-        slow = _test_slowdown(pool_name)
+        slow = injected_delay(pool_name)
         feed = Feed.for_pool(pool, cpus)
         self.processor = ShardProcessor(bundle, spec, pool, actor_name, slow, collect_lengths, feed)
         log.info("actor %s ready: %s", actor_name, self.processor.describe())
@@ -514,12 +514,3 @@ class EncoderActor:
         """Counts of the shard in progress (called in the `monitor` concurrency group, so it
         answers while `process` runs)."""
         return dict(self.processor.live)
-
-
-def _test_slowdown(pool_name: str) -> float:
-    """Test-only knob: CLINICALBERT_TEST_SLOWDOWN='pool=seconds,...' sleeps per record batch."""
-    for item in os.environ.get("CLINICALBERT_TEST_SLOWDOWN", "").split(","):
-        name, _, seconds = item.partition("=")
-        if name == pool_name and seconds:
-            return float(seconds)
-    return 0.0

@@ -574,6 +574,10 @@ def target_figures(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--long-note-memory" in argv:  # a benchmark of its own, with its own options
+        from .bench_memory import main as memory_main
+
+        return memory_main([a for a in argv if a != "--long-note-memory"])
     p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--notes", type=int, default=64)
@@ -602,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", action="store_true",
                    help="also run onnxruntime and CTranslate2, fp32 and int8, on the same batches "
                    "(CPU; needs the bench extra)")  # fmt: skip
+    p.add_argument("--long-note-memory", action="store_true",
+                   help="instead: an actor's peak memory on very long notes vs normal ones "
+                   "(its options: --long-note-memory --help)")  # fmt: skip
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
     device = torch.device(args.device)

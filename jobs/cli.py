@@ -114,9 +114,14 @@ def _run(args: argparse.Namespace) -> int:
     except NodeLost as e:  # stopped like an interrupt: actors gone, partial report written
         assert e.shards is not None  # counted by the driver once its run has stopped
         committed, total = e.shards
-        print(f"error: {e}; {committed} of {total} shards are committed and kept (partial "
-              "_report.json, interrupted: true); run the same command again to resume",
-              file=sys.stderr)  # fmt: skip
+        if total is None:  # died while planning: nothing of this run was dispatched
+            print(f"error: {e} while planning shards; nothing was encoded by this run "
+                  f"({committed} shards committed earlier are kept); run the same command "
+                  "again to resume", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"error: {e} mid-job; {committed} of {total} shards are committed and kept "
+                  "(partial _report.json, interrupted: true); run the same command again to "
+                  "resume", file=sys.stderr)  # fmt: skip
         return 3
     if args.dry_run:
         print_dry_run(report)

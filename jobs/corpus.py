@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
@@ -193,6 +194,16 @@ def plan_shards(
     return shards if corpus.limit is None else _apply_limit(shards, corpus)
 
 
+def injected_delay(key: str) -> float:
+    """Test-only knob, 0 unless set: CLINICALBERT_TEST_SLOWDOWN='key=seconds,...' slows a
+    pool's actors (key: the pool's name) per record batch, or staging ('staging') per input."""
+    for item in os.environ.get("CLINICALBERT_TEST_SLOWDOWN", "").split(","):
+        name, _, seconds = item.partition("=")
+        if name == key and seconds:
+            return float(seconds)
+    return 0.0
+
+
 def list_sources(corpus: CorpusSpec, shard_rows: int) -> list[Source]:
     """The corpus's inputs in plan order; text files are grouped `shard_rows` to a Source."""
     seen: set[str] = set()
@@ -226,6 +237,7 @@ def stage_source(
     columns read, the csv options and `shard_rows`, never from where the corpus is mounted; it is written under a temporary name and renamed,
     so a staged file that exists is complete and is reused as is.
     """
+    time.sleep(injected_delay("staging"))
     if corpus.format == "parquet":
         if source.size == 0:  # an empty file is zero rows
             identity = _hash(["parquet", source.name, 0])

@@ -17,11 +17,13 @@ import time
 import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from clinicalbert_core.hub import ModelBundle
+from clinicalbert_core.ops import ONEDNN_CACHE_ENV
 
 from .corpus import Shard, clean_staging, plan_shards, remove_staged
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
@@ -72,13 +74,21 @@ def _apply(fn: Any, item: Any) -> Any:
     return fn(item)
 
 
-def _ray_map(fn: Any, items: Any) -> list[Any]:
-    """map() over Ray tasks, results in order (staging inputs in parallel)."""
+def _ray_map(fn: Any, items: Any, node: LocalNode | None = None) -> list[Any]:
+    """map() over Ray tasks, results in order (staging inputs in parallel). With `node`, the
+    driver's own raylet is watched while it waits (NodeLost once it is gone)."""
     import ray
 
     task = ray.remote(num_cpus=1)(_apply)
+    refs = [task.remote(fn, x) for x in items]
+    pending = refs
     try:
-        return ray.get([task.remote(fn, x) for x in items])
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            ray.get(done)  # an input's error as soon as its task ends
+            if node is not None:
+                node.check()
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
         raise e.cause from None
 
@@ -106,20 +116,10 @@ def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
     Threads: torch gets `cpus` (OMP_NUM_THREADS). A cuda actor tokenizes on its `cpus`
     CPUs (`tokenizers`' pool: TOKENIZERS_PARALLELISM on, RAYON_NUM_THREADS; unset, rayon
     would take every CPU of the node); a CPU actor's CPUs run torch, and it tokenizes on
-    one thread ahead of the encoder.
-
-    oneDNN caches off: torch's oneDNN ops (the packed CPU linears, exact GELU) otherwise
-    keep a kernel with its buffers per input shape, up to 1,024 in each of two caches, and
-    every encoder batch has its own token count: an actor's memory climbs by hundreds of
-    MiB over a shard. Off, it stays flat at the same speed (README: what bounds an actor's
-    memory).
+    one thread ahead of the encoder. torch's oneDNN caches bounded (`ops.ONEDNN_CACHE_ENV`:
+    unbounded, an actor's memory climbs over a shard; README: what bounds an actor's memory).
     """
-    env = {
-        "OMP_NUM_THREADS": str(cpus),
-        "TOKENIZERS_PARALLELISM": "false",
-        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
-        "LRU_CACHE_CAPACITY": "1",  # ideep's (torch's oneDNN layer) own cache
-    }
+    env = {"OMP_NUM_THREADS": str(cpus), "TOKENIZERS_PARALLELISM": "false", **ONEDNN_CACHE_ENV}
     if pool.device == "cuda":
         env |= {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
     if pool.device == "mps":  # an operator MPS lacks runs on the CPU instead of failing
@@ -219,10 +219,17 @@ def _run_locked(
             log.warning("dry run: pool %s skipped (no GPU on this machine)", name)
     _check_resources(pools, dry_run)
 
+    node = LocalNode()
+    ray_map = partial(_ray_map, node=node)
     log.info("planning shards")
     clean_staging(staging)  # what a killed staging run left
-    shards = plan_shards(spec.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
     committed = out.committed()
+    try:
+        shards = plan_shards(spec.corpus, staging, spec.run.shard_rows, map_fn=ray_map)
+    except NodeLost as e:  # nothing dispatched yet: Ray goes before its health check ends us
+        ray.shutdown()
+        e.shards = (len(committed), None)
+        raise
     todo = [s for s in shards if s.id not in committed]
     log.info("%d shards (%d rows), %d already committed, %d to run",
              len(shards), sum(s.num_rows for s in shards), len(shards) - len(todo), len(todo))  # fmt: skip
@@ -252,8 +259,6 @@ def _run_locked(
         ray.get(gate.trust.remote(shard.id, attempt))  # the previous attempt has ended
         return handle.process.remote(shard, attempt, gate)
 
-    node = LocalNode()
-
     def tick() -> None:
         if lock.lost:  # our lease lapsed and another run took the dir: stop writing now
             raise RuntimeError(lock.lost)
@@ -280,30 +285,30 @@ def _run_locked(
     stopped: BaseException | None = None  # what ended the run before its shards were done
     try:
         outcome = dispatcher.run(todo)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
-        stopped = e
-        ray.get(gate.close.remote())  # from now on no attempt starts or commits
-        raise
-    except NodeLost as e:
-        stopped = e
-        # the gate's own process outlives its raylet: closed, it grants no commit any more;
-        # an unanswered close leaves no gate to grant one either
+    except BaseException as e:  # Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C), a lost node
+        stopped = e  # or output lock, an error of the driver's own
+        # from now on no attempt starts or commits. After a lost node the gate's process
+        # outlives its raylet: closed, it grants nothing; unanswered, there is no gate either
         done, _ = ray.wait([gate.close.remote()], timeout=NODE_LOST_WAIT_S)
         if not done:
             log.warning("the commit gate did not answer within %.0fs", NODE_LOST_WAIT_S)
         raise
-    finally:  # also when interrupted: no actor of this run may go on writing
+    finally:  # also when stopped: no actor of this run may go on writing
         progress.close()
         lost = isinstance(stopped, NodeLost)
         dispatcher.stop(timeout_s=NODE_LOST_WAIT_S if lost else 60.0)
         if lost:  # before Ray's health check declares the node dead and ends this process
             ray.shutdown()  # a local cluster's processes go too: its actors exit with them
-        out.clean_temp()  # what killed attempts left; every actor of this run has stopped
-        if stopped is not None:  # what was committed so far, counted and said to be partial
+        mine = not lock.lost  # a run that lost its lock touches nothing of the new holder's
+        if mine:  # what killed attempts left; every actor of this run has stopped
+            out.clean_temp()
+        if stopped is not None and mine:  # what was committed so far, said to be partial
             _write_report(out, spec, shards, committed, dispatcher.outcome, pools, started, t0,
-                          monitor.stalls, interrupted=True)  # fmt: skip
+                          monitor.stalls, stop_reason=stop_reason(stopped))  # fmt: skip
         if isinstance(stopped, NodeLost):  # what is on disk, whatever reached the driver
             stopped.shards = (len(out.committed() & {s.id for s in shards}), len(shards))
+    if lock.lost:  # lost after the last shard: the output is the new holder's now
+        raise RuntimeError(lock.lost)
     report = _write_report(out, spec, shards, committed, outcome, pools, started, t0,
                            monitor.stalls)  # fmt: skip
     wrote_nothing = report["rows_in"] and not (report["rows_out"] or report["error_rows"])
@@ -318,7 +323,7 @@ def _run_locked(
             remove_staged(staging, shards)
     report["output"] = spec.output.path
     if dry_run:
-        full_shards = plan_shards(full.corpus, staging, spec.run.shard_rows, map_fn=_ray_map)
+        full_shards = plan_shards(full.corpus, staging, spec.run.shard_rows, map_fn=ray_map)
         report["dry_run"] = dry_run_summary(full, full_shards, report, outcome)
         shutil.rmtree(spec.output.path, ignore_errors=True)  # the sample's scratch output
     return report
@@ -410,11 +415,11 @@ class Monitor:
 class NodeLost(RuntimeError):
     """The driver's own Ray node died (its raylet): nothing can be scheduled or fetched any
     more. The run stops like an interrupted one (partial report, interrupted: true); `shards`
-    is (committed, total) once it has stopped."""
+    is (committed, total) once it has stopped, total None when it died while planning."""
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.shards: tuple[int, int] | None = None
+        self.shards: tuple[int, int | None] | None = None
 
 
 class LocalNode:
@@ -450,7 +455,15 @@ class LocalNode:
         self.last = now
         if not self.alive():
             host, port = self.address
-            raise NodeLost(f"the local Ray node (raylet at {host}:{port}) died mid-job")
+            raise NodeLost(f"the local Ray node (raylet at {host}:{port}) died")
+
+
+def stop_reason(stopped: BaseException) -> str:
+    """What ended a run before its shards were done, in one line for `_report.json`."""
+    if isinstance(stopped, KeyboardInterrupt):  # the CLI raises it for SIGTERM: "signal 15"
+        return f"interrupted ({stopped or 'Ctrl-C'})"
+    line = (str(stopped).strip().splitlines() or [""])[0][:300]
+    return f"{type(stopped).__name__}: {line}" if line else type(stopped).__name__
 
 
 def _write_report(
@@ -463,10 +476,10 @@ def _write_report(
     started: datetime,
     t0: float,
     stalls: list[dict[str, Any]],
-    interrupted: bool = False,
+    stop_reason: str | None = None,
 ) -> dict[str, Any]:
     earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
-    report = build_report(spec, shards, earlier, outcome, pools, started, t0, stalls, interrupted)
+    report = build_report(spec, shards, earlier, outcome, pools, started, t0, stalls, stop_reason)
     out.write_json("_report.json", report)
     return report
 
@@ -503,7 +516,7 @@ def build_report(
     started: datetime,
     t0: float,
     stalls: list[dict[str, Any]] | None = None,
-    interrupted: bool = False,
+    stop_reason: str | None = None,
 ) -> dict[str, Any]:
     """Counts cover the whole output (shards committed by earlier runs included); throughput
     and per-pool/per-actor figures cover this run."""
@@ -553,7 +566,7 @@ def build_report(
             "failed": [asdict(f) for f in outcome.failed],
         },
         "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
-        "stalls": stalls or [], "interrupted": interrupted,
+        "stalls": stalls or [], "interrupted": stop_reason is not None, "stop_reason": stop_reason,
         "per_pool": per_pool, "per_actor": per_actor,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(sum(r.tokens for r in results) / wall, 1) if wall else 0.0,

@@ -27,7 +27,7 @@ import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -545,19 +545,23 @@ class Report:
     retries: int
     actor_restarts: int
     stalls: list[dict[str, Any]]  # actors killed for making no progress: actor, shard, quiet_s
-    interrupted: bool  # the run was stopped (Ctrl-C, SIGTERM): shards left are not counted
+    interrupted: bool  # the run was stopped before its end: shards left are not counted
     per_pool: dict[str, dict[str, Any]]  # name -> device, actors, shards, rows, tokens, busy_s, ...
     per_actor: dict[str, dict[str, Any]]  # name -> pool, shards, rows, tokens, busy_s, ...
     wall_s: float
     tokens_per_s: float
     started_at: str
     finished_at: str
+    # what ended the run before its shards were done (interrupted: true), in one line:
+    # "interrupted (Ctrl-C or SIGTERM)", "NodeLost: the local Ray node ... died", ...
+    stop_reason: str | None = None  # absent from reports written before it existed
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Report:
         """A report from `_report.json`'s content; unknown or missing keys are a ValueError."""
         names = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(obj) - names), sorted(names - set(obj))
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        unknown, missing = sorted(set(obj) - names), sorted(required - set(obj))
         if unknown or missing:
             raise ValueError(f"report keys: unknown {unknown}, missing {missing}")
         return cls(**obj)

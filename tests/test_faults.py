@@ -86,6 +86,44 @@ def test_second_run_into_the_same_output_is_refused(tmp_path, model_dir, ray_loc
     assert ids == sorted(table["note_id"].to_pylist())
 
 
+def test_a_run_whose_lock_is_taken_over_stops_and_touches_nothing(
+    tmp_path, model_dir, ray_local, monkeypatch
+):
+    """Its lease lapsed and another run took the dir: this run stops at its next renewal
+    without removing the new holder's temp files or lock, and writes no report or _SUCCESS."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from jobs import driver
+    from jobs.output import LOCK_FILE, OutputLock
+
+    table, corpus = parquet_corpus(tmp_path, 40)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    locks: list[OutputLock] = []
+    monkeypatch.setattr(driver, "OutputLock", lambda *a: locks.append(OutputLock(*a, lease_s=0.6))
+                        or locks[-1])  # fmt: skip
+    out = tmp_path / "out"
+    theirs = {"token": "theirs", "host": "elsewhere", "pid": 1, "job": "new-holder",
+              "renewed_at": time.time() + 3600, "lease_s": 60}  # fmt: skip
+
+    def take_over(result, slot, slots):
+        if not (out / ".tmp-theirs.parquet").exists():
+            (out / LOCK_FILE).write_text(json.dumps(theirs))
+            (out / ".tmp-theirs.parquet").write_bytes(b"the new holder's part in progress")
+            deadline = time.monotonic() + 10  # until this run's renewal has seen it
+            while locks[0].lost is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    with pytest.raises(RuntimeError, match="another run took over the lock.*job new-holder"):
+        run(spec, tmp_path, on_result=take_over)
+    assert (out / ".tmp-theirs.parquet").exists()
+    assert json.loads((out / LOCK_FILE).read_text())["job"] == "new-holder"
+    assert not (out / "_report.json").exists() and not (out / "_SUCCESS").exists()
+    for part in out.glob("part-*.parquet"):  # what this run committed before it stopped
+        assert pq.read_metadata(part).num_rows == 5
+
+
 def test_corrupt_inputs_are_named_and_empty_files_are_zero_rows(tmp_path, model_dir, ray_local):
     import gzip
     import json
@@ -193,64 +231,117 @@ def test_undecodable_ids_and_kept_values_keep_the_column_types(tmp_path, model_d
     assert verify_output(str(tmp_path / "out")) == []
 
 
+class CliDriver:
+    """The CLI (`python -m jobs run`) on `spec` in its own processes, each driver with its own
+    local Ray (RAY_TMPDIR per driver, short AF_UNIX paths). close() ends whatever a started
+    driver left running, and only that: its process tree, its Ray's processes and temp dir."""
+
+    def __init__(self, tmp_path: Path, spec: dict):
+        import sys
+
+        import yaml
+
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        self.cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
+        self.repo = Path(__file__).resolve().parents[1]
+        self.temps: list[str] = []
+        self.procs: list = []
+        self.tree: dict[int, tuple[str, str]] = {}  # a started driver's processes, once seen
+
+    def env(self, slowdown: str) -> dict:
+        import tempfile
+
+        self.temps.append(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))
+        return {**os.environ, "RAY_TMPDIR": self.temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
+
+    def start(self, slowdown: str = ""):
+        """A driver in the background, stdout and stderr piped; SIGINT's default action back
+        (a test run started in the background, `make test &`, has it ignored, and an ignored
+        SIGINT is inherited across exec)."""
+        import subprocess
+
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(self.cmd, env=self.env(slowdown), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=self.repo,
+                                preexec_fn=default_sigint)  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def run(self):
+        """A driver to its end: the CompletedProcess."""
+        import subprocess
+
+        return subprocess.run(self.cmd, env=self.env(""), capture_output=True, text=True,
+                              timeout=300, cwd=self.repo)  # fmt: skip
+
+    def raylet(self, proc) -> int:
+        """The pid of `proc`'s own raylet (recording its process tree for close())."""
+        self.tree.update(_tree(proc.pid))
+        raylets = [pid for pid, (_, name) in self.tree.items() if name == "raylet"]
+        assert len(raylets) == 1, self.tree  # this driver's own local Ray: one node
+        return raylets[0]
+
+    def close(self) -> None:
+        import shutil
+
+        from test_submit import stop_head
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for pid in _still_running(self.tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for temp in self.temps:
+            stop_head(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    drivers: list[CliDriver] = []
+    yield lambda spec: drivers.append(CliDriver(tmp_path, spec)) or drivers[-1]
+    for d in drivers:
+        d.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_local, sig):
+def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_local, cli, sig):
     """The CLI driver in its own process (its own local Ray): SIGINT stops its actors and
     writes a partial report (exit 130); SIGKILL leaves a stale lock the next run takes over.
     Either way the resumed output equals a clean run."""
     import json
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
 
-    import yaml
     from test_submit import stop_head
 
     table, corpus = parquet_corpus(tmp_path, 60)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5,
                                                  "progress_interval_s": 0.2})  # fmt: skip
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
-    temps = []
-
-    def driver(slowdown: str = "") -> dict:  # each driver starts its own local Ray
-        temps.append(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))  # short AF_UNIX paths
-        return {**os.environ, "RAY_TMPDIR": temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
-
+    driver = cli(spec)
     out = tmp_path / "out"
-    try:
-        # SIGINT's default action back: a test run started in the background (`make test &`)
-        # has it ignored, and an ignored SIGINT is inherited across exec
-        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-        proc = subprocess.Popen(cmd, env=driver("cpu=0.3"), stderr=subprocess.PIPE, text=True,
-                                cwd=repo, preexec_fn=default_sigint)  # fmt: skip
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert list(out.glob("part-*.parquet")), "the job never committed a shard"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-        if sig == signal.SIGINT:
-            assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1]
-            partial = json.loads((out / "_report.json").read_text())
-            assert partial["interrupted"] is True
-            assert not (out / "_lock.json").exists()
-        else:
-            assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()
-            stop_head(temps[-1])  # what the killed driver's own Ray left running
-        assert not (out / "_SUCCESS").exists()
-        done = subprocess.run(cmd, env=driver(), capture_output=True, text=True, timeout=300,
-                              cwd=repo)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert not list(out.glob(".tmp-*"))  # what the stopped attempts left is gone
-    finally:
-        for temp in temps:
-            stop_head(temp)
-            shutil.rmtree(temp, ignore_errors=True)
+    proc = driver.start("cpu=0.3")
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(out.glob("part-*.parquet")), "the job never committed a shard"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1]
+        partial = json.loads((out / "_report.json").read_text())
+        assert partial["interrupted"] is True and partial["stop_reason"] == "interrupted (Ctrl-C)"
+        assert not (out / "_lock.json").exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()
+        stop_head(driver.temps[-1])  # what the killed driver's own Ray left running
+    assert not (out / "_SUCCESS").exists()
+    done = driver.run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(out.glob(".tmp-*"))  # what the stopped attempts left is gone
     report = json.loads((out / "_report.json").read_text())
     assert report["shards"]["committed_before"] >= 1 and report["rows_out"] == 60
+    assert report["stop_reason"] is None
     result = assert_equals_clean_run(out, spec, tmp_path)
     check_exactly_once(table["note_id"].to_pylist(), result, None)
 
@@ -326,91 +417,71 @@ def _still_running(tree: dict[int, tuple[str, str]]) -> list[int]:
             if pid in table and table[pid][2] == start and table[pid][1] != "Z"]  # fmt: skip
 
 
-def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, ray_local):
+def _assert_one_error_line(stdout: str, err: str) -> str:
+    """No traceback, and no error of Python's or Ray's on stderr (an ERROR log, a C++ E/F log
+    line) but the CLI's own last line, which is returned."""
+    import re
+
+    assert "Traceback" not in stdout + err, err[-3000:]
+    lines = err.splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], err[-3000:]
+    noise = re.compile(r"\bERROR\b|^\[[^]]* [EF] \d+ \d+\]|plasma store")
+    assert not [line for line in lines if noise.search(line)], err[-3000:]
+    return lines[-1]
+
+
+def _kill_raylet_and_wait(driver: CliDriver, proc) -> tuple[str, str, float]:
+    """SIGKILL `proc`'s raylet; the driver must exit 3 and every process of its run end
+    within 30 s. Returns its stdout, stderr and the seconds it took to exit."""
+    os.kill(driver.raylet(proc), signal.SIGKILL)
+    killed = time.monotonic()
+    stdout, err = proc.communicate(timeout=120)
+    took = time.monotonic() - killed
+    assert proc.returncode == 3, err[-3000:]
+    deadline = time.monotonic() + 30  # no process of the killed run may go on writing
+    while (left := _still_running(driver.tree)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, {pid: driver.tree[pid][1] for pid in left}
+    return stdout, err, took
+
+
+def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, ray_local, cli):
     """The CLI driver in its own process and local Ray; once a shard is committed, that Ray's
     raylet (and only it) is SIGKILLed. The driver must end within seconds with one error line
     (exit 3), no traceback, a partial report, no _SUCCESS, and none of its Ray processes left
     to write; the same command then resumes to exactly a clean run's output."""
     import json
     import re
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    import yaml
-    from test_submit import stop_head
 
     table, corpus = parquet_corpus(tmp_path, 60)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5,
                                                  "progress_interval_s": 0.2})  # fmt: skip
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
-    temps: list[str] = []
-    tree: dict[int, tuple[str, str]] = {}  # the killed run's processes, to check and clean up
-
-    def driver(slowdown: str = "") -> dict:  # each driver starts its own local Ray
-        temps.append(tempfile.mkdtemp(prefix="rayl-", dir="/tmp"))  # short AF_UNIX paths
-        return {**os.environ, "RAY_TMPDIR": temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
-
+    driver = cli(spec)
     out = tmp_path / "out"
-    proc = None
-    try:
-        # 2 s per shard: 12 shards on 2 actors last far longer than the driver takes to notice
-        proc = subprocess.Popen(cmd, env=driver("cpu=2"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=repo)  # fmt: skip
-        deadline = time.monotonic() + 180
-        while not list(out.glob("part-*.parquet")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "the job never committed a shard"
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]  # still running
-        tree.update(_tree(proc.pid))
-        raylets = [pid for pid, (_, name) in tree.items() if name == "raylet"]
-        assert len(raylets) == 1, tree  # this driver's own local Ray: one node
-        os.kill(raylets[0], signal.SIGKILL)
-        killed = time.monotonic()
-        stdout, err = proc.communicate(timeout=120)
-        took = time.monotonic() - killed
+    # 2 s per shard: 12 shards on 2 actors last far longer than the driver takes to notice
+    proc = driver.start("cpu=2")
+    deadline = time.monotonic() + 180
+    while not list(out.glob("part-*.parquet")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the job never committed a shard"
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]  # still running
+    stdout, err, took = _kill_raylet_and_wait(driver, proc)
+    line = _assert_one_error_line(stdout, err)
+    assert line.startswith("error: the local Ray node (raylet") and "run the same" in line
+    parts = list(out.glob("part-*.parquet"))
+    committed = re.search(r"; (\d+) of 12 shards are committed", line)
+    assert committed and int(committed.group(1)) == len(parts) >= 1, line
+    assert not (out / "_SUCCESS").exists() and not (out / "_lock.json").exists()
+    assert not list(out.glob(".tmp-*"))
+    partial = json.loads((out / "_report.json").read_text())
+    assert partial["interrupted"] is True and partial["stop_reason"].startswith("NodeLost: ")
+    shards = partial["shards"]
+    assert shards["committed_before"] + shards["processed"] <= len(parts)  # what reached
+    # the driver: a shard whose result was under way when it stopped is not counted
 
-        assert proc.returncode == 3, err[-3000:]
-        deadline = time.monotonic() + 30  # no process of the killed run may go on writing
-        while (left := _still_running(tree)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, {pid: tree[pid][1] for pid in left}
-        assert "Traceback" not in stdout + err, err[-3000:]
-        lines = err.splitlines()
-        assert [line for line in lines if line.startswith("error:")] == lines[-1:], err[-3000:]
-        # nor any error of Python's or Ray's on stderr: an ERROR log, a C++ E/F log line
-        noise = re.compile(r"\bERROR\b|^\[[^]]* [EF] \d+ \d+\]|plasma store")
-        assert not [line for line in lines if noise.search(line)], err[-3000:]
-        line = lines[-1]
-        assert line.startswith("error: the local Ray node (raylet") and "run the same" in line
-        parts = list(out.glob("part-*.parquet"))
-        committed = re.search(r"; (\d+) of 12 shards are committed", line)
-        assert committed and int(committed.group(1)) == len(parts) >= 1, line
-        assert not (out / "_SUCCESS").exists() and not (out / "_lock.json").exists()
-        assert not list(out.glob(".tmp-*"))
-        partial = json.loads((out / "_report.json").read_text())
-        assert partial["interrupted"] is True
-        shards = partial["shards"]
-        assert shards["committed_before"] + shards["processed"] <= len(parts)  # what reached
-        # the driver: a shard whose result was under way when it stopped is not counted
-
-        done = subprocess.run(cmd, env=driver(), capture_output=True, text=True, timeout=300,
-                              cwd=repo)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pid in _still_running(tree):  # only processes the killed run's driver started
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for temp in temps:
-            stop_head(temp)
-            shutil.rmtree(temp, ignore_errors=True)
+    done = driver.run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
     report = json.loads((out / "_report.json").read_text())
     assert report["interrupted"] is False and report["rows_out"] == 60
     assert report["shards"]["committed_before"] == len(parts)
@@ -419,3 +490,40 @@ def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, 
     assert len(ids) == len(set(ids)) == 60  # none lost, none written twice
     check_exactly_once(table["note_id"].to_pylist(), result, None)
     print(f"raylet killed: the driver ended {took:.1f}s later; {len(parts)} of 12 shards kept")
+
+
+def test_local_raylet_killed_while_planning(tmp_path, model_dir, ray_local, cli):
+    """The raylet dies while the driver waits on its staging tasks (before any shard runs):
+    the same one line (exit 3), no traceback, nothing left running or written; the same
+    command then runs to a clean run's output."""
+    table, corpus = parquet_corpus(tmp_path, 20)
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    driver = cli(spec)
+    out = tmp_path / "out"
+    proc = driver.start("staging=60")  # the staging task sleeps: the driver waits on it
+    deadline = time.monotonic() + 120
+    while not _staging_task_running(proc.pid):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the staging task never started"
+        time.sleep(0.1)
+    stdout, err, took = _kill_raylet_and_wait(driver, proc)
+    line = _assert_one_error_line(stdout, err)
+    assert line.startswith("error: the local Ray node (raylet") and "while planning" in line
+    assert took < 30, took  # not the staging task's 60 s, nor Ray's own health check
+    assert not list(out.glob("part-*")) and not (out / "_lock.json").exists()
+    assert not (out / "_report.json").exists() and not (out / "_SUCCESS").exists()
+
+    done = driver.run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = assert_equals_clean_run(out, spec, tmp_path)
+    check_exactly_once(table["note_id"].to_pylist(), result, None)
+    print(f"raylet killed while planning: the driver ended {took:.1f}s later")
+
+
+def _staging_task_running(root: int) -> bool:
+    """Whether a Ray worker under `root` runs the driver's staging task (its title)."""
+    for pid in _tree(root):
+        with contextlib.suppress(OSError):
+            if b"ray::_apply" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+    return False

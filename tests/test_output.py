@@ -323,6 +323,9 @@ def test_report_from_json_rejects_unknown_and_missing_keys():
     del data["wall_s"]
     with pytest.raises(ValueError, match=r"unknown \['walltime'\], missing \['wall_s'\]"):
         Report.from_json({**data, "walltime": 1.0})
+    older = report().to_json()  # written before stop_reason existed: still a report
+    del older["stop_reason"]
+    assert Report.from_json(older).stop_reason is None
 
 
 def test_every_output_column_is_reserved_for_keep_columns():
