@@ -41,8 +41,10 @@ def place(layers: nn.ModuleList, varlen: bool, ffn_chunk: int) -> None:
 # torch's oneDNN ops (the packed CPU linears, exact GELU) keep a compiled kernel with its
 # buffers per input shape, up to 1,024 in each of two caches (oneDNN's own and ideep's), and
 # every encoder batch has its own token count: memory climbs by hundreds of MiB batch after
-# batch. 16 entries keep a repeated shape as fast as before and memory flat. oneDNN reads them
-# at its first use; LRU_CACHE_CAPACITY=0 crashes torch (2.13), so 16 for both.
+# batch. 16 entries keep memory bounded and still hold every kernel of one forward pass, which
+# its layers reuse (caches off, a single short note takes ~1.8x as long: each layer rebuilds
+# its kernels). oneDNN reads them at its first op. Job actors turn them off instead
+# (driver.actor_env: their batches are large, a rebuild is noise there, memory is not).
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
 
 

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 LONG_NOTE_POLICIES = ("truncate", "windows")
+MAX_NOTE_CHARS = 2**31 - 1  # token char offsets are int32 (a job's run.max_note_chars is lower)
 CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer._pieces)
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -212,7 +213,7 @@ class Windows:
     """Tokenized notes as packed windows (W windows, T tokens in all)."""
 
     ids: np.ndarray  # int32[T] every window's ids, [CLS] ... [SEP], concatenated
-    token_char: np.ndarray  # int64[T] first char of each token in its note (-1 for specials)
+    token_char: np.ndarray  # int32[T] first char of each token in its note (-1 for specials)
     bounds: np.ndarray  # int64[W+1] window w is ids[bounds[w]:bounds[w+1]]
     note: np.ndarray  # int64[W] note index of each window
     window_index: np.ndarray  # int32[W] position of the window within its note
@@ -299,6 +300,8 @@ class NoteTokenizer:
         group: list[tuple[int, int, int]] = []  # (note, start, end)
         size = 0
         for n, text in enumerate(notes):
+            if len(text) > MAX_NOTE_CHARS:  # token_char is int32
+                raise ValueError(f"note {n} has {len(text):,} characters, over {MAX_NOTE_CHARS:,}")
             start = 0
             while True:
                 end = len(text)
@@ -338,7 +341,7 @@ class NoteTokenizer:
             widx.append(len(note) - first)
             note.append(len(kept))
             ids.append(np.concatenate(([self.cls_id], body_ids, [self.sep_id])).astype(np.int32))
-            chars.append(np.concatenate(([-1], body_offs[:, 0], [-1])))
+            chars.append(np.concatenate(([-1], body_offs[:, 0], [-1])).astype(np.int32))
             bounds.append(bounds[-1] + size + 2)
             cstart.append(body_offs[0, 0] if size else 0)  # empty note: [CLS][SEP], (0, 0)
             cend.append(body_offs[-1, 1] if size else 0)
@@ -371,7 +374,7 @@ class NoteTokenizer:
         note_tokens = np.asarray(counts, dtype=np.int64)
         return np.asarray(kept, np.int64), Windows(
             ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
-            token_char=np.concatenate(chars) if chars else np.zeros(0, np.int64),
+            token_char=np.concatenate(chars) if chars else np.zeros(0, np.int32),
             bounds=np.asarray(bounds, dtype=np.int64),
             note=np.asarray(note, dtype=np.int64),
             window_index=np.asarray(widx, dtype=np.int32),

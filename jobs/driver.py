@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from clinicalbert_core.hub import ModelBundle
-from clinicalbert_core.ops import ONEDNN_CACHE_ENV
 
 from .corpus import Shard, clean_staging, plan_shards, remove_staged
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
@@ -116,10 +115,19 @@ def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
     Threads: torch gets `cpus` (OMP_NUM_THREADS). A cuda actor tokenizes on its `cpus`
     CPUs (`tokenizers`' pool: TOKENIZERS_PARALLELISM on, RAYON_NUM_THREADS; unset, rayon
     would take every CPU of the node); a CPU actor's CPUs run torch, and it tokenizes on
-    one thread ahead of the encoder. torch's oneDNN caches bounded (`ops.ONEDNN_CACHE_ENV`:
-    unbounded, an actor's memory climbs over a shard; README: what bounds an actor's memory).
+    one thread ahead of the encoder.
+
+    torch's oneDNN caches off (`ops.ONEDNN_CACHE_ENV` explains them): an actor's batches fill
+    its token budget, each with its own token count, so a cached kernel is rarely met again
+    while its buffers (~10 MiB each at BERT-base width) stay; off, memory is flat at the same
+    speed (README: what bounds an actor's memory).
     """
-    env = {"OMP_NUM_THREADS": str(cpus), "TOKENIZERS_PARALLELISM": "false", **ONEDNN_CACHE_ENV}
+    env = {
+        "OMP_NUM_THREADS": str(cpus),
+        "TOKENIZERS_PARALLELISM": "false",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+        "LRU_CACHE_CAPACITY": "1",  # ideep's own cache (torch's oneDNN layer); 0 crashes torch
+    }
     if pool.device == "cuda":
         env |= {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
     if pool.device == "mps":  # an operator MPS lacks runs on the CPU instead of failing
@@ -461,7 +469,7 @@ class LocalNode:
 def stop_reason(stopped: BaseException) -> str:
     """What ended a run before its shards were done, in one line for `_report.json`."""
     if isinstance(stopped, KeyboardInterrupt):  # the CLI raises it for SIGTERM: "signal 15"
-        return f"interrupted ({stopped or 'Ctrl-C'})"
+        return f"interrupted ({str(stopped) or 'Ctrl-C'})"
     line = (str(stopped).strip().splitlines() or [""])[0][:300]
     return f"{type(stopped).__name__}: {line}" if line else type(stopped).__name__
 

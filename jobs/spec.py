@@ -475,6 +475,7 @@ class RunSpec(_Section):
     max_note_chars: int = Field(
         2_000_000,
         ge=1,
+        le=2**31 - 1,  # the runtime's token offsets are int32
         description="Longer notes become error rows, reason too_long (default 2000000).",
     )
     batch_rows: int = Field(
