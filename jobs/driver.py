@@ -297,7 +297,8 @@ def _run_locked(
         stopped = e  # or output lock, an error of the driver's own
         # from now on no attempt starts or commits. After a lost node the gate's process
         # outlives its raylet: closed, it grants nothing; unanswered, there is no gate either
-        done, _ = ray.wait([gate.close.remote()], timeout=NODE_LOST_WAIT_S)
+        wait = NODE_LOST_WAIT_S if isinstance(e, NodeLost) else None  # else until it answers
+        done, _ = ray.wait([gate.close.remote()], timeout=wait)
         if not done:
             log.warning("the commit gate did not answer within %.0fs", NODE_LOST_WAIT_S)
         raise
