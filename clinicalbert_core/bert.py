@@ -18,7 +18,7 @@ from torch import nn
 from .attention import attention
 from .config import EncoderConfig, check_activation
 from .heads import MlmHead
-from .ops import ACTIVATIONS, FFN_CHUNK, PackedLinear, by_chunks, place
+from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, place
 from .packing import PackedBatch
 
 DEFAULT_POOLING = "cls"
@@ -71,7 +71,6 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(c, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, c)
         self.ffn_norm = nn.LayerNorm(c, eps=eps)
-        self.act_name = config.hidden_act
         self.act = ACTIVATIONS[config.hidden_act]
         self.varlen = False  # set once by the runner when the CUDA varlen kernel applies
         self.ffn_chunk = FFN_CHUNK["cpu"]  # set once by the runner for its device
@@ -101,16 +100,6 @@ class Encoder(nn.Module):
 
     def place(self, varlen: bool, ffn_chunk: int) -> None:
         place(self.layers, varlen, ffn_chunk)
-
-    def fuse_activations(self) -> None:
-        """Once the linears are PackedLinear (CPU): each layer's GELU inside its ffn_in GEMM."""
-        for layer in self.layers:
-            if isinstance(layer.ffn_in, PackedLinear) and layer.ffn_in.fuse(layer.act_name):
-                layer.act = _identity
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 class Pooler(nn.Module):

@@ -188,8 +188,6 @@ class ClinicalBertRunner:
             swap_linears(self.encoder.layers, Int8Linear)
         elif self.device.type == "cpu" and not o.compile and packed_linear_supported(self.dtype):
             swap_linears(self.encoder.layers, PackedLinear)
-            if fuse := getattr(self.encoder, "fuse_activations", None):  # BERT's GELU
-                fuse()
         if self.device.type == "cpu":
             reuse_freed_memory()
         varlen = varlen_supported(self.device, self.dtype)

@@ -214,19 +214,12 @@ def test_mean_pooling_parity(ckpts):
         assert (vectors[i] - h.mean(0)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
-def test_each_activation_parity_fused_or_not(tmp_path, act):
-    """CPU linears fuse the GELUs into the GEMM (oneDNN post-op; exact and tanh); other
-    activations stay separate. Either way the hidden states match transformers."""
-    from clinicalbert_core.ops import PackedLinear, packed_linear_supported
-
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "relu"])
+def test_other_activations_parity(tmp_path, act):
+    """hidden_act other than exact GELU (the fixtures' default): hidden states match."""
     torch.manual_seed(1)
     model = transformers.BertModel(hf_config(hidden_act=act)).eval()
     r = load(save_hf(model, tmp_path / act))
-    if packed_linear_supported(torch.float32):
-        fused = [layer.ffn_in.post[0] for layer in r.encoder.layers]
-        assert all(isinstance(layer.ffn_in, PackedLinear) for layer in r.encoder.layers)
-        assert fused == ["none" if act == "relu" else "gelu"] * len(fused)
     out = r.encode_windows(r.tokenize(NOTES[:4]), return_hidden=True)
     for i, note in enumerate(NOTES[:4]):
         h = hf_run(model, r, note).last_hidden_state[0]
