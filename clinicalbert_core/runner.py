@@ -25,7 +25,7 @@ from .config import EncoderConfig
 from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
 from .hub import ModelBundle, open_checkpoint
 from .ops import FFN_CHUNK, PackedLinear, packed_linear_supported, reuse_freed_memory, swap_linears
-from .packing import PackedBatch, pack_flat, token_budget_batches
+from .packing import DeviceFeed, PackedBatch, token_budget_batches
 from .placement import MlmExecMode, resolve_mlm_mode
 from .quant import Int8Linear, int8_supported
 from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
@@ -279,18 +279,24 @@ class ClinicalBertRunner:
         vectors = np.empty((len(select) if embeddings else 0, self.config.hidden_size), np.float32)
         hidden_parts: dict[int, torch.Tensor] = {}
         mlm_parts: list[MlmRows] = []
-        for batch_idx in token_budget_batches(lengths, self.batch_tokens):
-            chosen = select[batch_idx]
-            ids = np.concatenate([windows.window_ids(w) for w in chosen])
-            batch = pack_flat(torch.from_numpy(ids.astype(np.int64)), windows.lengths[chosen])
-            hidden = self._forward(batch.to(self.device))  # (N, C)
-            if embeddings:
-                dev_cu = batch.cu_seqlens.to(self.device)
-                pooled = pool(hidden, dev_cu, self.pooling, self.pooler)  # (b, C)
+        batches = token_budget_batches(lengths, self.batch_tokens)
+        feed = DeviceFeed(windows.ids, windows.bounds, [select[b] for b in batches], self.device)
+        for fed in feed:
+            batch_idx, chosen, batch = batches[fed.index], select[batches[fed.index]], fed.host
+            hidden = self._forward(fed.batch)  # (N, C)
+            pooled = (
+                pool(hidden, fed.batch.cu_seqlens, self.pooling, self.pooler)  # (b, C)
+                if embeddings
+                else None
+            )
+            feed.prefetch()  # the next batch is packed and copied while this one computes
+            if pooled is not None:
                 vectors[batch_idx] = pooled.float().cpu().numpy()
             if self.mlm_head is not None:
                 mlm_parts.append(
-                    self._mlm_rows(hidden, batch, ids, chosen, mlm_positions, top_k, return_logits)
+                    self._mlm_rows(
+                        hidden, batch, fed.ids, chosen, mlm_positions, top_k, return_logits
+                    )
                 )
             if return_hidden:
                 starts = batch.cu_seqlens.tolist()

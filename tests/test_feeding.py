@@ -217,6 +217,52 @@ def test_device_feed_packs_each_batch_in_order_one_ahead():
     assert seen == list(range(len(batches)))
 
 
+def test_runner_packs_the_next_batch_while_the_current_one_computes(model_dir, monkeypatch):
+    """encode_windows runs on a DeviceFeed: batch i+1 is packed (on CUDA: copied) after batch
+    i's forward is launched and before its results are read back, and the vectors and MLM rows
+    are those of encoding every window alone."""
+    from clinicalbert_core import ClinicalBertRunner
+
+    r = ClinicalBertRunner.load(model_dir, max_seq=32, long_notes="windows", stride=8,
+                                batch_tokens=64, mlm=True)  # fmt: skip
+    windows = r.tokenize(make_notes(12, seed=5, max_words=60))
+    assert len(token_budget_batches(windows.lengths, 64)) >= 4
+    events: list[tuple[str, int]] = []
+    real_prefetch, real_forward = DeviceFeed.prefetch, r._forward
+
+    def spy_prefetch(feed):
+        before = feed.made
+        real_prefetch(feed)
+        if feed.made > before:
+            events.append(("packed", before))
+
+    def spy_forward(batch):
+        events.append(("forward", len(events)))
+        return real_forward(batch)
+
+    monkeypatch.setattr(DeviceFeed, "prefetch", spy_prefetch)
+    monkeypatch.setattr(r, "_forward", spy_forward)
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(
+        torch.Tensor, "cpu", lambda t, *a, **k: events.append(("read", 0)) or real_cpu(t, *a, **k)
+    )
+    out = r.encode_windows(windows, mlm_positions="all")
+    monkeypatch.undo()
+    kinds = [k for k, _ in events]
+    n = len(token_budget_batches(windows.lengths, 64))
+    assert [i for k, i in events if k == "packed"] == list(range(n))
+    forwards = [j for j, k in enumerate(kinds) if k == "forward"]
+    assert len(forwards) == n
+    for b, at in enumerate(forwards[:-1]):  # between forward b and the first read after it
+        first_read = kinds.index("read", at)
+        assert ("packed", b + 1) in events[at:first_read], (b, kinds)
+    for w in range(windows.num_windows):
+        alone = r.encode_windows(windows, np.array([w]), mlm_positions="all")
+        np.testing.assert_allclose(out.vectors[w], alone.vectors[0], atol=1e-5)
+        mine = out.mlm.window == w
+        np.testing.assert_array_equal(out.mlm.top_ids[mine], alone.mlm.top_ids)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_feed_on_cuda_copies_pinned_batches_on_a_side_stream():
