@@ -89,6 +89,17 @@ def test_int8_linear_matches_float_and_keeps_shape():
     assert got.shape == want.shape and got.dtype == torch.float32
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert err.max() < 0.02, err.max()
+    # rows are quantized around their midpoint: shifted rows (GELU outputs are skewed) keep
+    # their resolution, where a scale from max |x| would spend it on the offset. Against the
+    # quantized weight itself, so only the activations' rounding counts
+    wq = torch.nn.Linear(96, 40)
+    wq.weight.data = q.weight_t.t().float() * q.weight_scale[:, None]
+    wq.bias.data = lin.bias.data
+    x = torch.randn(4, 96)
+    with torch.inference_mode():
+        err = (q(x) - wq(x)).abs().max()
+        err_shifted = (q(x + 10.0) - wq(x + 10.0)).abs().max()
+    assert err_shifted <= 2 * err, (err_shifted, err)
     zeros = torch.zeros(5, 96)  # all-zero rows: no division by zero, exactly the bias
     assert torch.equal(q(zeros), lin.bias.expand(5, 40).detach())
 
