@@ -103,6 +103,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .dispatch import FailedShard
     from .driver import NodeLost, print_dry_run, run_job
     from .spec import load_spec
 
@@ -132,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{report['shards']['processed']} shards in {report['wall_s']:.1f}s "
           f"({report['shards']['committed_before']} committed earlier), {len(failed)} failed "
           f"-> {report['output']}")  # fmt: skip
+    for f in failed:  # none of their rows is written; the same command retries them
+        print(f"failed: {FailedShard(**f).where()}: {f['error']}", file=sys.stderr)
     if report.get("empty"):
         print(f"job {spec.name}: {report['empty']}", file=sys.stderr)
     return 1 if failed or report.get("empty") else 0

@@ -63,9 +63,26 @@ class Slot:
 
 @dataclass
 class FailedShard:
+    """A shard none of whose rows were written: where its input is, and why."""
+
     shard_id: str
     attempts: int
     error: str
+    source: str  # the input file it reads
+    row_groups: list[int]  # of the Parquet file it reads (the input, or its staged copy)
+    rows: int  # input rows it covers
+
+    @classmethod
+    def of(cls, shard: Any, attempts: int, error: str) -> FailedShard:
+        return cls(shard.id, attempts, error, shard.source, list(shard.row_groups), shard.num_rows)
+
+    def where(self) -> str:
+        """One line naming the input (never its content)."""
+        groups = self.row_groups
+        span = (
+            f"row group {groups[0]}" if len(groups) == 1 else f"row groups {groups[0]}-{groups[-1]}"
+        )
+        return f"{self.source} ({span}, {self.rows:,} rows, shard {self.shard_id})"
 
 
 @dataclass
@@ -110,11 +127,12 @@ class Dispatcher:
         def retry_or_fail(shard: Any, attempt: int, error: str) -> None:
             if attempt < self.max_attempts:
                 outcome.retries += 1
-                log.warning("shard %s attempt %d failed (%s); re-queued", shard.id, attempt, error)
+                log.warning("shard %s of %s attempt %d failed (%s); re-queued",
+                            shard.id, shard.source, attempt, error)  # fmt: skip
                 pending.appendleft((shard, attempt + 1))
             else:
-                log.error("shard %s failed after %d attempts: %s", shard.id, attempt, error)
-                failed.append(FailedShard(shard.id, attempt, error))
+                failed.append(FailedShard.of(shard, attempt, error))
+                log.error("%s failed after %d attempts: %s", failed[-1].where(), attempt, error)
 
         while pending or in_flight:
             for slot in sorted(self.slots, key=lambda s: s.in_flight):  # fill idle slots first
@@ -125,7 +143,7 @@ class Dispatcher:
                     slot.in_flight += 1
             if not in_flight:  # shards left but no live actor to run them
                 for shard, attempt in pending:
-                    failed.append(FailedShard(shard.id, attempt - 1, "no live actor left"))
+                    failed.append(FailedShard.of(shard, attempt - 1, "no live actor left"))
                 pending.clear()
                 break
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)

@@ -168,6 +168,38 @@ def test_corrupt_inputs_are_named_and_empty_files_are_zero_rows(tmp_path, model_
         run(job(tmp_path, model_dir, pcorpus, output={"path": str(tmp_path / "out3")}), tmp_path)
 
 
+def test_a_corrupt_data_page_behind_a_good_footer_fails_its_shard_by_name(
+    tmp_path, model_dir, ray_local
+):
+    """Only reading the data finds this: its shard fails (named: file, row group, rows), the
+    rest completes exactly as a clean run of the good file, and nothing is written for it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_jobs import notes_table
+
+    good, bad = notes_table(10), notes_table(10, seed=1)
+    bad = bad.set_column(0, "note_id", pa.array(range(500, 510), pa.int64()))
+    (tmp_path / "in").mkdir()
+    pq.write_table(good, tmp_path / "in" / "a.parquet")
+    pq.write_table(bad, tmp_path / "in" / "b.parquet", compression="snappy")
+    data = bytearray((tmp_path / "in" / "b.parquet").read_bytes())
+    footer = pq.ParquetFile(tmp_path / "in" / "b.parquet").metadata.row_group(0).column(2)
+    start = footer.data_page_offset + 64  # inside the text column's first data page
+    data[start : start + 256] = bytes(b ^ 0x5A for b in data[start : start + 256])
+    (tmp_path / "in" / "b.parquet").write_bytes(bytes(data))
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "in")], "id_column": "note_id"}
+    spec = job(tmp_path, model_dir, corpus, run={"max_shard_attempts": 2})
+    report = run(spec, tmp_path)
+    (failed,) = report["shards"]["failed"]
+    assert failed["source"].endswith("b.parquet") and failed["rows"] == 10
+    assert failed["row_groups"] == [0] and failed["attempts"] == 2
+    assert report["rows_out"] == 10 and not (tmp_path / "out" / "_SUCCESS").exists()
+    out, _ = read_out(tmp_path / "out")
+    assert sorted(out["id"].to_pylist()) == good["note_id"].to_pylist()
+    (tmp_path / "in" / "b.parquet").unlink()  # the good file alone, run clean
+    assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
+
+
 def test_a_lost_worker_node_and_the_job_completes_exactly_once(tmp_path, model_dir):
     """A 3-node cluster on this machine (Ray's cluster_utils); a worker node is removed while
     its actor works: the shards re-run on the other nodes, nothing lost or written twice."""
