@@ -7,9 +7,9 @@ row its resolution (per-tensor scales would spread it over the whole batch), and
 (GELU outputs are >= -0.17, the feed-forward's second linear reads them) keeps all 255 levels
 for the range it has instead of half of them. The GEMM is int8 x int8 -> int32
 (`torch._int_mm`, oneDNN with VNNI or AMX where the CPU has it); the int32 result is scaled
-back, and m times the quantized weight's row sums plus the bias is added in one rank-2 update:
-x W^T = (q s + m) W^T = s (q W^T) + m (W 1)^T. Embeddings, layer norms, attention (softmax included), pooling and the heads stay
-in floating point.
+back, and m times the quantized weight's row sums plus the bias is added in one rank-2
+update: x W^T = (q s + m) W^T = s (q W^T) + m (W 1)^T. Embeddings, layer norms, attention
+(softmax included), pooling and the heads stay in floating point.
 """
 
 from __future__ import annotations

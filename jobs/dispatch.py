@@ -78,10 +78,8 @@ class FailedShard:
 
     def where(self) -> str:
         """One line naming the input (never its content)."""
-        groups = self.row_groups
-        span = (
-            f"row group {groups[0]}" if len(groups) == 1 else f"row groups {groups[0]}-{groups[-1]}"
-        )
+        g = self.row_groups
+        span = f"row group {g[0]}" if len(g) == 1 else f"row groups {g[0]}-{g[-1]}" if g else "-"
         return f"{self.source} ({span}, {self.rows:,} rows, shard {self.shard_id})"
 
 
