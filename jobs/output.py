@@ -469,13 +469,23 @@ class OutputLock:
             _delete(self.out.fs, self.out._join(LOCK_FILE))
 
     def _renew_loop(self) -> None:
+        failing = False  # a renewal that cannot be written (full disk, storage hiccup) is
+        # retried at the next interval; the thread never dies of it (an unrenewed lease would
+        # let another run in while this one still writes)
         while not self._stop.wait(self.lease_s / 3):
-            holder = self._read()
-            if (holder or {}).get("token") != self.token:
-                self.lost = f"another run took over the lock of {self.out.uri}: {_who(holder)}"
-                log.error("%s", self.lost)
-                return
-            self._write(exclusive=False)
+            try:
+                holder = self._read()
+                if (holder or {}).get("token") != self.token:
+                    self.lost = f"another run took over the lock of {self.out.uri}: {_who(holder)}"
+                    log.error("%s", self.lost)
+                    return
+                self._write(exclusive=False)
+            except OSError as e:
+                if not failing:
+                    log.warning("cannot renew the lock of %s (%s); retrying", self.out.uri, e)
+                failing = True
+            else:
+                failing = False
 
     def _read(self) -> dict[str, Any] | None:
         try:

@@ -386,6 +386,37 @@ def test_one_run_per_output_dir_lock(tmp_path: Path):
     assert (tmp_path / "out" / LOCK_FILE).exists()  # not d's to remove
 
 
+def test_lock_lease_survives_renewals_that_cannot_be_written(tmp_path: Path, monkeypatch):
+    """A full disk (or a storage hiccup) during a renewal: the lease thread keeps going and
+    renews again once writing works, instead of dying and letting the lease lapse."""
+    import time
+
+    from jobs.output import LOCK_FILE, OutputLock
+
+    out = OutputDir(str(tmp_path / "out"))
+    lock = OutputLock(out, "job-f", lease_s=0.3)
+    lock.acquire()
+    real, failures = lock._write, []
+
+    def full_disk(exclusive: bool) -> None:
+        if len(failures) < 3:
+            failures.append(exclusive)
+            raise OSError(28, "No space left on device")
+        real(exclusive)
+
+    monkeypatch.setattr(lock, "_write", full_disk)
+    first = json.loads((tmp_path / "out" / LOCK_FILE).read_text())["renewed_at"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        renewed = json.loads((tmp_path / "out" / LOCK_FILE).read_text())["renewed_at"]
+        if len(failures) == 3 and renewed > first:
+            break
+        time.sleep(0.05)
+    assert len(failures) == 3 and renewed > first and lock._thread.is_alive()
+    assert lock.lost is None
+    lock.release()
+
+
 def test_commit_gate_fences_stale_attempts(tmp_path: Path):
     from jobs.output import CommitGate, StaleAttempt
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,7 +53,6 @@ def stop_head(temp: str, timeout: float = 30.0) -> None:
     """Stop exactly the Ray processes of the head this test started (never `ray stop`, which
     stops every Ray on the machine): SIGTERM, then SIGKILL whatever is left."""
     import signal
-    import time
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids_using(temp):
@@ -85,12 +85,18 @@ def test_ray_job_submit_on_loopback(tmp_path: Path):
                       f"--dashboard-port={dash}", f"--temp-dir={temp}", env=env)  # fmt: skip
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        submitted = ray_cli(
-            "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-            "--runtime-env", "cluster/runtime_env.yaml", "--",
-            "python", "-m", "jobs", "run", str(tmp_path / "job.yaml"), env=env, timeout=600,
-        )  # fmt: skip
-        log = submitted.stdout + submitted.stderr
+        deadline = time.monotonic() + 120
+        while True:  # the head's job agent registers a while after `ray start` returns; until
+            # then Ray refuses the submission itself (nothing is created) and says to retry
+            submitted = ray_cli(
+                "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                "--runtime-env", "cluster/runtime_env.yaml", "--",
+                "python", "-m", "jobs", "run", str(tmp_path / "job.yaml"), env=env, timeout=600,
+            )  # fmt: skip
+            log = submitted.stdout + submitted.stderr
+            if "No available agent to submit job" not in log or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submitted.returncode == 0, log[-3000:]
         assert "succeeded" in log.lower()
     finally:
