@@ -430,7 +430,7 @@ def job_vs_runner(args: argparse.Namespace) -> dict[str, Any]:
         runner.aggregate_vectors(windows, runner.encode_windows(windows).vectors)
         tokens += int(windows.lengths.sum())
     bare_s = time.perf_counter() - t0
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         t0 = time.perf_counter()
         report = run_job(spec)

@@ -23,6 +23,6 @@ def ray_local():
     """A local Ray this module starts and stops (never `ray stop`: only this process's Ray)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()

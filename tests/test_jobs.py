@@ -199,7 +199,7 @@ def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, m
     import ray
 
     ray.shutdown()  # actors inherit the env of the Ray started after setenv
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     report = run(spec, tmp_path)
     out, errors = read_out(tmp_path / "out")
     check_exactly_once(table["note_id"].to_pylist(), out, errors)
@@ -577,7 +577,7 @@ def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, monk
     table, corpus = parquet_corpus(tmp_path, 40, 40)
     monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "lag=0.4")  # only this test's pool
     ray.shutdown()  # actors inherit the env of the Ray started after setenv
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 40, "batch_rows": 4,
                                                  "progress_interval_s": 0.5})  # fmt: skip
     spec["device_pool"][0] |= {"name": "lag", "actors": 1}
