@@ -282,7 +282,7 @@ class ClinicalBertRunner:
         batches = token_budget_batches(lengths, self.batch_tokens)
         feed = DeviceFeed(windows.ids, windows.bounds, [select[b] for b in batches], self.device)
         for fed in feed:
-            batch_idx, chosen, batch = batches[fed.index], select[batches[fed.index]], fed.host
+            batch_idx, chosen, batch = batches[fed.index], feed.batches[fed.index], fed.host
             hidden = self._forward(fed.batch)  # (N, C)
             pooled = (
                 pool(hidden, fed.batch.cu_seqlens, self.pooling, self.pooler)  # (b, C)
