@@ -17,6 +17,7 @@ always complete. Paths are local paths or URIs (`pyarrow.fs`). No Ray here.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -435,7 +436,8 @@ class OutputLock:
     lease the holder renews every lease_s / 3 from a background thread. Another run is refused
     while the lease is fresh; a lock whose lease expired (its driver died), or whose holder was
     a process of this host that no longer exists, is taken over. On a local file system the lock
-    is created exclusively (O_EXCL); on object stores (s3://) it is read-check-write."""
+    is created exclusively (written whole, then hard-linked into place, so no reader sees it
+    half-written); on object stores (s3://) it is read-check-write."""
 
     def __init__(self, out: OutputDir, job: str, lease_s: float = 60.0):
         self.out, self.lease_s = out, lease_s
@@ -518,14 +520,36 @@ class OutputLock:
         data = json.dumps({**self.me, "renewed_at": time.time()}, indent=2).encode()
         path = self.out._join(LOCK_FILE)
         if exclusive and isinstance(self.out.fs, pa_fs.LocalFileSystem):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                raise RuntimeError(self._busy(self._read() or {})) from None
-            with os.fdopen(fd, "wb") as f:
+            # written whole under a temp name, then linked into place: link fails if the lock
+            # exists, and no reader ever sees a half-written lock (an O_EXCL create would show
+            # an empty file until its write, which a reader must take for a crashed holder)
+            # (the temp name is one clean_temp removes should this process die in between; a
+            # holder's clean_temp removing it means the dir is held: busy as well)
+            tmp = self.out._join(f"{TMP_PREFIX}{LOCK_FILE}-{self.token}")
+            with open(tmp, "wb") as f:
                 f.write(data)
+            try:
+                _link_exclusive(tmp, path, data)
+            except (FileExistsError, FileNotFoundError):
+                raise RuntimeError(self._busy(self._read() or {})) from None
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
             return
         self.out._write_atomic(path, lambda sink: sink.write(data))
+
+
+def _link_exclusive(tmp: str, path: str, data: bytes) -> None:
+    """`path` created from `tmp` only if absent (FileExistsError otherwise). A file system
+    without hard links (some network mounts) gets an exclusive create, then the write."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def _who(holder: dict[str, Any] | None) -> str:

@@ -22,6 +22,7 @@ from test_jobs import (
     read_out,
     run,
 )
+from test_output import take_lock_over
 
 from jobs.synthetic import make_notes
 
@@ -110,11 +111,9 @@ def test_a_run_whose_lock_is_taken_over_stops_and_touches_nothing(
 
     def take_over(result, slot, slots):
         if not (out / ".tmp-theirs.parquet").exists():
-            (out / LOCK_FILE).write_text(json.dumps(theirs))
-            (out / ".tmp-theirs.parquet").write_bytes(b"the new holder's part in progress")
-            deadline = time.monotonic() + 10  # until this run's renewal has seen it
-            while locks[0].lost is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            part = out / ".tmp-theirs.parquet"
+            take_lock_over(out, theirs, locks[0],
+                           then=lambda: part.write_bytes(b"the new holder's part in progress"))  # fmt: skip
 
     with pytest.raises(RuntimeError, match="another run took over the lock.*job new-holder"):
         run(spec, tmp_path, on_result=take_over)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -337,6 +338,27 @@ def test_every_output_column_is_reserved_for_keep_columns():
     assert set(schema.names) <= set(RESERVED_COLUMNS)
 
 
+def take_lock_over(out: Path, holder: dict, lock, then=lambda: None, timeout_s=10.0) -> None:
+    """Write `holder` into out's lock the way a run taking it over does (whole, atomically),
+    call `then` (the new holder's first writes), and wait until `lock`'s renewal has seen it.
+    A renewal that read its own lock just before our write and rewrote it just after puts
+    the lock back: take it over again then."""
+    import time
+
+    from jobs.output import LOCK_FILE
+
+    path, tmp = out / LOCK_FILE, out / f".tmp-takeover-{holder['token']}"
+    deadline, first = time.monotonic() + timeout_s, True
+    while lock.lost is None and time.monotonic() < deadline:
+        if json.loads(path.read_text()).get("token") != holder["token"]:
+            tmp.write_text(json.dumps(holder))
+            os.replace(tmp, path)
+            if first:
+                then()
+                first = False
+        time.sleep(0.05)
+
+
 def test_one_run_per_output_dir_lock(tmp_path: Path):
     import subprocess
     import sys
@@ -377,13 +399,43 @@ def test_one_run_per_output_dir_lock(tmp_path: Path):
     # a run whose lock was taken over after its lease lapsed learns it at the next renewal
     d = OutputLock(out, "job-d", lease_s=0.3)
     d.acquire()
-    (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"token": "x", "job": "job-e"}))
-    deadline = time.monotonic() + 5
-    while d.lost is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    take_lock_over(tmp_path / "out", {"token": "x", "job": "job-e"}, d)
     assert d.lost is not None and "job job-e" in d.lost
     d.release()
     assert (tmp_path / "out" / LOCK_FILE).exists()  # not d's to remove
+
+
+def test_a_lock_is_never_seen_half_written(tmp_path: Path):
+    """A reader (another run's acquire, the holder's renewal) must never find the lock empty
+    or partial: it would take it for a crashed holder's. Creating it with O_EXCL and then
+    writing showed an empty file to most of 100 readers racing a fresh lock."""
+    import threading
+
+    from jobs.output import LOCK_FILE, OutputLock
+
+    out = OutputDir(str(tmp_path / "out"))
+    path, torn, stop = tmp_path / "out" / LOCK_FILE, [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                data = path.read_bytes()
+                try:
+                    json.loads(data)
+                except ValueError:
+                    torn.append(len(data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(100):
+            lock = OutputLock(out, "job-g")
+            lock.acquire()
+            lock.release()
+    finally:
+        stop.set()
+        reader.join()
+    assert torn == []
 
 
 def test_lock_lease_survives_renewals_that_cannot_be_written(tmp_path: Path, monkeypatch):
