@@ -216,6 +216,7 @@ def _run_locked(
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    log.info("%s", cluster_line())
     pools = spec.device_pool
     if dry_run:
         res = ray.cluster_resources()
@@ -429,6 +430,19 @@ class NodeLost(RuntimeError):
     def __init__(self, message: str):
         super().__init__(message)
         self.shards: tuple[int, int | None] | None = None
+
+
+def cluster_line() -> str:
+    """Which Ray cluster this run uses and what it has: without --address or RAY_ADDRESS,
+    Ray joins a cluster `ray start` left running on this host rather than starting one."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return (
+        f"Ray cluster at {ray.get_runtime_context().gcs_address}: {nodes} node(s), "
+        f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+    )
 
 
 class LocalNode:

@@ -113,7 +113,8 @@ def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
     return a
 
 
-def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_local):
+def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_local, caplog):
+    caplog.set_level(logging.INFO, logger="jobs.driver")
     table = notes_table(45)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
     corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")],
@@ -123,6 +124,8 @@ def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_l
     check_exactly_once(table["note_id"].to_pylist(), out, errors)
     assert errors is None and report["rows_in"] == 45 == report["rows_out"]
     assert (tmp_path / "out" / "_SUCCESS").exists()
+    address = ray_local.get_runtime_context().gcs_address  # the log names the cluster joined
+    assert f"Ray cluster at {address}: 1 node(s), 2 CPUs, 0 GPUs" in caplog.messages
     by_id = {i: k for i, k in zip(out["id"].to_pylist(), range(out.num_rows))}
     order = [by_id[i] for i in table["note_id"].to_pylist()]
     assert out["subject_id"].to_pylist() == [
