@@ -10,12 +10,22 @@ for the range it has instead of half of them. The GEMM is int8 x int8 -> int32
 back, and m times the quantized weight's row sums plus the bias is added in one rank-2
 update: x W^T = (q s + m) W^T = s (q W^T) + m (W 1)^T. Embeddings, layer norms, attention
 (softmax included), pooling and the heads stay in floating point.
+
+The GEMM: on CPUs with VNNI or AMX, oneDNN's quantized linear on the weight prepacked once at
+load (int8 x int8 accumulated in int32, the weight scales applied in the kernel, fp32 out):
+2-4x `torch._int_mm` plus its int32 -> fp32 pass on the encoder's shapes (Intel Xeon with
+AMX), and bit-for-bit the same values. Elsewhere `torch._int_mm` (CPUs without VNNI: their
+u8 x s8 instructions saturate in 16 bits, which oneDNN's int8 kernels there do not avoid).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import nn
+
+PREPACK_ROWS = 2048  # the row count oneDNN picks the weight layout for (any count runs on it)
 
 
 def int8_supported() -> bool:
@@ -27,6 +37,29 @@ def int8_supported() -> bool:
         return False
 
 
+@cache
+def onednn_int8_supported() -> bool:
+    """True when oneDNN's quantized linear runs here on VNNI or AMX and is exact."""
+    if not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+        return False
+    try:
+        # extremes whose pair sums overflow 16 bits, where a saturating kernel would show it
+        w = torch.tensor([[127] * 64, [-127] * 64, list(range(-127, 129, 4))], dtype=torch.int8)
+        x = torch.tensor([[127] * 64, [-128] * 64, [-128, 127] * 32], dtype=torch.int8)
+        y = qlinear(x, torch.ops.onednn.qlinear_prepack(w, [3, 64]), torch.ones(3))
+        return torch.equal(y, x.float() @ w.float().t())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def qlinear(q: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """q int8 (n, in) x prepacked int8 weight (out, in) -> fp32 (n, out) times weight_scale."""
+    zero = torch.zeros(len(weight_scale), dtype=torch.int64)  # symmetric weights
+    return torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 per output channel and x quantized per row on the fly."""
 
@@ -35,7 +68,11 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_t", q.t().contiguous(), persistent=False)  # (in, out)
+        self.packed = None  # oneDNN's layout of q, where its kernel applies; else q^T
+        if onednn_int8_supported():
+            self.packed = torch.ops.onednn.qlinear_prepack(q, [PREPACK_ROWS, q.shape[1]])
+        else:
+            self.register_buffer("weight_t", q.t().contiguous(), persistent=False)  # (in, out)
         self.register_buffer("weight_scale", scale, persistent=False)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
         # rows [W 1, b] (2, out): the midpoint's and the bias' terms of every output, with W
@@ -53,10 +90,14 @@ class Int8Linear(nn.Module):
         mid = (hi + lo).mul_(0.5)  # (n, 1)
         row_scale = (hi - lo).clamp_(min=1e-12).div_(254.0)  # (n, 1)
         q = (x - mid).mul_(row_scale.reciprocal()).round_().to(torch.int8)  # |q| <= 127
-        y = torch._int_mm(q, self.weight_t).float()  # (n, out) int32 -> fp32
-        y.mul_(row_scale).mul_(self.weight_scale)
+        if self.packed is not None:
+            y = qlinear(q, self.packed, self.weight_scale)  # (n, out) fp32, weight scales in
+        else:
+            y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)  # int32 -> fp32
+        y.mul_(row_scale)
         y.addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self.offsets)  # + m W 1 + b
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        gemm = "onednn" if self.packed is not None else "int_mm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 {gemm}"

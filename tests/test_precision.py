@@ -92,8 +92,9 @@ def test_int8_linear_matches_float_and_keeps_shape():
     # rows are quantized around their midpoint: shifted rows (GELU outputs are skewed) keep
     # their resolution, where a scale from max |x| would spend it on the offset. Against the
     # quantized weight itself, so only the activations' rounding counts
+    scale = lin.weight.abs().amax(dim=1, keepdim=True) / 127
     wq = torch.nn.Linear(96, 40)
-    wq.weight.data = q.weight_t.t().float() * q.weight_scale[:, None]
+    wq.weight.data = torch.round(lin.weight.data / scale).clamp(-127, 127) * scale
     wq.bias.data = lin.bias.data
     x = torch.randn(4, 96)
     with torch.inference_mode():
@@ -102,6 +103,24 @@ def test_int8_linear_matches_float_and_keeps_shape():
     assert err_shifted <= 2 * err, (err_shifted, err)
     zeros = torch.zeros(5, 96)  # all-zero rows: no division by zero, exactly the bias
     assert torch.equal(q(zeros), lin.bias.expand(5, 40).detach())
+
+
+def test_int8_gemm_paths_agree(monkeypatch):
+    """oneDNN's quantized linear (VNNI/AMX CPUs) and torch._int_mm (elsewhere) compute the
+    same integers and apply the same scales: the outputs are equal to fp32 rounding."""
+    from clinicalbert_core import quant
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(768, 300)
+    x = torch.randn(37, 768) * 3 + 0.5
+    with torch.inference_mode():
+        fast = quant.Int8Linear(lin)
+        monkeypatch.setattr(quant, "onednn_int8_supported", lambda: False)
+        plain = quant.Int8Linear(lin)
+        assert plain.packed is None and "int_mm" in repr(plain)
+        if fast.packed is None:
+            pytest.skip("no oneDNN int8 kernel on this CPU (needs VNNI or AMX)")
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-6, atol=1e-5)
 
 
 def test_auto_never_picks_int8_unless_allowed():
