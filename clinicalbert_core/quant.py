@@ -2,20 +2,21 @@
 
 Weights are quantized once at load, symmetric per output channel (scale = max|w_row| / 127).
 Activations are quantized per call and per token row, around the row's midpoint m =
-(max + min) / 2 with scale = (max - min) / 254: a row with one large value costs only that
-row its resolution (per-tensor scales would spread it over the whole batch), and a skewed row
-(GELU outputs are >= -0.17, the feed-forward's second linear reads them) keeps all 255 levels
-for the range it has instead of half of them. The GEMM is int8 x int8 -> int32
-(`torch._int_mm`, oneDNN with VNNI or AMX where the CPU has it); the int32 result is scaled
-back, and m times the quantized weight's row sums plus the bias is added in one rank-2
-update: x W^T = (q s + m) W^T = s (q W^T) + m (W 1)^T. Embeddings, layer norms, attention
-(softmax included), pooling and the heads stay in floating point.
+(max + min) / 2 with scale s = (max - min) / 254, to uint8 levels 1..255 (128 at m): a row
+with one large value costs only that row its resolution (per-tensor scales would spread it
+over the whole batch), and a skewed row (GELU outputs are >= -0.17, the feed-forward's
+second linear reads them) keeps all 255 levels for the range it has instead of half of them.
+The GEMM multiplies q - 128 by the int8 weight in int32; the result is scaled back, and m
+times the quantized weight's row sums plus the bias is added in one rank-2 update:
+x W^T = ((q - 128) s + m) W^T = s ((q - 128) W^T) + m (W 1)^T. Embeddings, layer norms,
+attention (softmax included), pooling and the heads stay in floating point.
 
 The GEMM: on CPUs with VNNI or AMX, oneDNN's quantized linear on the weight prepacked once at
-load (int8 x int8 accumulated in int32, the weight scales applied in the kernel, fp32 out):
-2-4x `torch._int_mm` plus its int32 -> fp32 pass on the encoder's shapes (Intel Xeon with
-AMX), and bit-for-bit the same values. Elsewhere `torch._int_mm` (CPUs without VNNI: their
-u8 x s8 instructions saturate in 16 bits, which oneDNN's int8 kernels there do not avoid).
+load (uint8 activations with zero point 128, the weight scales applied in the kernel, fp32
+out): 2-4x `torch._int_mm` plus its int32 -> fp32 pass on the encoder's shapes (Intel Xeon
+with AMX), the same values. Elsewhere `torch._int_mm` on q - 128 as int8 (CPUs without VNNI:
+their u8 x s8 instructions saturate in 16 bits, which oneDNN's int8 kernels there do not
+avoid).
 """
 
 from __future__ import annotations
@@ -45,19 +46,37 @@ def onednn_int8_supported() -> bool:
     try:
         # extremes whose pair sums overflow 16 bits, where a saturating kernel would show it
         w = torch.tensor([[127] * 64, [-127] * 64, list(range(-127, 129, 4))], dtype=torch.int8)
-        x = torch.tensor([[127] * 64, [-128] * 64, [-128, 127] * 32], dtype=torch.int8)
+        x = torch.tensor([[255] * 64, [0] * 64, [0, 255] * 32], dtype=torch.uint8)
         y = qlinear(x, torch.ops.onednn.qlinear_prepack(w, [3, 64]), torch.ones(3))
-        return torch.equal(y, x.float() @ w.float().t())
+        return torch.equal(y, (x.float() - 128) @ w.float().t())
     except (RuntimeError, AttributeError):
         return False
 
 
 def qlinear(q: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """q int8 (n, in) x prepacked int8 weight (out, in) -> fp32 (n, out) times weight_scale."""
+    """(q - 128) for q uint8 (n, in) x prepacked int8 weight (out, in) -> fp32 (n, out)
+    times weight_scale."""
     zero = torch.zeros(len(weight_scale), dtype=torch.int64)  # symmetric weights
     return torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, 128, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float (n, in) -> (q uint8 (n, in), mid (n, 1), scale (n, 1)) with
+    x ~ (q - 128) * scale + mid, q in [1, 255]: (x - m) / s + 128.5, whose uint8 conversion
+    truncates, which for values in [1.5, 255.5] rounds (x - m) / s half up. (One fused pass,
+    x / s + (128.5 - m / s), was no faster and loses whole steps to cancellation in rows far
+    from zero.)"""
+    # max and min per row from two plain reductions: both vectorize, unlike aminmax
+    hi, lo = x.amax(dim=1, keepdim=True).float(), x.amin(dim=1, keepdim=True).float()
+    mid = (hi + lo).mul_(0.5)  # (n, 1)
+    # the half-range as seen from mid as rounded: a row spanning a few ulps of its values
+    # has a midpoint steps off centre, and (hi - lo) / 254 would put its ends past a level
+    half = torch.maximum(hi - mid, mid - lo)
+    scale = half.clamp_(min=1e-12).div_(127.0)  # (n, 1)
+    levels = (x - mid).mul_(scale.reciprocal()).add_(128.5)
+    return levels.to(torch.uint8), mid, scale
 
 
 class Int8Linear(nn.Module):
@@ -84,16 +103,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        # max and min per row from two plain reductions: both vectorize, unlike aminmax
-        hi, lo = x.amax(dim=1, keepdim=True).float(), x.amin(dim=1, keepdim=True).float()
-        mid = (hi + lo).mul_(0.5)  # (n, 1)
-        row_scale = (hi - lo).clamp_(min=1e-12).div_(254.0)  # (n, 1)
-        q = (x - mid).mul_(row_scale.reciprocal()).round_().to(torch.int8)  # |q| <= 127
+        q, mid, row_scale = quantize_rows(x.reshape(-1, self.in_features))
         if self.packed is not None:
             y = qlinear(q, self.packed, self.weight_scale)  # (n, out) fp32, weight scales in
-        else:
-            y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)  # int32 -> fp32
+        else:  # q - 128 as int8 (flipping the top bit), int32 -> fp32
+            s8 = q.bitwise_xor_(128).view(torch.int8)
+            y = torch._int_mm(s8, self.weight_t).float().mul_(self.weight_scale)
         y.mul_(row_scale)
         y.addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self.offsets)  # + m W 1 + b
         return y.to(dtype).reshape(*shape[:-1], self.out_features)

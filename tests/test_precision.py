@@ -105,6 +105,24 @@ def test_int8_linear_matches_float_and_keeps_shape():
     assert torch.equal(q(zeros), lin.bias.expand(5, 40).detach())
 
 
+def test_rows_quantize_to_the_nearest_level_however_far_from_zero():
+    """Every value comes back within half a step (plus fp32 rounding) from its uint8 level,
+    for centred rows, skewed ones, rows whose midpoint is millions of steps from zero (their
+    range a few ulps of their values: a scale of (max - min) / 254 put their ends past the
+    levels, and wrapped), and all-zero rows."""
+    from clinicalbert_core.quant import quantize_rows
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 300)
+    rows = torch.cat([base, base.abs() - 0.17, base * 1e-3 + 1e3, -(base * 1e-4) - 5e2,
+                      torch.zeros(2, 300)])  # fmt: skip
+    q, mid, scale = quantize_rows(rows)
+    assert q.dtype == torch.uint8 and int(q.min()) >= 1 and int(q.max()) <= 255
+    back = (q.double() - 128) * scale.double() + mid.double()
+    err = (back - rows.double()).abs() / scale.double()
+    assert err.max() <= 0.51, err.max()  # half a step, and a hundredth for fp32 rounding
+
+
 def test_int8_gemm_paths_agree(monkeypatch):
     """oneDNN's quantized linear (VNNI/AMX CPUs) and torch._int_mm (elsewhere) compute the
     same integers and apply the same scales: the outputs are equal to fp32 rounding."""
@@ -118,8 +136,9 @@ def test_int8_gemm_paths_agree(monkeypatch):
         monkeypatch.setattr(quant, "onednn_int8_supported", lambda: False)
         plain = quant.Int8Linear(lin)
         assert plain.packed is None and "int_mm" in repr(plain)
-        if fast.packed is None:
+        if not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
             pytest.skip("no oneDNN int8 kernel on this CPU (needs VNNI or AMX)")
+        assert fast.packed is not None and "onednn" in repr(fast)
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-6, atol=1e-5)
 
 
