@@ -47,19 +47,22 @@ def onednn_int8_supported() -> bool:
         # extremes whose pair sums overflow 16 bits, where a saturating kernel would show it
         w = torch.tensor([[127] * 64, [-127] * 64, list(range(-127, 129, 4))], dtype=torch.int8)
         x = torch.tensor([[255] * 64, [0] * 64, [0, 255] * 32], dtype=torch.uint8)
-        y = qlinear(x, torch.ops.onednn.qlinear_prepack(w, [3, 64]), torch.ones(3))
+        packed = torch.ops.onednn.qlinear_prepack(w, [3, 64])
+        y = qlinear(x, packed, torch.ones(3), torch.zeros(3, dtype=torch.int64))
         return torch.equal(y, (x.float() - 128) @ w.float().t())
     except (RuntimeError, AttributeError):
         return False
 
 
-def qlinear(q: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def qlinear(
+    q: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor
+) -> torch.Tensor:
     """(q - 128) for q uint8 (n, in) x prepacked int8 weight (out, in) -> fp32 (n, out)
-    times weight_scale."""
-    zero = torch.zeros(len(weight_scale), dtype=torch.int64)  # symmetric weights
+    times weight_scale; weight_zero int64 (out,) is all zeros (symmetric weights)."""
     return torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 128, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
-    )
+        q, 1.0, 128, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [],
+        "",
+    )  # fmt: skip
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,6 +96,8 @@ class Int8Linear(nn.Module):
         else:
             self.register_buffer("weight_t", q.t().contiguous(), persistent=False)  # (in, out)
         self.register_buffer("weight_scale", scale, persistent=False)
+        zero = torch.zeros(len(scale), dtype=torch.int64)  # once, not per call
+        self.register_buffer("weight_zero", zero, persistent=False)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
         # rows [W 1, b] (2, out): the midpoint's and the bias' terms of every output, with W
         # the weight as quantized (the whole row then sees one weight: measured closer to fp32
@@ -105,7 +110,7 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         q, mid, row_scale = quantize_rows(x.reshape(-1, self.in_features))
         if self.packed is not None:
-            y = qlinear(q, self.packed, self.weight_scale)  # (n, out) fp32, weight scales in
+            y = qlinear(q, self.packed, self.weight_scale, self.weight_zero)  # (n, out) fp32
         else:  # q - 128 as int8 (flipping the top bit), int32 -> fp32
             s8 = q.bitwise_xor_(128).view(torch.int8)
             y = torch._int_mm(s8, self.weight_t).float().mul_(self.weight_scale)
