@@ -2,19 +2,20 @@
 
 Weights are quantized once at load, symmetric per output channel (scale = max|w_row| / 127).
 Activations are quantized per call and per token row, around the row's midpoint m =
-(max + min) / 2 with scale s = (max - min) / 254, to uint8 levels 1..255 (128 at m): a row
+(max + min) / 2 with scale s = (max - min) / 254, to int8 levels -127..127 (0 at m): a row
 with one large value costs only that row its resolution (per-tensor scales would spread it
 over the whole batch), and a skewed row (GELU outputs are >= -0.17, the feed-forward's
 second linear reads them) keeps all 255 levels for the range it has instead of half of them.
-The GEMM multiplies q - 128 by the int8 weight in int32; the result is scaled back, and m
-times the quantized weight's row sums plus the bias is added in one rank-2 update:
-x W^T = ((q - 128) s + m) W^T = s ((q - 128) W^T) + m (W 1)^T. Embeddings, layer norms,
-attention (softmax included), pooling and the heads stay in floating point.
+The GEMM multiplies q by the int8 weight in int32; the result is scaled back, plus the bias,
+plus m times the quantized weight's row sums, in two broadcast passes:
+x W^T = (q s + m) W^T = s (q W^T) + m (W 1)^T. Embeddings, layer norms, attention (softmax
+included), pooling and the heads stay in floating point.
 
 The GEMM: on CPUs with VNNI or AMX, oneDNN's quantized linear on the weight prepacked once at
-load (uint8 activations with zero point 128, the weight scales applied in the kernel, fp32
+load (q + 128 as uint8 with zero point 128, the weight scales applied in the kernel, fp32
 out): 2-4x `torch._int_mm` plus its int32 -> fp32 pass on the encoder's shapes (Intel Xeon
-with AMX), the same values. Elsewhere `torch._int_mm` on q - 128 as int8 (CPUs without VNNI:
+with AMX), the same values. (int8 activations straight into it take a reference kernel,
+thousands of times slower.) Elsewhere `torch._int_mm` on q as int8 (CPUs without VNNI:
 their u8 x s8 instructions saturate in 16 bits, which oneDNN's int8 kernels there do not
 avoid).
 """
@@ -66,11 +67,11 @@ def qlinear(
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x float (n, in) -> (q uint8 (n, in), mid (n, 1), scale (n, 1)) with
-    x ~ (q - 128) * scale + mid, q in [1, 255]: (x - m) / s + 128.5, whose uint8 conversion
-    truncates, which for values in [1.5, 255.5] rounds (x - m) / s half up. (One fused pass,
-    x / s + (128.5 - m / s), was no faster and loses whole steps to cancellation in rows far
-    from zero.)"""
+    """x float (n, in) -> (q int8 (n, in), mid (n, 1), scale (n, 1)) with
+    x ~ q * scale + mid, q = round((x - mid) / scale) in [-127, 127]. (Converted to int8, not
+    uint8: torch's CPU float -> int8 conversion is vectorized, float -> uint8 is not, 8x
+    slower on the encoder's shapes. One fused pass, x / s - m / s, loses whole steps to
+    cancellation in rows far from zero.)"""
     # max and min per row from two plain reductions: both vectorize, unlike aminmax
     hi, lo = x.amax(dim=1, keepdim=True).float(), x.amin(dim=1, keepdim=True).float()
     mid = (hi + lo).mul_(0.5)  # (n, 1)
@@ -78,8 +79,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     # has a midpoint steps off centre, and (hi - lo) / 254 would put its ends past a level
     half = torch.maximum(hi - mid, mid - lo)
     scale = half.clamp_(min=1e-12).div_(127.0)  # (n, 1)
-    levels = (x - mid).mul_(scale.reciprocal()).add_(128.5)
-    return levels.to(torch.uint8), mid, scale
+    q = (x - mid).mul_(scale.reciprocal()).round_().to(torch.int8)  # [-127, 127]
+    return q, mid, scale
 
 
 class Int8Linear(nn.Module):
@@ -109,13 +110,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         q, mid, row_scale = quantize_rows(x.reshape(-1, self.in_features))
-        if self.packed is not None:
-            y = qlinear(q, self.packed, self.weight_scale, self.weight_zero)  # (n, out) fp32
-        else:  # q - 128 as int8 (flipping the top bit), int32 -> fp32
-            s8 = q.bitwise_xor_(128).view(torch.int8)
-            y = torch._int_mm(s8, self.weight_t).float().mul_(self.weight_scale)
-        y.mul_(row_scale)
-        y.addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self.offsets)  # + m W 1 + b
+        if self.packed is not None:  # q + 128 as uint8 (flipping the top bit), zero point 128
+            u8 = q.view(torch.uint8).bitwise_xor_(128)
+            y = qlinear(u8, self.packed, self.weight_scale, self.weight_zero)  # (n, out) fp32
+        else:  # int32 -> fp32
+            y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)
+        row_sums, bias = self.offsets
+        # y s + b, then + m W 1: two broadcast passes (one rank-2 addmm: 2x as long on the
+        # feed-forward's outputs, which do not fit in cache)
+        y = torch.addcmul(bias, y, row_scale, out=y).addcmul_(mid, row_sums)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -106,7 +106,7 @@ def test_int8_linear_matches_float_and_keeps_shape():
 
 
 def test_rows_quantize_to_the_nearest_level_however_far_from_zero():
-    """Every value comes back within half a step (plus fp32 rounding) from its uint8 level,
+    """Every value comes back within half a step (plus fp32 rounding) from its int8 level,
     for centred rows, skewed ones, rows whose midpoint is millions of steps from zero (their
     range a few ulps of their values: a scale of (max - min) / 254 put their ends past the
     levels, and wrapped), and all-zero rows."""
@@ -117,8 +117,8 @@ def test_rows_quantize_to_the_nearest_level_however_far_from_zero():
     rows = torch.cat([base, base.abs() - 0.17, base * 1e-3 + 1e3, -(base * 1e-4) - 5e2,
                       torch.zeros(2, 300)])  # fmt: skip
     q, mid, scale = quantize_rows(rows)
-    assert q.dtype == torch.uint8 and int(q.min()) >= 1 and int(q.max()) <= 255
-    back = (q.double() - 128) * scale.double() + mid.double()
+    assert q.dtype == torch.int8 and int(q.min()) >= -127 and int(q.max()) <= 127
+    back = q.double() * scale.double() + mid.double()
     err = (back - rows.double()).abs() / scale.double()
     assert err.max() <= 0.51, err.max()  # half a step, and a hundredth for fp32 rounding
 
