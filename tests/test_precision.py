@@ -55,8 +55,11 @@ def test_int8_quality_budget_bert_base_shape(bert_base_runners):
         packed = [m for m in fp32.encoder.modules() if isinstance(m, PackedLinear)]
         assert len(packed) == len(swapped)
 
+    # 48 notes (~750 decided [MASK] positions): with 24 (~415), a relative perturbation of
+    # 1e-6 on the int8 linears' outputs moved the near-tie flips between 2 and 8, the budget's
+    # limit; the fraction measured over twice the positions is that much steadier
     rng = np.random.default_rng(1)
-    seqs = workload(24, 16, 256, BERT_BASE["vocab_size"], seed=1)
+    seqs = workload(48, 16, 256, BERT_BASE["vocab_size"], seed=1)
     for s in seqs:  # ~1 in 7 tokens masked
         s[rng.choice(np.arange(1, len(s) - 1), size=max(1, len(s) // 7), replace=False)] = MASK
     windows = windows_of(seqs)
@@ -70,7 +73,7 @@ def test_int8_quality_budget_bert_base_shape(bert_base_runners):
     # Random weights leave many [MASK] logits near-tied (fp32 and bf16 disagree there too),
     # so agreement is counted where fp32's top-1 leads its top-2 by >= 0.02 nats: most
     # positions, and all of them in a trained checkpoint's confident predictions.
-    assert len(ref.mlm.top_ids) > 400
+    assert len(ref.mlm.top_ids) > 800
     lead = ref.mlm.top_logprobs[:, 0] - ref.mlm.top_logprobs[:, 1]
     decided = lead >= 0.02
     assert decided.mean() >= 0.8, decided.mean()
