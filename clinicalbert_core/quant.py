@@ -100,11 +100,12 @@ class Int8Linear(nn.Module):
         zero = torch.zeros(len(scale), dtype=torch.int64)  # once, not per call
         self.register_buffer("weight_zero", zero, persistent=False)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
-        # rows [W 1, b] (2, out): the midpoint's and the bias' terms of every output, with W
-        # the weight as quantized (the whole row then sees one weight: measured closer to fp32
-        # over a BERT-base than the float weight's sums)
+        # W 1, the midpoint's term of every output, with W the weight as quantized (the whole
+        # row then sees one weight: measured closer to fp32 over a BERT-base than the float
+        # weight's sums)
         row_sums = (q.float() * scale[:, None]).sum(dim=1)  # (out,)
-        self.register_buffer("offsets", torch.stack([row_sums, bias]), persistent=False)
+        self.register_buffer("row_sums", row_sums, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +116,9 @@ class Int8Linear(nn.Module):
             y = qlinear(u8, self.packed, self.weight_scale, self.weight_zero)  # (n, out) fp32
         else:  # int32 -> fp32
             y = torch._int_mm(q, self.weight_t).float().mul_(self.weight_scale)
-        row_sums, bias = self.offsets
         # y s + b, then + m W 1: two broadcast passes (one rank-2 addmm: 2x as long on the
         # feed-forward's outputs, which do not fit in cache)
-        y = torch.addcmul(bias, y, row_scale, out=y).addcmul_(mid, row_sums)
+        y = torch.addcmul(self.bias, y, row_scale, out=y).addcmul_(mid, self.row_sums)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
