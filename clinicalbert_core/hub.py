@@ -201,6 +201,15 @@ class Checkpoint:
     def state(self) -> dict[str, torch.Tensor]:
         return W.read_state_dict(self.files.weights)
 
+    def checked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+        """The weights, checked strictly against the config (every tensor present, of its
+        shape, finite: ValueError naming each one otherwise), and the optional heads they
+        carry ({'pooler': bool, 'mlm': bool})."""
+        state = self.state()
+        heads = W.heads_present(state, self.config)
+        W.convert(state, self.config, source=str(self.files.weights), **heads)
+        return state, heads
+
 
 def open_checkpoint(
     source: str | Path,
@@ -275,12 +284,12 @@ class ModelBundle:
         revision: str | None = None,
     ) -> ModelBundle:
         ck = open_checkpoint(source, variant, lowercase, revision)
+        state, heads = ck.checked_state()  # here, not in every actor that would load it
         if ck.files.weights.suffix == ".safetensors":
             blob = ck.files.weights.read_bytes()
-            names = W.tensor_names(blob)
         else:
-            state = ck.state()
-            blob, names = save(_dedupe(state)), list(state)
+            blob = save(_dedupe(state))
+        del state
         return cls(
             config=ck.config.to_dict(),
             weights=blob,
@@ -292,7 +301,7 @@ class ModelBundle:
             source=ck.provenance,
             architecture=ck.config.model_type,
             tokenizer_kind=ck.tokenizer_kind,
-            heads=W.heads_present(names, ck.config),
+            heads=heads,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -330,9 +339,7 @@ def prepare(
     """Write a self-contained model dir; idempotent (same source and files: nothing rewritten)."""
     out = Path(out_dir)
     ck = open_checkpoint(source, variant, lowercase, revision)
-    state = ck.state()
-    heads = W.heads_present(state, ck.config)  # tensor names
-    W.convert(state, ck.config, source=str(ck.files.weights), **heads)  # strict check
+    state, heads = ck.checked_state()
     identity = {
         "variant": ck.variant.name,
         "lowercase": ck.lowercase,

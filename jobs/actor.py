@@ -91,6 +91,24 @@ def tokenize_rows(
     return rows[kept], windows
 
 
+def non_finite_notes(windows: Windows, vectors: np.ndarray | None, mlm: Any = None) -> np.ndarray:
+    """bool[notes]: the notes whose output holds NaN or inf, in `vectors` (one row per note,
+    or per window when there is one per window) or in the MLM log-probabilities `mlm` (MlmRows,
+    by window). Such a note gets reason `non_finite` instead of an output row."""
+    bad_windows = np.zeros(windows.num_windows, bool)
+    bad_notes = np.zeros(windows.num_notes, bool)
+    if vectors is not None:
+        finite = np.isfinite(vectors).all(axis=1)
+        if len(finite) == windows.num_notes:
+            bad_notes |= ~finite
+        else:
+            bad_windows |= ~finite
+    if mlm is not None and len(mlm.window):
+        bad_windows[mlm.window[~np.isfinite(mlm.top_logprobs).all(axis=1)]] = True
+    bad_notes[windows.note[bad_windows]] = True
+    return bad_notes
+
+
 def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBertRunner:
     """The runner an actor of `pool` uses; precision/mlm `auto` resolve for its device."""
     long = spec.model.long_notes
@@ -221,7 +239,11 @@ class ShardProcessor:
             n_errors, batches, rows_out = 0, 0, []
             for unit in units:
                 if len(unit.rows):
-                    rows_out.append(self._encode(unit.batch, unit.rows, unit.windows, result))
+                    table, bad = self._encode(unit.batch, unit.rows, unit.windows, result)
+                    rows_out.append(table)
+                    if bad is not None:
+                        errors.append(bad)
+                        n_errors += bad.num_rows
                 if unit.last:  # one write per record batch: row groups as the input's
                     if rows_out:
                         writer.write(pa.concat_tables(rows_out))
@@ -311,6 +333,12 @@ class ShardProcessor:
             for c in marks[i]
             if c != id_column
         ]
+        return self._error_table(batch, rows)
+
+    def _error_table(
+        self, batch: pa.RecordBatch, rows: list[tuple[int, str, str | None]]
+    ) -> pa.Table | None:
+        """Errors-part rows for (row in `batch`, reason, column) triples; None when empty."""
         if not rows:
             return None
         take = pa.array([i for i, _, _ in rows], pa.int64())
@@ -327,27 +355,32 @@ class ShardProcessor:
 
     def _encode(
         self, batch: pa.RecordBatch, rows: np.ndarray, windows: Windows, result: ShardResult
-    ) -> pa.Table:
+    ) -> tuple[pa.Table, pa.Table | None]:
+        """The output rows of `rows` (encoded as `windows`), and the errors-part rows of the
+        notes whose output was not finite (None when every one was)."""
         spec, runner = self.spec, self.runner
         mlm = spec.heads.mlm
         out = runner.encode_windows(windows, mlm_positions=mlm.positions, top_k=mlm.top_k)
         per_window = spec.model.long_notes.aggregate == "none"
         lengths = windows.lengths
-        result.rows_out += len(rows)
+        vectors = None
+        if spec.heads.embeddings:
+            vectors = runner.aggregate_vectors(windows, out.vectors)
+            with np.errstate(over="ignore"):  # float16 may overflow: those notes are errors
+                vectors = vectors.astype(np.dtype(spec.output.vector_dtype))
+        bad = non_finite_notes(windows, vectors, out.mlm if mlm.enabled else None)
         result.windows += windows.num_windows
         result.tokens += int(lengths.sum())
-        result.truncated += int(windows.truncated.sum())
+        result.truncated += int(windows.truncated[~bad].sum())
         if self.collect_lengths:
             result.token_lengths.extend(windows.note_tokens.tolist())
         # one output row per note, or per window
         take = rows[windows.note] if per_window else rows
-        result.output_rows += len(take)
         cols: dict[str, pa.Array] = {"id": batch["id"].take(pa.array(take))}
         for c in spec.corpus.keep_columns:
             cols[c] = batch[c].take(pa.array(take))
-        if spec.heads.embeddings:
-            vectors = runner.aggregate_vectors(windows, out.vectors)
-            cols["embedding"] = _fixed_list(vectors, spec.output.vector_dtype)
+        if vectors is not None:
+            cols["embedding"] = _fixed_list(vectors)
         if per_window:
             cols["n_tokens"] = pa.array(lengths - 2, pa.int64())
             cols["n_windows"] = pa.array(windows.windows_per_note()[windows.note], pa.int32())
@@ -361,7 +394,19 @@ class ShardProcessor:
             cols["truncated"] = pa.array(windows.truncated)
         if mlm.enabled:
             cols |= self._mlm_columns(out.mlm, windows, per_window, len(take))
-        return pa.table(cols, schema=self._out_schema)
+        table = pa.table(cols, schema=self._out_schema)
+        errors = None
+        if bad.any():
+            table = table.filter(pa.array(~(bad[windows.note] if per_window else bad)))
+            reason = str(ReasonCode.NON_FINITE.value)
+            errors = self._error_table(batch, [(int(i), reason, None) for i in rows[bad]])
+            log.warning(
+                "shard %s: %d notes gave NaN or inf (first id %s): error rows, reason %s",
+                self._shard_id, int(bad.sum()), batch["id"][int(rows[bad][0])], reason,
+            )  # fmt: skip
+        result.rows_out += int((~bad).sum())
+        result.output_rows += table.num_rows
+        return table, errors
 
     def _mlm_columns(
         self, rows: Any, windows: Windows, per_window: bool, n_out: int
@@ -410,9 +455,8 @@ def _marks(batch: pa.RecordBatch) -> list[str | None]:
     return batch["_undecodable"].to_pylist()
 
 
-def _fixed_list(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
-    flat = vectors.astype(np.float16 if dtype == "float16" else np.float32).ravel()
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), vectors.shape[1])
+def _fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
 
 
 def _groups(rows: list[int], sizes: list[int], budget: int) -> list[list[int]]:

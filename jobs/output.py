@@ -60,6 +60,9 @@ class ReasonCode(enum.StrEnum):
     UNDECODABLE = "undecodable"  # bytes that are not UTF-8
     TOO_LONG = "too_long"  # more than run.max_note_chars characters
     NULL_ID = "null_id"  # the id is null: the row could not be identified in the output
+    # The model's output for the note held NaN or inf (a vector, after the cast to
+    # output.vector_dtype, or an MLM log-probability): an overflow (fp16) or a broken model.
+    NON_FINITE = "non_finite"
     # Not a row error: the row is written, with this kept column's value (not UTF-8) as null;
     # the errors table names the column. Counted apart (Report.nulled_values).
     UNDECODABLE_VALUE = "undecodable_value"

@@ -25,7 +25,8 @@ import pyarrow as pa
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 
-from .actor import classify, tokenize_rows
+from .actor import classify, non_finite_notes, tokenize_rows
+from .output import ReasonCode
 
 
 class EncoderPredictor:
@@ -76,6 +77,11 @@ class EncoderPredictor:
         if len(good):
             out = self.runner.encode_windows(windows)
             vectors[good] = self.runner.aggregate_vectors(windows, out.vectors)
+            bad = good[non_finite_notes(windows, vectors[good])]
+            for i in bad:
+                reasons[i] = str(ReasonCode.NON_FINITE.value)
+            vectors[bad] = 0.0
+            good = np.setdiff1d(good, bad)
         valid = np.zeros(len(notes), bool)
         valid[good] = True
         embedding = pa.FixedSizeListArray.from_arrays(

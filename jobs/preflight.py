@@ -179,9 +179,9 @@ def model_fit_problems(
 
 
 def check_model(spec: JobSpec) -> list[str]:
-    """The model opens (config, variant preset, tokenizer, manifest sha256s, a complete weights
-    file) and fits the spec. A hub model is checked only when it is in the local cache."""
-    from clinicalbert_core import weights as W
+    """The model opens (config, variant preset, tokenizer, manifest sha256s, weights that load:
+    complete, every tensor of its shape, finite) and fits the spec. A hub model is checked
+    only when it is in the local cache."""
     from clinicalbert_core.hub import open_checkpoint
 
     from .driver import model_source
@@ -190,12 +190,11 @@ def check_model(spec: JobSpec) -> list[str]:
     m = spec.model
     try:
         ck = open_checkpoint(source, m.variant, m.lowercase, revision, offline=True)
-        names = W.tensor_names(ck.files.weights)
+        heads = ck.checked_state()[1]
     except FileNotFoundError as e:
         return [f"model: not checked here ({e})"] if "cache" in str(e) else [f"model: {e}"]
     except (ValueError, RuntimeError) as e:
         return [f"model{'.path' if m.path else ''}: {e}"]
-    heads = W.heads_present(names, ck.config)
     return model_fit_problems(
         spec, ck.config.max_position_embeddings, heads, ck.specials.mask, ck.variant.name
     )

@@ -2,7 +2,8 @@
 
 Every part: readable, the same schema and the same job metadata as the others, its row count
 equal to the count its writer put in the footer; its errors part likewise. Across parts: every
-note id exactly once (with its window rows once each), no id both written and in the errors.
+note id exactly once (with its window rows once each), no id both written and in the errors,
+no null, NaN or inf in a vector or an MLM log-probability.
 `_report.json` adds up and matches the parts; `_SUCCESS` is present. Findings are one line
 each (never note text); none means the output is whole.
 """
@@ -13,7 +14,9 @@ import json
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
@@ -65,6 +68,7 @@ def verify_output(path: str) -> list[str]:
         want = stats.get("output_rows") or stats.get("rows_out")
         if want is not None and table.num_rows != want:
             findings.append(f"{name}: {table.num_rows} rows, its footer says {want}")
+        findings += _non_finite(name, table)
         keys = table["id"].to_pylist()
         if "window_index" in table.column_names:
             keys = list(zip(keys, table["window_index"].to_pylist()))
@@ -91,6 +95,35 @@ def verify_output(path: str) -> list[str]:
     findings += _check_report(out, totals)
     if not _exists(out, "_SUCCESS"):
         findings.append("_SUCCESS is missing: the job did not finish every shard")
+    return findings
+
+
+def _non_finite(name: str, table: pa.Table) -> list[str]:
+    """A finding per output column with null, NaN or inf values (vectors, MLM log-probs)."""
+    findings = []
+    for column, depth in (("embedding", 1), ("mlm_top_logprobs", 2)):
+        if column not in table.column_names:
+            continue
+        values = table[column].combine_chunks()
+        bad = (
+            np.zeros(len(values), bool)
+            if values.null_count == 0
+            else ~values.is_valid().to_numpy(False)
+        )
+        owner = np.arange(len(values))
+        for _ in range(depth):  # each value's output row, through the list levels
+            lists = values
+            counts = pc.list_value_length(lists).fill_null(0).to_numpy()
+            owner = np.repeat(owner, counts)
+            values = pc.list_flatten(lists)
+        finite = pc.is_finite(values).fill_null(False).to_numpy(False)
+        bad[owner[~finite]] = True
+        if bad.any():
+            first = table["id"][int(np.flatnonzero(bad)[0])].as_py()
+            findings.append(
+                f"{name}: {int(bad.sum())} rows with null, NaN or inf in {column}, "
+                f"e.g. id {first!r}"
+            )
     return findings
 
 

@@ -305,14 +305,23 @@ def test_config_and_weight_errors(ckpts, tmp_path):
     state["bert.encoder.layer.0.attention.self.query.weight"] = torch.zeros(31, 32)
     del state["bert.encoder.layer.1.output.dense.bias"]
     state["bert.surprise.weight"] = torch.zeros(1)
+    state["bert.encoder.layer.1.attention.output.dense.weight"][3, :2] = torch.tensor(
+        [float("nan"), float("inf")]
+    )  # a corrupt tensor: named with its count, never silently loaded
+    state["bert.embeddings.word_embeddings.weight"][7, 0] = float("-inf")
     save_file(state, bad / "model.safetensors")
     with pytest.raises(ValueError) as e:
         load(bad)
     msg = str(e.value)
-    assert "missing tensors: layers.1.ffn_out.bias" in msg
+    # every tensor by the name the file gives it (missing ones without the file's prefix)
+    nan = "tensors holding NaN or inf (corrupt): bert.embeddings.word_embeddings.weight (1 of "
+    assert nan in msg
+    assert "bert.encoder.layer.1.attention.output.dense.weight (2 of 1024)" in msg
+    assert "missing tensors: encoder.layer.1.output.dense.bias" in msg
     assert (
         "bert.surprise.weight" in msg
-        and "layers.0.q.weight: expected (32, 32), got (31, 32)" in msg
+        and "bert.encoder.layer.0.attention.self.query.weight: expected (32, 32), got (31, 32)"
+        in msg
     )
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         load(path, variant="nope")
@@ -325,7 +334,7 @@ def test_config_and_weight_errors(ckpts, tmp_path):
     (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:500])
     with pytest.raises(ValueError, match="not a valid safetensors"):
         load(bad)
-    with pytest.raises(ValueError, match="weights bytes are not a valid safetensors"):
+    with pytest.raises(ValueError, match="weights bytes: not a valid safetensors"):
         read_state_dict(b"garbage bytes")
     cfg = json.loads((path / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta"}))

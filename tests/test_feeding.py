@@ -153,6 +153,69 @@ def test_units_ahead_on_threads_write_what_one_thread_writes(tmp_path, model_dir
     )  # fmt: skip
 
 
+def test_non_finite_outputs_become_error_rows_and_never_reach_the_part(tmp_path, model_dir):
+    """NaN from the model (a poisoned embedding row: NaN stays inside its own sequence of the
+    packed batch) and inf from the cast to float16: those notes, and only those, are error
+    rows `non_finite`; their windows and MLM rows never reach the part; the counts add up."""
+    texts = make_notes(24, seed=9, max_words=120)
+    texts[5] = " ".join(make_notes(6, seed=10, max_words=200))  # several windows
+    table = pa.table({"note_id": pa.array(range(len(texts)), pa.int64()), "text": texts})
+    pq.write_table(table, tmp_path / "notes.parquet")
+    bundle = ModelBundle.load(model_dir)
+
+    def process(name: str, poison, **over):
+        spec = _spec(tmp_path, tmp_path / "notes.parquet", model_dir, name)
+        spec = parse_spec(spec.model_dump(mode="json") | over, tmp_path)
+        (shard,) = plan_shards(spec.corpus, str(tmp_path / "staging"), spec.run.shard_rows)
+        processor = ShardProcessor(bundle, spec, spec.device_pool[0])
+        with torch.no_grad():
+            poison(processor.runner)
+        result = processor.process(shard)
+        part = pq.read_table(tmp_path / name / f"part-{shard.id}.parquet")
+        errors = pq.read_table(tmp_path / name / "_errors" / f"part-{shard.id}.parquet")
+        assert result.rows_in == result.rows_out + result.error_rows + result.filtered_rows
+        assert result.output_rows == part.num_rows and result.reasons == {
+            "non_finite": errors.num_rows
+        }  # fmt: skip
+        assert set(errors["reason"].to_pylist()) == {"non_finite"}
+        assert not set(part["id"].to_pylist()) & set(errors["id"].to_pylist())
+        return processor.runner, part, errors
+
+    def nan_rows(runner):  # the rarest token of note 5: its embedding row NaN
+        notes = [set(runner.tokenize([t]).ids.tolist()) for t in texts]
+        rarest = min(notes[5], key=lambda i: (sum(i in n for n in notes), i))
+        poisoned.add(rarest)
+        if runner.mlm_head is not None:  # untied first: a NaN logit would hit every position
+            decoder = runner.mlm_head.decoder
+            decoder.weight = torch.nn.Parameter(decoder.weight.clone())
+        runner.encoder.embed.word.weight[rarest] = float("nan")
+
+    poisoned: set[int] = set()
+    mlm = {"heads": {"embeddings": False, "mlm": {"enabled": True, "positions": "all"}},
+           "model": _spec(tmp_path, tmp_path, model_dir, "x").model_dump(mode="json")["model"]
+           | {"long_notes": {"strategy": "windows", "stride": 16, "aggregate": "none"}}}  # fmt: skip
+    for name, over in (("nan", {}), ("nan-mlm-windows", mlm)):
+        poisoned.clear()
+        runner, part, errors = process(name, nan_rows, **over)
+        hit = [i for i, t in enumerate(texts) if poisoned & set(runner.tokenize([t]).ids.tolist())]
+        assert 5 in hit and len(hit) < len(texts)  # note 5's finite windows go with it
+        assert sorted(errors["id"].to_pylist()) == hit, name
+        assert sorted(set(part["id"].to_pylist())) == sorted(set(range(len(texts))) - set(hit))
+        if "embedding" in part.column_names:
+            vectors = np.stack(part["embedding"].to_numpy(zero_copy_only=False))
+            assert np.isfinite(vectors).all()
+        else:  # MLM only: the log-probabilities alone find the NaN
+            logprobs = pa.compute.list_flatten(pa.compute.list_flatten(part["mlm_top_logprobs"]))
+            assert len(logprobs) and np.isfinite(logprobs.to_numpy()).all()
+
+    def overflow_float16(runner):  # every CLS vector's first value ~1e6: finite in fp32 only
+        runner.encoder.layers[-1].ffn_norm.bias[0] = 1e6
+
+    half = {"output": {"path": str(tmp_path / "half"), "vector_dtype": "float16"}}
+    _, part, errors = process("half", overflow_float16, **half)
+    assert part.num_rows == 0 and sorted(errors["id"].to_pylist()) == list(range(len(texts)))
+
+
 # ---- driver: CPUs and environment per pool ---------------------------------------------------
 def test_actor_cpus_and_environment_follow_the_pool():
     nodes = [

@@ -515,6 +515,19 @@ def test_verify_finds_what_is_wrong_with_an_output(tmp_path, model_dir, ray_loca
     findings = verify_output(str(out))
     rows = pq.read_table(parts[1]).num_rows
     assert f"{parts[1].name}: {rows} rows, its footer says {rows + 1}" in findings
+
+    part = pq.read_table(parts[2])  # a vector with a NaN in it, the row count intact
+    vectors = np.stack(part["embedding"].to_numpy(zero_copy_only=False))
+    vectors[1, 0] = np.nan
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    footer = pq.ParquetFile(parts[2]).metadata.metadata
+    part = part.set_column(part.schema.get_field_index("embedding"), "embedding", embedding)
+    pq.write_table(part.replace_schema_metadata(footer), parts[2])
+    nan_id = part["id"][1].as_py()
+    findings = verify_output(str(out))
+    assert f"{parts[2].name}: 1 rows with null, NaN or inf in embedding, e.g. id {nan_id!r}" in (
+        findings
+    )
     assert "_SUCCESS is missing: the job did not finish every shard" in findings
     assert main(["verify", str(out)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()

@@ -113,7 +113,8 @@ def test_errors_schema_and_reason_codes():
     assert s.field("id").type == pa.int64() and s.field("id").nullable
     assert s.field("row_index").type == pa.int64()
     assert {r.value for r in ReasonCode} == {
-        "null", "empty", "not_text", "undecodable", "too_long", "null_id", "undecodable_value",
+        "null", "empty", "not_text", "undecodable", "too_long", "null_id", "non_finite",
+        "undecodable_value",
     }  # fmt: skip
     assert ReasonCode.NULL_ID == "null_id"
 
