@@ -4,7 +4,9 @@ Every actor slot holds at most `max_in_flight` shards; when one finishes, that s
 next. A fast GPU actor therefore takes proportionally more shards than a slow CPU one, which
 row-balanced splitting (`streaming_split`) cannot do (DESIGN.md, decision 1). A shard whose
 actor died or whose processing raised goes back to the front of the queue until it has had
-`max_attempts`; then it is recorded as failed and the rest of the job goes on.
+`max_attempts`; then it is recorded as failed and the rest of the job goes on. An actor that
+could not start (its `__init__` raised) costs its shards no attempt: they wait for a live
+actor, and the error says why the actor did not start.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class Dispatcher:
         in_flight = self.in_flight  # ref -> slot, handle, shard, try (read by `stop`)
         outcome = self.outcome = DispatchOutcome([], [], 0, 0)  # so far, also if interrupted
         results, failed = outcome.results, outcome.failed
+        death = ""  # how the last actor that died died
 
         def retry_or_fail(shard: Any, attempt: int, error: str) -> None:
             if attempt < self.max_attempts:
@@ -140,8 +143,10 @@ class Dispatcher:
                     in_flight[ref] = (slot, slot.handle, shard, attempt)
                     slot.in_flight += 1
             if not in_flight:  # shards left but no live actor to run them
+                why = f"no live actor left (the last: {death})" if death else "no live actor left"
+                log.error("%d shards not run: %s", len(pending), why)
                 for shard, attempt in pending:
-                    failed.append(FailedShard.of(shard, attempt - 1, "no live actor left"))
+                    failed.append(FailedShard.of(shard, attempt - 1, why))
                 pending.clear()
                 break
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
@@ -152,14 +157,23 @@ class Dispatcher:
                 try:
                     result: ShardResult = ray.get(ref)
                 except RayActorError as e:
-                    retry_or_fail(shard, attempt, f"actor {slot.name} died: {type(e).__name__}")
+                    if getattr(e, "actor_init_failed", False):
+                        # its __init__ raised: the shard never ran and spends no attempt
+                        death = f"actor {slot.name} could not start: {_last_line(e)}"
+                        pending.appendleft((shard, attempt))
+                    else:
+                        death = f"actor {slot.name} died: {type(e).__name__}"
+                        retry_or_fail(shard, attempt, death)
                     if handle is slot.handle and slot.alive:  # first news of this death
                         slot.alive, slot.in_flight = False, 0
                         if slot.restarts < self.max_restarts:
                             slot.handle, slot.alive = self.restart(slot), True
                             slot.restarts += 1
                             outcome.actor_restarts += 1
-                            log.warning("actor %s restarted (%d)", slot.name, slot.restarts)
+                            log.warning("%s; restarted (%d)", death, slot.restarts)
+                        else:
+                            log.error("%s; restarted %d times already: left out", death,
+                                      slot.restarts)  # fmt: skip
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     retry_or_fail(shard, attempt, f"{type(cause).__name__}: {_first_line(cause)}")
@@ -185,6 +199,12 @@ class Dispatcher:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+def _last_line(e: BaseException) -> str:
+    """The exception line that ends a remote traceback (`ValueError: ...`)."""
+    text = str(e).strip().splitlines()
+    return text[-1].strip()[:300] if text else type(e).__name__
 
 
 class Progress:

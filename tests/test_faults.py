@@ -559,3 +559,38 @@ def _staging_task_running(root: int) -> bool:
             if b"ray::_apply" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return True
     return False
+
+
+def test_an_actor_that_cannot_start_costs_no_attempt_and_says_why(
+    tmp_path, model_dir, ray_local, caplog
+):
+    """A pool whose actors fail in __init__ (here `device: mps` on a machine without one)
+    is restarted, then left out; its shards spend no attempt and run on the other pool. Left
+    with no pool that starts, every shard fails naming the actor's own error, on one line."""
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device: its actors would start")
+    table, corpus = parquet_corpus(tmp_path, 30)
+    cpu = {"name": "cpu", "device": "cpu", "actors": 1, "cpus_per_actor": 1,
+           "precision": "fp32", "batch_tokens": 1024}  # fmt: skip
+    mac = {"name": "mac", "device": "mps", "actors": 1, "cpus_per_actor": 1, "precision": "fp32"}
+    spec = job(tmp_path, model_dir, corpus, device_pool=[mac, cpu])
+    with caplog.at_level(logging.WARNING, logger="jobs.dispatch"):
+        report = run(spec, tmp_path)
+    assert report["rows_out"] == 30 and not report["shards"]["failed"]
+    assert report["retries"] == 0 and report["actor_restarts"] == 2  # the mac slot, twice
+    starts = [r.getMessage() for r in caplog.records if "could not start" in r.message]
+    assert len(starts) == 3 and all(m.startswith("actor mac-0 could not start: ") for m in starts)
+    assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
+
+    alone = job(tmp_path, model_dir, corpus, device_pool=[mac],
+                output={"path": str(tmp_path / "out2")})  # fmt: skip
+    report = run(alone, tmp_path)
+    failed = report["shards"]["failed"]
+    assert report["rows_out"] == 0 and len(failed) == 3 and report["retries"] == 0
+    for f in failed:
+        assert f["attempts"] == 0, f  # none of them ran
+        assert f["error"].startswith("no live actor left (the last: actor mac-0 could not "
+                                     "start: ") and "\n" not in f["error"], f  # fmt: skip
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
