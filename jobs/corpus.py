@@ -677,6 +677,50 @@ def _apply_limit(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
     return kept
 
 
+@dataclass(frozen=True)
+class RepeatedIds:
+    """Ids on more than one input row (rows passing `where`; null ids are error rows)."""
+
+    ids: int  # distinct ids that repeat
+    extra_rows: int  # rows beyond the first of each such id
+    example: Any  # one of them (the most repeated)
+    source: str  # an input holding it
+
+
+def repeated_ids(shards: list[Shard], corpus: CorpusSpec) -> RepeatedIds | None:
+    """The ids that occur on more than one row of the shards' inputs, or None. Reads only the
+    id column (and `where`'s), so it costs a fraction of a pass over the text."""
+    ids, sources = [], []
+    columns = list(dict.fromkeys([corpus.id_column, *(corpus.where or {})]))
+    for shard in shards:
+        fs, path = filesystem(shard.path)
+        with fs.open_input_file(path) as f:
+            batches = pq.ParquetFile(f).iter_batches(row_groups=list(shard.row_groups),
+                                                     columns=columns)  # fmt: skip
+            left = shard.num_rows
+            for batch in batches:
+                if left <= 0:
+                    break
+                batch = batch.slice(0, left)
+                left -= batch.num_rows
+                if corpus.where:
+                    batch = batch.filter(where_mask(batch, corpus.where, shard.path))
+                ids.append(batch.column(corpus.id_column))
+                sources.append(shard.source)
+    if not ids:
+        return None
+    counts = pc.value_counts(pa.chunked_array(ids).combine_chunks().drop_null())  # one type:
+    # check_column_types made every input's id column the same
+    n = counts.field("counts").to_numpy()
+    repeat = np.flatnonzero(n > 1)
+    if not len(repeat):
+        return None
+    top = int(repeat[np.argmax(n[repeat])])
+    example = counts.field("values")[top]
+    source = next(s for s, a in zip(sources, ids) if pc.any(pc.equal(a, example)).as_py())
+    return RepeatedIds(len(repeat), int((n[repeat] - 1).sum()), example.as_py(), source)
+
+
 def _passing_rows(shard: Shard, corpus: CorpusSpec) -> np.ndarray:
     """Positions (within the shard) of the rows that pass `where`."""
     if not corpus.where:

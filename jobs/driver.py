@@ -24,7 +24,7 @@ import numpy as np
 
 from clinicalbert_core.hub import ModelBundle
 
-from .corpus import Shard, clean_staging, plan_shards, remove_staged
+from .corpus import RepeatedIds, Shard, clean_staging, plan_shards, remove_staged, repeated_ids
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
 from .output import CommitGate, OutputDir, OutputLock, Report
 from .preflight import check_corpus, model_fit_problems, pool_problems, where_warnings
@@ -239,6 +239,7 @@ def _run_locked(
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
+    repeated = check_ids(spec, shards)
     todo = [s for s in shards if s.id not in committed]
     log.info("%d shards (%d rows), %d already committed, %d to run",
              len(shards), sum(s.num_rows for s in shards), len(shards) - len(todo), len(todo))  # fmt: skip
@@ -314,13 +315,13 @@ def _run_locked(
             out.clean_temp()
         if stopped is not None and mine:  # what was committed so far, said to be partial
             _write_report(out, spec, shards, committed, dispatcher.outcome, pools, started, t0,
-                          monitor.stalls, stop_reason=stop_reason(stopped))  # fmt: skip
+                          monitor.stalls, repeated, stop_reason(stopped))  # fmt: skip
         if isinstance(stopped, NodeLost):  # what is on disk, whatever reached the driver
             stopped.shards = (len(out.committed() & {s.id for s in shards}), len(shards))
     if lock.lost:  # lost after the last shard: the output is the new holder's now
         raise RuntimeError(lock.lost)
     report = _write_report(out, spec, shards, committed, outcome, pools, started, t0,
-                           monitor.stalls)  # fmt: skip
+                           monitor.stalls, repeated)  # fmt: skip
     wrote_nothing = report["rows_in"] and not (report["rows_out"] or report["error_rows"])
     if wrote_nothing and not spec.run.allow_empty:
         report["empty"] = (
@@ -499,12 +500,36 @@ def _write_report(
     started: datetime,
     t0: float,
     stalls: list[dict[str, Any]],
+    repeated: RepeatedIds | None = None,
     stop_reason: str | None = None,
 ) -> dict[str, Any]:
     earlier = [ShardResult(**out.shard_stats(s.id)) for s in shards if s.id in committed]
     report = build_report(spec, shards, earlier, outcome, pools, started, t0, stalls, stop_reason)
+    if repeated is not None:
+        report["repeated_ids"] = {"ids": repeated.ids, "extra_rows": repeated.extra_rows}
     out.write_json("_report.json", report)
     return report
+
+
+def check_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | None:
+    """The input's ids, each on one row: an id on several rows is refused (SpecError), unless
+    run.allow_duplicate_ids, which logs and returns them for the report."""
+    t0 = time.monotonic()
+    repeated = repeated_ids(shards, spec.corpus)
+    log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
+    if repeated is None:
+        return None
+    what = (
+        f"corpus.id_column: {spec.corpus.id_column!r} is not unique: {repeated.ids:,} ids are "
+        f"on more than one row ({repeated.extra_rows:,} extra rows; e.g. "
+        f"{repeated.example!r} in {repeated.source})"
+    )
+    if not spec.run.allow_duplicate_ids:
+        raise SpecError([f"{what}; output rows are known by their id only: pick a unique id "
+                         "column, or set run.allow_duplicate_ids: true to write every row "
+                         "anyway"])  # fmt: skip
+    log.warning("%s; run.allow_duplicate_ids: every row is written", what)
+    return repeated
 
 
 def check_model_fit(spec: JobSpec, bundle: ModelBundle) -> None:

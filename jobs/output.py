@@ -592,6 +592,8 @@ class Report:
     # what ended the run before its shards were done (interrupted: true), in one line:
     # "interrupted (Ctrl-C or SIGTERM)", "NodeLost: the local Ray node ... died", ...
     stop_reason: str | None = None  # absent from reports written before it existed
+    # ids on more than one input row (run.allow_duplicate_ids): {"ids": n, "extra_rows": m}
+    repeated_ids: dict[str, int] | None = None
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Report:

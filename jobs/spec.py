@@ -60,6 +60,7 @@ HASH_EXCLUDED = (
     ("run", "staging_dir"),
     ("run", "keep_staged"),
     ("run", "allow_empty"),
+    ("run", "allow_duplicate_ids"),
 )
 _VALUE_CHARS = 80
 
@@ -513,6 +514,13 @@ class RunSpec(_Section):
         False,
         description="Accept a job that writes no note (default false: when corpus.where keeps "
         "no row, the job ends non-zero with the counts and no _SUCCESS).",
+    )
+    allow_duplicate_ids: bool = Field(
+        False,
+        description="Run a corpus whose id column holds an id on more than one row (default "
+        "false: such a job is refused before any encoding, naming the id column, how many ids "
+        "repeat and one of them, since output rows are known by their id only). When true, "
+        "every row is still written once; the report counts the repeated ids.",
     )
 
 

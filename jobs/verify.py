@@ -2,8 +2,9 @@
 
 Every part: readable, the same schema and the same job metadata as the others, its row count
 equal to the count its writer put in the footer; its errors part likewise. Across parts: every
-note id exactly once (with its window rows once each), no id both written and in the errors,
-no null, NaN or inf in a vector or an MLM log-probability.
+note id exactly once (with its window rows once each), no id both written and in the errors
+(where the input repeats ids, run.allow_duplicate_ids: the rows repeating an id number as many
+as the report says the input holds), no null, NaN or inf in a vector or an MLM log-probability.
 `_report.json` adds up and matches the parts; `_SUCCESS` is present. Findings are one line
 each (never note text); none means the output is whole.
 """
@@ -36,6 +37,7 @@ def verify_output(path: str) -> list[str]:
     meta: dict[str, str] | None = None
     ids: Counter[Any] = Counter()
     error_ids: set[Any] = set()
+    error_ids_all: list[Any] = []  # one per error row with no output row
     totals = Counter[str]()
     for shard in shards:
         name = f"part-{shard}.parquet"
@@ -84,15 +86,31 @@ def verify_output(path: str) -> list[str]:
             )
         if errors is not None:  # rows with no output row (a nulled kept value is written)
             lost = [r != ReasonCode.UNDECODABLE_VALUE.value for r in errors["reason"].to_pylist()]
-            error_ids.update(i for i, x in zip(errors["id"].to_pylist(), lost) if x)
-    dupes = [k for k, n in ids.items() if n > 1]
-    if dupes:
-        findings.append(f"{len(dupes)} ids written more than once, e.g. {dupes[0]!r}")
-    written = {k[0] if isinstance(k, tuple) else k for k in ids}
-    both = sorted((written & error_ids) - {None}, key=str)
-    if both:
-        findings.append(f"{len(both)} ids both written and in the errors, e.g. {both[0]!r}")
-    findings += _check_report(out, totals)
+            lost_ids = [i for i, x in zip(errors["id"].to_pylist(), lost) if x]
+            error_ids.update(lost_ids)
+            error_ids_all += lost_ids
+    report_findings, report = _check_report(out, totals)
+    repeats = (report.repeated_ids or {}).get("extra_rows", 0) if report else 0
+    if repeats:  # the input repeats ids (run.allow_duplicate_ids): count the repeats instead
+        notes = Counter[Any]()
+        for k, n in ids.items():  # a note's rows: its one row, or its window 0
+            if not isinstance(k, tuple) or k[1] == 0:
+                notes[k[0] if isinstance(k, tuple) else k] += n
+        notes.update(i for i in error_ids_all if i is not None)
+        extra = sum(n - 1 for n in notes.values() if n > 1)
+        if extra != repeats:
+            findings.append(
+                f"{extra} rows repeat an id, the report says the input repeats {repeats}"
+            )
+    else:
+        dupes = [k for k, n in ids.items() if n > 1]
+        if dupes:
+            findings.append(f"{len(dupes)} ids written more than once, e.g. {dupes[0]!r}")
+        written = {k[0] if isinstance(k, tuple) else k for k in ids}
+        both = sorted((written & error_ids) - {None}, key=str)
+        if both:
+            findings.append(f"{len(both)} ids both written and in the errors, e.g. {both[0]!r}")
+    findings += report_findings
     if not _exists(out, "_SUCCESS"):
         findings.append("_SUCCESS is missing: the job did not finish every shard")
     return findings
@@ -127,23 +145,24 @@ def _non_finite(name: str, table: pa.Table) -> list[str]:
     return findings
 
 
-def _check_report(out: OutputDir, totals: Counter[str]) -> list[str]:
+def _check_report(out: OutputDir, totals: Counter[str]) -> tuple[list[str], Report | None]:
+    """Findings about `_report.json`, and the report when it could be read."""
     try:
         raw = out.read_json("_report.json")
     except ValueError as e:
-        return [str(e)]
+        return [str(e)], None
     if raw is None:
-        return ["_report.json is missing"]
+        return ["_report.json is missing"], None
     try:
         report = Report.from_json(raw)
         report.check()
     except (TypeError, ValueError) as e:
-        return [f"_report.json: {e}"]
+        return [f"_report.json: {e}"], None
     return [
         f"_report.json: {key} {getattr(report, key)}, the parts' footers sum to {totals[key]}"
         for key in ("rows_in", "rows_out", "error_rows", "filtered_rows")
         if getattr(report, key) != totals[key]
-    ]
+    ], report
 
 
 def _read(out: OutputDir, path: str) -> pa.Table | None:

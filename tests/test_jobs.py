@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -532,6 +533,52 @@ def test_verify_finds_what_is_wrong_with_an_output(tmp_path, model_dir, ray_loca
     assert main(["verify", str(out)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(findings) and CANARY not in "\n".join(lines)
+
+
+def test_repeated_ids_are_refused_by_name_unless_allowed(tmp_path, model_dir, ray_local):
+    """An id on several rows: refused before any encoding (column, counts, one id, the
+    file); allowed, every row is written once (here one window per row), the report counts
+    the repeats and `verify` finds the output whole, and a part written twice still found."""
+    import shutil
+
+    from jobs.spec import SpecError
+    from jobs.verify import verify_output
+
+    table = notes_table(20)
+    ids, texts = table["note_id"].to_pylist(), table["text"].to_pylist()
+    ids[5] = ids[15] = ids[0]  # id 100 on three rows
+    ids[7] = ids[1]  # id 101 on two
+    texts[15] = None  # one repeat is an error row
+    table = table.set_column(0, "note_id", pa.array(ids, pa.int64()))
+    table = table.set_column(2, "text", pa.array(texts))
+    pq.write_table(table, tmp_path / "notes.parquet", row_group_size=5)
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")],
+              "id_column": "note_id"}  # fmt: skip
+    spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
+    with pytest.raises(SpecError) as e:
+        run(spec, tmp_path)
+    msg = str(e.value)
+    assert "corpus.id_column: 'note_id' is not unique: 2 ids are on more than one row" in msg
+    assert "(3 extra rows; e.g. 100 in " in msg and "notes.parquet" in msg
+    assert "run.allow_duplicate_ids: true" in msg and not list((tmp_path / "out").glob("part-*"))
+
+    spec["run"]["allow_duplicate_ids"] = True
+    spec["model"]["long_notes"] = {"strategy": "windows", "stride": 16, "aggregate": "none"}
+    report = run(spec, tmp_path)
+    assert report["rows_in"] == 20 and report["rows_out"] == 19 and report["error_rows"] == 1
+    assert report["repeated_ids"] == {"ids": 2, "extra_rows": 3}
+    out = tmp_path / "out"
+    written, _ = read_out(out)
+    firsts = pc.equal(written["window_index"], 0)
+    assert sorted(written.filter(firsts)["id"].to_pylist()).count(100) == 2  # + its error row
+    assert verify_output(str(out)) == []
+    parts = sorted(out.glob("part-*.parquet"))
+    shutil.copy(parts[0], out / "part-0000extra.parquet")  # a part written twice
+    extra = pq.read_table(parts[0]).filter(pc.equal(pq.read_table(parts[0])["window_index"], 0))
+    findings = verify_output(str(out))
+    assert f"{3 + extra.num_rows} rows repeat an id, the report says the input repeats 3" in (
+        findings
+    )
 
 
 def test_empty_where_ends_non_zero_and_spec_changes_after_a_failed_start(
