@@ -65,11 +65,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .preflight import check_corpus, check_model, pool_problems, where_warnings
+    from .preflight import check_corpus, check_model, check_output, pool_problems, where_warnings
     from .spec import load_spec
 
     spec = load_spec(args.spec, check_paths=not args.no_check_paths, overrides=args.set)
-    problems = [] if args.no_check_paths else check_corpus(spec) + check_model(spec)
+    problems = []
+    if not args.no_check_paths:
+        problems = check_corpus(spec) + check_output(spec) + check_model(spec)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster to check the pools against
         import ray

@@ -27,7 +27,13 @@ from clinicalbert_core.hub import ModelBundle
 from .corpus import RepeatedIds, Shard, clean_staging, plan_shards, remove_staged, repeated_ids
 from .dispatch import Dispatcher, DispatchOutcome, Progress, ShardResult, Slot, fmt_duration
 from .output import CommitGate, OutputDir, OutputLock, Report
-from .preflight import check_corpus, model_fit_problems, pool_problems, where_warnings
+from .preflight import (
+    check_corpus,
+    check_output,
+    model_fit_problems,
+    pool_problems,
+    where_warnings,
+)
 from .spec import JobSpec, PoolSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -173,7 +179,7 @@ def run_job(
                 "corpus": spec.corpus.model_copy(update={"limit": spec.run.dry_run_notes}),
             }
         )
-    if problems := check_corpus(spec):
+    if problems := check_corpus(spec) + check_output(spec):
         raise SpecError(problems)
     for warning in where_warnings(spec):
         log.warning("%s", warning)

@@ -12,10 +12,12 @@ import csv
 import difflib
 import io
 import json
+import os
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
 from .corpus import Source, filesystem, list_sources
@@ -93,6 +95,41 @@ def check_corpus(spec: JobSpec) -> list[str]:
                     f"corpus.{role}: column {column!r} is not in {source.path}"
                     f"{hint(column, names)}; its columns: {', '.join(map(repr, names))}"
                 )
+    return problems
+
+
+def check_output(spec: JobSpec) -> list[str]:
+    """The output and staging dirs can be made: neither is (or lies under) a file, and on a
+    local disk the nearest existing parent is writable."""
+    problems = []
+    if spec.run.staging_dir:
+        dirs = [("output.path", spec.output.path), ("run.staging_dir", spec.run.staging_dir)]
+    else:
+        dirs = [("output.path", spec.output.path), ("output.path", spec.staging_dir())]
+    for field, uri in dirs:
+        if problems and field == "output.path":  # the default staging dir is beside it
+            break
+        fs, path = filesystem(uri)
+        here = path.rstrip("/") or path
+        while True:
+            try:
+                kind = fs.get_file_info(here).type
+            except (OSError, pa.ArrowException) as e:
+                problems.append(f"{field}: {uri}: cannot be checked: {e}")
+                break
+            if kind == pa_fs.FileType.File:
+                what = "is a file" if here == path.rstrip("/") else f"lies under a file, {here}"
+                problems.append(f"{field}: {uri} {what}, not a directory")
+                break
+            if kind == pa_fs.FileType.Directory:
+                local = isinstance(fs, pa_fs.LocalFileSystem)
+                if local and not os.access(here, os.W_OK | os.X_OK):
+                    problems.append(f"{field}: {uri}: {here} is not writable by this user")
+                break
+            parent = here.rsplit("/", 1)[0]
+            if not parent or parent == here:
+                break
+            here = parent
     return problems
 
 

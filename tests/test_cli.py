@@ -93,6 +93,12 @@ def test_validate_catches_data_and_model_mistakes_before_ray(tmp_path, capsys):
                     "model.max_seq: 1024 exceeds the model's max_position_embeddings 512", ""),
         "mlm positions": (lambda s: s["heads"].update(mlm={"enabled": True, "positions": "mask"},
                                                       pooling="pooler"), "", ""),
+        "output is a file": (lambda s: s["output"].update(path=str(path)),
+                             f"output.path: {path} is a file, not a directory", ""),
+        "output under a file": (lambda s: s["output"].update(path=str(path / "out")),
+                                f"output.path: {path / 'out'} lies under a file, {path}", ""),
+        "staging under a file": (lambda s: s["run"].update(staging_dir=str(path / "st")),
+                                 f"run.staging_dir: {path / 'st'} lies under a file", ""),
     }  # fmt: skip
     for name, (change, want, hint) in mistakes.items():
         bad = json.loads(json.dumps(spec))
