@@ -713,6 +713,8 @@ def load_spec(
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"{path}: cannot read the spec: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{path}: not a YAML text file (byte {e.start} is not UTF-8)"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as e:

@@ -30,9 +30,14 @@ def verify_output(path: str) -> list[str]:
     """Findings about the output dir at `path`: [] when it is whole."""
     out = OutputDir(path)
     findings: list[str] = []
+    kind = out.fs.get_file_info(out.root).type
+    if kind == pa_fs.FileType.NotFound:
+        return ["no such output dir"]
+    if kind != pa_fs.FileType.Directory:
+        return ["not a directory"]
     shards = sorted(out.committed())
     if not shards:
-        return [f"{out.uri}: no part files"]
+        return ["no part files"]
     schema: pa.Schema | None = None
     meta: dict[str, str] | None = None
     ids: Counter[Any] = Counter()

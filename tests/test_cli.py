@@ -163,3 +163,12 @@ def test_unreachable_object_store_output_is_one_line(tmp_path, capsys, monkeypat
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: OSError:") and "\n" not in err and "Traceback" not in err
+
+
+def test_verify_names_a_path_that_is_no_output(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for name, want in (("nope", "no such output dir"), ("file", "not a directory"),
+                       ("empty", "no part files")):  # fmt: skip
+        assert main(["verify", str(tmp_path / name)]) == 1
+        assert capsys.readouterr().out == f"{tmp_path / name}: {want}\n"

@@ -255,9 +255,14 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str):
         load_spec(write(tmp_path, text))
 
 
-def test_missing_spec_file(tmp_path: Path):
-    with pytest.raises(SpecError, match="cannot read the spec"):
+def test_missing_directory_or_binary_spec_file(tmp_path: Path):
+    with pytest.raises(SpecError, match="nope.yaml: cannot read the spec"):
         load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="cannot read the spec: Is a directory"):
+        load_spec(tmp_path)
+    (tmp_path / "job.yaml").write_bytes(b"name: x\n\x8a\xff\x00binary")
+    with pytest.raises(SpecError, match=r"job.yaml: not a YAML text file \(byte 8 is not UTF-8\)"):
+        load_spec(tmp_path / "job.yaml")
 
 
 def test_load_spec_resolves_against_the_file_dir(tmp_path: Path):
