@@ -79,20 +79,29 @@ def _apply(fn: Any, item: Any) -> Any:
     return fn(item)
 
 
-def _ray_map(fn: Any, items: Any, node: LocalNode | None = None) -> list[Any]:
+def _ray_map(
+    fn: Any, items: Any, node: LocalNode | None = None, every_s: float | None = None
+) -> list[Any]:
     """map() over Ray tasks, results in order (staging inputs in parallel). With `node`, the
-    driver's own raylet is watched while it waits (NodeLost once it is gone)."""
+    driver's own raylet is watched while it waits (NodeLost once it is gone); with `every_s`,
+    a line every `every_s` seconds says how many inputs are done (staging a large CSV takes
+    minutes)."""
     import ray
 
     task = ray.remote(num_cpus=1)(_apply)
     refs = [task.remote(fn, x) for x in items]
     pending = refs
+    t0 = last = time.monotonic()
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             ray.get(done)  # an input's error as soon as its task ends
             if node is not None:
                 node.check()
+            if every_s is not None and pending and time.monotonic() - last >= every_s:
+                last = time.monotonic()
+                log.info("planning: %d of %d inputs read or staged, elapsed %s",
+                         len(refs) - len(pending), len(refs), fmt_duration(last - t0))  # fmt: skip
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
         raise e.cause from None
@@ -235,7 +244,7 @@ def _run_locked(
     _check_resources(pools, dry_run)
 
     node = LocalNode()
-    ray_map = partial(_ray_map, node=node)
+    ray_map = partial(_ray_map, node=node, every_s=spec.run.progress_interval_s)
     log.info("planning shards")
     clean_staging(staging)  # what a killed staging run left
     committed = out.committed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,21 @@ def test_windows_not_aggregated_and_mlm_rows(tmp_path, model_dir, ray_local):
             assert len(ids) == 3 and lps == sorted(lps, reverse=True)
     masks = sum(len(r["mlm_position"]) for r in out.to_pylist())
     assert masks >= 13  # every [MASK] in every window (overlaps count once per window)
+
+
+def test_planning_says_how_far_it_is(ray_local, caplog):
+    """Staging a large CSV takes minutes: while inputs are read or staged, a line per interval
+    (here one input of two is done, the other sleeps 2 s)."""
+    import time
+
+    from jobs.driver import _ray_map
+
+    with caplog.at_level(logging.INFO, logger="jobs.driver"):
+        assert _ray_map(time.sleep, [0, 2.0], every_s=0.5) == [None, None]
+    lines = [r.getMessage() for r in caplog.records if r.message.startswith("planning: ")]
+    assert lines and all(re.fullmatch(r"planning: [01] of 2 inputs read or staged, elapsed "
+                                      r"0m0\ds", line) for line in lines), lines  # fmt: skip
+    assert lines[-1].startswith("planning: 1 of 2 "), lines  # the sleeping one is left
 
 
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
