@@ -60,11 +60,16 @@ def load_bundle(spec: JobSpec) -> ModelBundle:
     return ModelBundle.load(source, variant=m.variant, lowercase=m.lowercase, revision=revision)
 
 
-def scale_pools(pools: tuple[PoolSpec, ...], cpus: int, gpus: int) -> tuple[PoolSpec, ...]:
-    """The spec's pools shrunk to fit one machine (dry runs): GPU pools need a GPU here."""
+def scale_pools(
+    pools: tuple[PoolSpec, ...], cpus: int, gpus: int, mps: bool = False
+) -> tuple[PoolSpec, ...]:
+    """The spec's pools shrunk to fit one machine (dry runs): GPU pools need a GPU here, mps
+    pools an Apple GPU (`mps`)."""
     scaled: list[PoolSpec] = []
     cpu_left = max(cpus - 1, 1)  # leave a core to the driver
     for pool in pools:
+        if pool.device == "mps" and not mps:
+            continue
         if pool.device == "cuda":
             if gpus:
                 scaled.append(pool.model_copy(update={"actors": min(pool.actors, gpus)}))
@@ -235,12 +240,17 @@ def _run_locked(
     pools = spec.device_pool
     if dry_run:
         res = ray.cluster_resources()
-        pools = scale_pools(pools, int(res.get("CPU", 1)), int(res.get("GPU", 0)))
+        import torch
+
+        mps = torch.backends.mps.is_available()
+        pools = scale_pools(pools, int(res.get("CPU", 1)), int(res.get("GPU", 0)), mps)
         if not pools:
             raise RuntimeError("dry run: no pool of the spec can run on this machine")
-        skipped = {p.name for p in spec.device_pool} - {p.name for p in pools}
-        for name in sorted(skipped):
-            log.warning("dry run: pool %s skipped (no GPU on this machine)", name)
+        kept = {p.name for p in pools}
+        for pool in spec.device_pool:
+            if pool.name not in kept:
+                what = "Apple GPU (mps)" if pool.device == "mps" else "GPU"
+                log.warning("dry run: pool %s skipped (no %s on this machine)", pool.name, what)
     _check_resources(pools, dry_run)
 
     node = LocalNode()

@@ -301,6 +301,20 @@ def test_planning_says_how_far_it_is(ray_local, caplog):
     assert lines[-1].startswith("planning: 1 of 2 "), lines  # the sleeping one is left
 
 
+def test_dry_run_keeps_the_pools_this_machine_can_run():
+    from jobs.driver import scale_pools
+    from jobs.spec import PoolSpec
+
+    pools = (PoolSpec(name="gpu", device="cuda", actors=4),
+             PoolSpec(name="mac", device="mps", actors=2),
+             PoolSpec(name="cpu", device="cpu", actors=4, cpus_per_actor=8))  # fmt: skip
+    here = scale_pools(pools, cpus=4, gpus=0)  # no GPU, no Apple GPU: the CPU pool, shrunk
+    assert [(p.name, p.actors, p.cpus_per_actor) for p in here] == [("cpu", 1, 3)]
+    mac = scale_pools(pools, cpus=8, gpus=0, mps=True)
+    assert [p.name for p in mac] == ["mac", "cpu"]
+    assert [p.name for p in scale_pools(pools, cpus=8, gpus=1)] == ["gpu", "cpu"]
+
+
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
     from jobs.dispatch import fmt_duration
     from jobs.driver import print_dry_run
