@@ -172,3 +172,18 @@ def test_verify_names_a_path_that_is_no_output(tmp_path, capsys):
                        ("empty", "no part files")):  # fmt: skip
         assert main(["verify", str(tmp_path / name)]) == 1
         assert capsys.readouterr().out == f"{tmp_path / name}: {want}\n"
+
+
+def test_a_closed_pipe_is_no_error():
+    """`clinicalbert schema | head -c 1`: the reader has gone before the output is written
+    (here: closed before the process starts); no error line, exit 141 as a shell's."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "jobs", "schema"], cwd=REPO, stdout=write,
+                          stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr.decode() == "", proc.stderr.decode()
