@@ -58,17 +58,25 @@ class EncoderConfig:
         return json.loads(json.dumps({"architectures": [self.ARCHITECTURE], **asdict(self)}))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config, tokenizer config, manifest) as a dict; ValueError
+    naming the file when it is missing, not UTF-8 text, not JSON or not an object."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"config file not found: {path}") from None
+        raise ValueError(f"file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    return read_json_object(path)
 
 
 def check_activation(name: str, value: str, supported: tuple[str, ...], source: str) -> None:

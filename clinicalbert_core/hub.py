@@ -25,10 +25,11 @@ from tokenizers import Tokenizer
 
 from . import weights as W
 from .architectures import config_from_file
-from .config import EncoderConfig
+from .config import EncoderConfig, read_json_object
 from .tokenizer import (
     Specials,
     find_specials,
+    read_tokenizer,
     tokenizer_casing,
     tokenizer_kind,
     with_casing,
@@ -63,10 +64,7 @@ class ModelFiles:
         for name in reversed(TOKENIZER_CONFIGS):
             path = self.root / name
             if path.is_file():
-                try:
-                    merged |= json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+                merged |= read_json_object(path)
         return merged
 
 
@@ -106,7 +104,7 @@ def find_files(source: str | Path, config_path: str | Path | None = None) -> Mod
     vocab = root / "vocab.txt" if (root / "vocab.txt").is_file() else None
     if tokenizer is None and vocab is None:
         raise ValueError(f"{root}: no tokenizer; expected tokenizer.json or vocab.txt")
-    manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else None
+    manifest = read_json_object(root / MANIFEST) if (root / MANIFEST).is_file() else None
     return ModelFiles(root, config, weights, tokenizer, vocab, manifest)
 
 
@@ -240,7 +238,7 @@ def open_checkpoint(
     manifest = files.manifest or {}
     v = get_variant(variant or manifest.get("variant") or "custom")
     check_config(v, config)
-    own = Tokenizer.from_file(str(files.tokenizer)) if files.tokenizer else None
+    own = read_tokenizer(files.tokenizer) if files.tokenizer else None
     unknown = not casing_required and own is None and lowercase is v.lowercase is None
     casing = None if unknown else resolve_casing(v, lowercase, own)
     notes = list(manifest.get("tokenizer_notes", []))
@@ -348,7 +346,7 @@ def prepare(
     }
     old = out / MANIFEST
     if old.is_file():
-        manifest = json.loads(old.read_text())
+        manifest = read_json_object(old)
         same = {k: manifest.get(k) for k in identity} == identity
         if same and manifest.get("files") and not integrity_problems(out, manifest):
             log.info("%s is already prepared from the same source; nothing to do", out)

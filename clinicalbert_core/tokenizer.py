@@ -26,14 +26,28 @@ CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer.
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json; ValueError naming the file when `tokenizers` cannot read it."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise ValueError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
+
+
 def read_vocab(path: str | Path) -> dict[str, int]:
+    data = Path(path).read_bytes()
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
     vocab: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            token = line.rstrip("\n")
-            if token in vocab:
-                raise ValueError(f"{path}: duplicate token on line {i + 1}")
-            vocab[token] = i
+    for i, token in enumerate(lines):
+        if token in vocab:
+            raise ValueError(f"{path}: duplicate token on line {i + 1}")
+        vocab[token] = i
     missing = [t for t in SPECIALS if t not in vocab]
     if missing:
         raise ValueError(f"{path}: vocab lacks special tokens {missing}")
@@ -383,3 +397,7 @@ class NoteTokenizer:
             note_tokens=note_tokens,
             truncated=(note_tokens > body) & (self.policy == "truncate"),
         )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

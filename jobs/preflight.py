@@ -115,7 +115,8 @@ def check_output(spec: JobSpec) -> list[str]:
             try:
                 kind = fs.get_file_info(here).type
             except (OSError, pa.ArrowException) as e:
-                problems.append(f"{field}: {uri}: cannot be checked: {e}")
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                problems.append(f"{field}: {uri}: cannot be checked: {line}")
                 break
             if kind == pa_fs.FileType.File:
                 what = "is a file" if here == path.rstrip("/") else f"lies under a file, {here}"

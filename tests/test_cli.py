@@ -162,7 +162,8 @@ def test_unreachable_object_store_output_is_one_line(tmp_path, capsys, monkeypat
     path.write_text(yaml.safe_dump(spec))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: OSError:") and "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: output.path: s3://bucket/out?endpoint_override=127.0.0.1:9&")
+    assert "cannot be checked" in err and "\n" not in err and "Traceback" not in err
 
 
 def test_verify_names_a_path_that_is_no_output(tmp_path, capsys):

@@ -297,6 +297,37 @@ def test_windows_cover_every_token_with_offsets(tmp_path):
 
 
 # ---- weights and config errors ---------------------------------------------------------------------
+def test_unreadable_checkpoint_files_are_named(ckpts, tmp_path):
+    """Binary or broken tokenizer, vocab, config and manifest files: a ValueError naming the
+    file, never the library's bare exception."""
+    from tokenizers import Tokenizer
+
+    path, _ = ckpts["mlm"]
+    garbage = bytes(range(256)) * 4
+    cases = {
+        "tokenizer.json": (garbage, "tokenizer.json: not a valid tokenizer.json ("),
+        "vocab.txt": (b"[PAD]\n[UNK]\n\xff\xfe\n", "vocab.txt: line 3 is not UTF-8 text"),
+        "config.json": (garbage, "config.json: not UTF-8 text (byte 128): not a JSON file"),
+        "tokenizer_config.json": (b'{"do_lower_case": tr', "tokenizer_config.json: not valid JSON"),
+    }
+    for name, (data, want) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(path, bad)
+        if name != "vocab.txt":  # a vocab-only checkpoint reads vocab.txt
+            Tokenizer(wordpiece_from_vocab(path / "vocab.txt", False).model).save(
+                str(bad / "tokenizer.json")
+            )
+        (bad / name).write_bytes(data)
+        for opener in (load, inspect):
+            with pytest.raises(ValueError) as e:
+                opener(bad)
+            assert want in str(e.value) and str(bad) in str(e.value), (name, str(e.value))
+    out = prepare(path, tmp_path / "prepared", variant="custom", lowercase=False)
+    (out / MANIFEST).write_text('{"variant": "cust')
+    with pytest.raises(ValueError, match=f"{MANIFEST}: not valid JSON"):
+        load(out)
+
+
 def test_config_and_weight_errors(ckpts, tmp_path):
     path, _ = ckpts["mlm"]
     bad = tmp_path / "bad"
