@@ -65,13 +65,21 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .preflight import check_corpus, check_model, check_output, pool_problems, where_warnings
+    from .preflight import (
+        check_corpus,
+        check_ids,
+        check_model,
+        check_output,
+        pool_problems,
+        where_warnings,
+    )
     from .spec import load_spec
 
     spec = load_spec(args.spec, check_paths=not args.no_check_paths, overrides=args.set)
     problems = []
     if not args.no_check_paths:
         problems = check_corpus(spec) + check_output(spec) + check_model(spec)
+        problems += [] if problems else check_ids(spec)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster to check the pools against
         import ray

@@ -32,6 +32,7 @@ from .preflight import (
     check_output,
     model_fit_problems,
     pool_problems,
+    repeated_ids_problem,
     where_warnings,
 )
 from .spec import JobSpec, PoolSpec, SpecError
@@ -264,7 +265,7 @@ def _run_locked(
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
-    repeated = check_ids(spec, shards)
+    repeated = refuse_repeated_ids(spec, shards)
     todo = [s for s in shards if s.id not in committed]
     log.info("%d shards (%d rows), %d already committed, %d to run",
              len(shards), sum(s.num_rows for s in shards), len(shards) - len(todo), len(todo))  # fmt: skip
@@ -536,7 +537,7 @@ def _write_report(
     return report
 
 
-def check_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | None:
+def refuse_repeated_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | None:
     """The input's ids, each on one row: an id on several rows is refused (SpecError), unless
     run.allow_duplicate_ids, which logs and returns them for the report."""
     t0 = time.monotonic()
@@ -544,16 +545,10 @@ def check_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | None:
     log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
     if repeated is None:
         return None
-    what = (
-        f"corpus.id_column: {spec.corpus.id_column!r} is not unique: {repeated.ids:,} ids are "
-        f"on more than one row ({repeated.extra_rows:,} extra rows; e.g. "
-        f"{repeated.example!r} in {repeated.source})"
-    )
     if not spec.run.allow_duplicate_ids:
-        raise SpecError([f"{what}; output rows are known by their id only: pick a unique id "
-                         "column, or set run.allow_duplicate_ids: true to write every row "
-                         "anyway"])  # fmt: skip
-    log.warning("%s; run.allow_duplicate_ids: every row is written", what)
+        raise SpecError([repeated_ids_problem(spec, repeated)])
+    log.warning("%s; run.allow_duplicate_ids: every row is written",
+                repeated_ids_problem(spec, repeated, hint=False))  # fmt: skip
     return repeated
 
 

@@ -20,7 +20,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
-from .corpus import Source, filesystem, list_sources
+from .corpus import RepeatedIds, Source, filesystem, list_sources, plan_shards, repeated_ids
 from .spec import CorpusSpec, CsvOptions, JobSpec, PoolSpec
 
 WHERE_SAMPLE_ROWS = 10_000
@@ -132,6 +132,33 @@ def check_output(spec: JobSpec) -> list[str]:
                 break
             here = parent
     return problems
+
+
+def repeated_ids_problem(spec: JobSpec, repeated: RepeatedIds, hint: bool = True) -> str:
+    """The one line that names an id column holding an id on more than one row."""
+    line = (
+        f"corpus.id_column: {spec.corpus.id_column!r} is not unique: {repeated.ids:,} "
+        f"{'id is' if repeated.ids == 1 else 'ids are'} on more than one row "
+        f"({repeated.extra_rows:,} extra rows; e.g. "
+        f"{repeated.example!r} in {repeated.source})"
+    )
+    if hint:
+        line += ("; output rows are known by their id only: pick a unique id column, or set "
+                 "run.allow_duplicate_ids: true to write every row anyway")  # fmt: skip
+    return line
+
+
+def check_ids(spec: JobSpec) -> list[str]:
+    """Parquet corpora (nothing to stage): every id on one row, unless allowed. `run` checks
+    every format once its inputs are staged."""
+    if spec.corpus.format != "parquet" or spec.run.allow_duplicate_ids:
+        return []
+    try:
+        shards = plan_shards(spec.corpus, spec.staging_dir(), spec.run.shard_rows)
+        repeated = repeated_ids(shards, spec.corpus)
+    except (OSError, ValueError, pa.ArrowException):
+        return []  # an unreadable file: check_corpus names it
+    return [repeated_ids_problem(spec, repeated)] if repeated else []
 
 
 def where_warnings(spec: JobSpec) -> list[str]:

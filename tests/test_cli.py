@@ -93,6 +93,10 @@ def test_validate_catches_data_and_model_mistakes_before_ray(tmp_path, capsys):
                     "model.max_seq: 1024 exceeds the model's max_position_embeddings 512", ""),
         "mlm positions": (lambda s: s["heads"].update(mlm={"enabled": True, "positions": "mask"},
                                                       pooling="pooler"), "", ""),
+        "repeated ids": (lambda s: s["corpus"].update(id_column="category"),
+                         "corpus.id_column: 'category' is not unique: 1 id is on more than one "
+                         "row (19 extra rows; e.g. 'Discharge summary' in ",
+                         "run.allow_duplicate_ids: true"),
         "output is a file": (lambda s: s["output"].update(path=str(path)),
                              f"output.path: {path} is a file, not a directory", ""),
         "output under a file": (lambda s: s["output"].update(path=str(path / "out")),
