@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from . import bert, modernbert
-from .config import EncoderConfig, read_config_file
+from .config import EncoderConfig, read_json_object
 
 ARCHITECTURES: dict[str, ModuleType] = {"bert": bert, "modernbert": modernbert}
 
@@ -37,7 +37,7 @@ def load_config(raw: dict[str, Any], source: str = "config") -> EncoderConfig:
 
 
 def config_from_file(path: str | Path) -> EncoderConfig:
-    return load_config(read_config_file(path), source=str(path))
+    return load_config(read_json_object(path), source=str(path))
 
 
 def of(config: EncoderConfig) -> ModuleType:

@@ -75,10 +75,6 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    return read_json_object(path)
-
-
 def check_activation(name: str, value: str, supported: tuple[str, ...], source: str) -> None:
     if value not in supported:
         raise ValueError(

@@ -41,8 +41,7 @@ def verify_output(path: str) -> list[str]:
     schema: pa.Schema | None = None
     meta: dict[str, str] | None = None
     ids: Counter[Any] = Counter()
-    error_ids: set[Any] = set()
-    error_ids_all: list[Any] = []  # one per error row with no output row
+    error_ids: list[Any] = []  # one per error row with no output row
     totals = Counter[str]()
     for shard in shards:
         name = f"part-{shard}.parquet"
@@ -91,9 +90,7 @@ def verify_output(path: str) -> list[str]:
             )
         if errors is not None:  # rows with no output row (a nulled kept value is written)
             lost = [r != ReasonCode.UNDECODABLE_VALUE.value for r in errors["reason"].to_pylist()]
-            lost_ids = [i for i, x in zip(errors["id"].to_pylist(), lost) if x]
-            error_ids.update(lost_ids)
-            error_ids_all += lost_ids
+            error_ids += [i for i, x in zip(errors["id"].to_pylist(), lost) if x]
     report_findings, report = _check_report(out, totals)
     repeats = (report.repeated_ids or {}).get("extra_rows", 0) if report else 0
     if repeats:  # the input repeats ids (run.allow_duplicate_ids): count the repeats instead
@@ -101,7 +98,7 @@ def verify_output(path: str) -> list[str]:
         for k, n in ids.items():  # a note's rows: its one row, or its window 0
             if not isinstance(k, tuple) or k[1] == 0:
                 notes[k[0] if isinstance(k, tuple) else k] += n
-        notes.update(i for i in error_ids_all if i is not None)
+        notes.update(i for i in error_ids if i is not None)
         extra = sum(n - 1 for n in notes.values() if n > 1)
         if extra != repeats:
             findings.append(
@@ -112,7 +109,7 @@ def verify_output(path: str) -> list[str]:
         if dupes:
             findings.append(f"{len(dupes)} ids written more than once, e.g. {dupes[0]!r}")
         written = {k[0] if isinstance(k, tuple) else k for k in ids}
-        both = sorted((written & error_ids) - {None}, key=str)
+        both = sorted((written & set(error_ids)) - {None}, key=str)
         if both:
             findings.append(f"{len(both)} ids both written and in the errors, e.g. {both[0]!r}")
     findings += report_findings
