@@ -31,7 +31,7 @@ from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 from clinicalbert_core.tokenizer import Windows
 
-from .corpus import Shard, injected_delay, read_shard
+from .corpus import Shard, as_plain_text, injected_delay, read_shard
 from .dispatch import ShardResult
 from .output import OutputDir, ReasonCode, StaleAttempt, errors_schema, output_schema
 from .spec import JobSpec, PoolSpec
@@ -45,6 +45,7 @@ def classify(
     """Per row: the note as str (or None) and the error reason (or None). Never logs text."""
     notes: list[str | None] = []
     reasons: list[str | None] = []
+    texts = as_plain_text(texts)
     binary = pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type)
     stringy = pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
     id_null = ids.is_null().to_pylist()

@@ -128,7 +128,7 @@ class ShardReader(Iterator[pa.RecordBatch]):
                 out = pa.RecordBatch.from_arrays(
                     [
                         batch.column(corpus.id_column),
-                        batch.column(corpus.text_column),
+                        as_plain_text(batch.column(corpus.text_column)),
                         *(batch.column(c) for c in keep),
                         *(batch.column(c) for c in marks),
                         pa.array(np.arange(start, start + n, dtype=np.int64)),
@@ -140,6 +140,19 @@ class ShardReader(Iterator[pa.RecordBatch]):
                     self.rows_filtered += n - out.num_rows
                 if out.num_rows:
                     yield from cut_by_bytes(out, "text", self.batch_bytes)
+
+
+def as_plain_text(texts: pa.Array) -> pa.Array:
+    """A text column in any of Arrow's text layouts as string or binary: dictionary-encoded
+    (pandas' category, written to Parquet as such), string/binary views. Other types pass
+    through (their rows are `not_text`)."""
+    if pa.types.is_dictionary(texts.type):
+        texts = texts.dictionary_decode()
+    if pa.types.is_string_view(texts.type):
+        texts = texts.cast(pa.string())
+    elif pa.types.is_binary_view(texts.type):
+        texts = texts.cast(pa.binary())
+    return texts
 
 
 def cut_by_bytes(batch: pa.RecordBatch, column: str, limit: int | None) -> Iterator[pa.RecordBatch]:

@@ -565,6 +565,33 @@ def test_verify_finds_what_is_wrong_with_an_output(tmp_path, model_dir, ray_loca
     assert len(lines) == len(findings) and CANARY not in "\n".join(lines)
 
 
+def test_text_in_any_arrow_layout_is_text(tmp_path, model_dir, ray_local):
+    """A dictionary-encoded text column (pandas' category, as Parquet keeps it) is read as
+    its strings: the same vectors as plain strings, no row an error; views likewise."""
+    from jobs.actor import classify
+
+    table = notes_table(12)
+    pq.write_table(table, tmp_path / "plain.parquet")
+    coded = table.set_column(2, "text", table["text"].dictionary_encode())
+    pq.write_table(coded, tmp_path / "coded.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "coded.parquet").field("text").type)
+    outs = {}
+    for name in ("plain", "coded"):
+        corpus = {"format": "parquet", "paths": [str(tmp_path / f"{name}.parquet")],
+                  "id_column": "note_id"}  # fmt: skip
+        spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / name)})
+        report = run(spec, tmp_path)
+        assert report["rows_out"] == 12 and report["error_rows"] == 0, (name, report)
+        written = read_out(tmp_path / name)[0].sort_by("id")
+        outs[name] = np.stack(written["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(outs["coded"], outs["plain"])
+    texts = table["text"].combine_chunks()
+    for layout in (texts.dictionary_encode(), texts.cast(pa.string_view()),
+                   texts.cast(pa.large_string()), texts.cast(pa.binary_view())):  # fmt: skip
+        notes, reasons = classify(layout, table["note_id"].combine_chunks(), 10**6)
+        assert reasons == [None] * 12 and notes == texts.to_pylist(), layout.type
+
+
 def test_repeated_ids_are_refused_by_name_unless_allowed(tmp_path, model_dir, ray_local):
     """An id on several rows: refused before any encoding (column, counts, one id, the
     file); allowed, every row is written once (here one window per row), the report counts
