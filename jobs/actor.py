@@ -280,16 +280,17 @@ class ShardProcessor:
 
     # ---- steps -------------------------------------------------------------------------------
     def _schema(self, shard: Shard) -> pa.Schema:
-        from .corpus import filesystem
+        from .corpus import filesystem, plain_type
 
         fs, path = filesystem(shard.path)
         with fs.open_input_file(path) as f:
             schema = pq.ParquetFile(f).schema_arrow
         corpus, long = self.spec.corpus, self.spec.model.long_notes
-        self.id_type = schema.field(corpus.id_column).type
+        self.id_type = plain_type(schema.field(corpus.id_column).type)
+        keep = [schema.field(c) for c in corpus.keep_columns]
         return output_schema(
             id_type=self.id_type,
-            keep_fields=[schema.field(c) for c in corpus.keep_columns],
+            keep_fields=[f.with_type(plain_type(f.type)) for f in keep],
             hidden=self.runner.config.hidden_size,
             vector_dtype=self.spec.output.vector_dtype,
             embeddings=self.spec.heads.embeddings,

@@ -67,9 +67,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from .preflight import (
         check_corpus,
-        check_ids,
         check_model,
         check_output,
+        check_plan,
         pool_problems,
         where_warnings,
     )
@@ -79,7 +79,7 @@ def _validate(args: argparse.Namespace) -> int:
     problems = []
     if not args.no_check_paths:
         problems = check_corpus(spec) + check_output(spec) + check_model(spec)
-        problems += [] if problems else check_ids(spec)
+        problems += [] if problems else check_plan(spec)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster to check the pools against
         import ray

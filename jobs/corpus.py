@@ -127,9 +127,9 @@ class ShardReader(Iterator[pa.RecordBatch]):
                 self.rows_in += n
                 out = pa.RecordBatch.from_arrays(
                     [
-                        batch.column(corpus.id_column),
+                        _plain(batch.column(corpus.id_column)),
                         as_plain_text(batch.column(corpus.text_column)),
-                        *(batch.column(c) for c in keep),
+                        *(_plain(batch.column(c)) for c in keep),
                         *(batch.column(c) for c in marks),
                         pa.array(np.arange(start, start + n, dtype=np.int64)),
                     ],
@@ -142,12 +142,16 @@ class ShardReader(Iterator[pa.RecordBatch]):
                     yield from cut_by_bytes(out, "text", self.batch_bytes)
 
 
+def _plain(values: pa.Array) -> pa.Array:
+    """A dictionary-encoded column as its values (`plain_type`); others as they are."""
+    return values.dictionary_decode() if pa.types.is_dictionary(values.type) else values
+
+
 def as_plain_text(texts: pa.Array) -> pa.Array:
     """A text column in any of Arrow's text layouts as string or binary: dictionary-encoded
     (pandas' category, written to Parquet as such), string/binary views. Other types pass
     through (their rows are `not_text`)."""
-    if pa.types.is_dictionary(texts.type):
-        texts = texts.dictionary_decode()
+    texts = _plain(texts)
     if pa.types.is_string_view(texts.type):
         texts = texts.cast(pa.string())
     elif pa.types.is_binary_view(texts.type):
@@ -297,7 +301,12 @@ def stage_source(
 
 def _types(schema: pa.Schema, corpus: CorpusSpec) -> tuple[tuple[str, str], ...]:
     columns = (corpus.id_column, *corpus.keep_columns) if corpus.format != "text" else ("id",)
-    return tuple((c, str(schema.field(c).type)) for c in columns)
+    return tuple((c, str(plain_type(schema.field(c).type))) for c in columns)
+
+
+def plain_type(kind: pa.DataType) -> pa.DataType:
+    """The type a column is read and written as: a dictionary-encoded one as its values'."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
 def check_column_types(inputs: list[ParquetInput]) -> None:

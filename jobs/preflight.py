@@ -148,16 +148,17 @@ def repeated_ids_problem(spec: JobSpec, repeated: RepeatedIds, hint: bool = True
     return line
 
 
-def check_ids(spec: JobSpec) -> list[str]:
-    """Parquet corpora (nothing to stage): every id on one row, unless allowed. `run` checks
-    every format once its inputs are staged."""
-    if spec.corpus.format != "parquet" or spec.run.allow_duplicate_ids:
+def check_plan(spec: JobSpec) -> list[str]:
+    """Parquet corpora (nothing to stage): the shards plan (every input gives the id and kept
+    columns one type), and every id is on one row unless allowed. `run` checks every format
+    once its inputs are staged."""
+    if spec.corpus.format != "parquet":
         return []
     try:
         shards = plan_shards(spec.corpus, spec.staging_dir(), spec.run.shard_rows)
-        repeated = repeated_ids(shards, spec.corpus)
-    except (OSError, ValueError, pa.ArrowException):
-        return []  # an unreadable file: check_corpus names it
+        repeated = None if spec.run.allow_duplicate_ids else repeated_ids(shards, spec.corpus)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return [f"corpus: {e}"]
     return [repeated_ids_problem(spec, repeated)] if repeated else []
 
 

@@ -573,18 +573,26 @@ def test_text_in_any_arrow_layout_is_text(tmp_path, model_dir, ray_local):
     table = notes_table(12)
     pq.write_table(table, tmp_path / "plain.parquet")
     coded = table.set_column(2, "text", table["text"].dictionary_encode())
+    coded = coded.set_column(1, "subject_id", coded["subject_id"].dictionary_encode())
     pq.write_table(coded, tmp_path / "coded.parquet")
     assert pa.types.is_dictionary(pq.read_schema(tmp_path / "coded.parquet").field("text").type)
     outs = {}
     for name in ("plain", "coded"):
         corpus = {"format": "parquet", "paths": [str(tmp_path / f"{name}.parquet")],
-                  "id_column": "note_id"}  # fmt: skip
+                  "id_column": "note_id", "keep_columns": ["subject_id"]}  # fmt: skip
         spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / name)})
         report = run(spec, tmp_path)
         assert report["rows_out"] == 12 and report["error_rows"] == 0, (name, report)
         written = read_out(tmp_path / name)[0].sort_by("id")
+        assert written.schema.field("subject_id").type == pa.int64()  # its values' type
         outs[name] = np.stack(written["embedding"].to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(outs["coded"], outs["plain"])
+    more = notes_table(12, seed=1).set_column(0, "note_id", pa.array(range(300, 312)))
+    pq.write_table(more, tmp_path / "more.parquet")  # plain, beside the coded file: one type
+    corpus["paths"] = [str(tmp_path / "coded.parquet"), str(tmp_path / "more.parquet")]
+    report = run(job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "both")}),
+                 tmp_path)  # fmt: skip
+    assert report["rows_out"] == 24 and not report["shards"]["failed"]
     texts = table["text"].combine_chunks()
     for layout in (texts.dictionary_encode(), texts.cast(pa.string_view()),
                    texts.cast(pa.large_string()), texts.cast(pa.binary_view())):  # fmt: skip
@@ -669,7 +677,9 @@ def test_empty_where_ends_non_zero_and_spec_changes_after_a_failed_start(
     assert before.keys() == after.keys() and before != after
 
 
-def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(tmp_path, model_dir, ray_local):
+def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(
+    tmp_path, model_dir, ray_local, capsys
+):
     a = notes_table(10)
     pq.write_table(a, tmp_path / "a.parquet", row_group_size=5)
     b = notes_table(6, seed=1)
@@ -678,6 +688,11 @@ def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(tmp_path, mo
     corpus = {"format": "parquet", "paths": [str(tmp_path / "*.parquet")], "id_column": "note_id"}
     with pytest.raises(ValueError, match=r"'note_id' is int64 in .*a.parquet but string in .*b"):
         run(job(tmp_path, model_dir, corpus), tmp_path)
+    from jobs.cli import main  # validate finds it too, before any run
+
+    (tmp_path / "job.yaml").write_text(json.dumps(job(tmp_path, model_dir, corpus)))
+    assert main(["validate", str(tmp_path / "job.yaml")]) == 2
+    assert "job.yaml: corpus: column 'note_id' is int64 in " in capsys.readouterr().err
     (tmp_path / "b.parquet").unlink()
     first = run(job(tmp_path, model_dir, corpus), tmp_path)
     assert first["shards"]["processed"] == 1
