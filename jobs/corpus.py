@@ -727,7 +727,7 @@ def repeated_ids(shards: list[Shard], corpus: CorpusSpec) -> RepeatedIds | None:
                 left -= batch.num_rows
                 if corpus.where:
                     batch = batch.filter(where_mask(batch, corpus.where, shard.path))
-                ids.append(batch.column(corpus.id_column))
+                ids.append(_plain(batch.column(corpus.id_column)))
                 sources.append(shard.source)
     if not ids:
         return None
