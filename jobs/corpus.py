@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -486,6 +487,10 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
             yield _decoded(batch.select(columns), decode) if decode else batch.select(columns)
     except (OSError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
         hint = ""
+        # pyarrow counts a JSONL row within its block, not the file: name the line itself
+        jsonl = corpus.format == "jsonl" and isinstance(e, pa.ArrowInvalid)
+        if jsonl and (line := _first_bad_jsonl_line(fs, path, columns)):
+            raise ValueError(f"{source.path}: cannot read as jsonl: {line}") from None
         if "conversion error" in str(e):
             hint = (
                 " (types are inferred from the first 16 MiB: pin them with corpus.csv.column_types)"
@@ -494,6 +499,37 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
         raise ValueError(
             f"{source.path}: cannot read as {corpus.format}: {_redact(e)}{hint}"
         ) from None
+
+
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               list: "a list", dict: "an object"}  # fmt: skip
+
+
+def _first_bad_jsonl_line(fs: pa_fs.FileSystem, path: str, columns: list[str]) -> str | None:
+    """The first line of a JSONL file that is not a JSON object, or whose value of a read
+    column has another JSON type than on the first line holding one, as one line that names
+    the line and column (never a value); None when every line is consistent."""
+    kinds: dict[str, tuple[str, int]] = {}
+    with fs.open_input_stream(path, compression="detect") as f:
+        for number, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return f"line {number:,} is not valid JSON"
+            if not isinstance(record, dict):
+                return f"line {number:,} is not a JSON object"
+            for column in columns:
+                value = record.get(column)
+                if value is None:
+                    continue
+                kind = _JSON_KINDS.get(type(value), type(value).__name__)
+                first = kinds.setdefault(column, (kind, number))
+                if first[0] != kind:
+                    return (f"line {number:,}: {column!r} is {kind}, where line {first[1]:,} "
+                            f"has {first[0]}")  # fmt: skip
+    return None
 
 
 def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:
@@ -598,28 +634,31 @@ def _write_atomic(
     try:
         with fs.open_output_stream(tmp) as out:
             writer: pq.ParquetWriter | None = None
-            pending: list[pa.RecordBatch] = []
-            buffered = 0
-            schema: pa.Schema | None = None
-            for batch in batches:
-                if writer is None:
-                    schema = batch.schema
-                    writer = pq.ParquetWriter(out, schema, compression="zstd")
-                pending.append(batch)
-                buffered += batch.num_rows
-                while buffered >= shard_rows:
-                    table = pa.Table.from_batches(pending, schema)
-                    writer.write_table(table.slice(0, shard_rows), row_group_size=shard_rows)
-                    rest = table.slice(shard_rows)
-                    pending, buffered = rest.to_batches(), rest.num_rows
-            if writer is None:  # no rows at all: an empty file with no row groups
-                empty = pa.schema([])
-                writer = pq.ParquetWriter(out, empty)
-            elif buffered:
-                writer.write_table(
-                    pa.Table.from_batches(pending, schema), row_group_size=shard_rows
-                )
-            writer.close()
+            try:
+                pending: list[pa.RecordBatch] = []
+                buffered = 0
+                schema: pa.Schema | None = None
+                for batch in batches:
+                    if writer is None:
+                        schema = batch.schema
+                        writer = pq.ParquetWriter(out, schema, compression="zstd")
+                    pending.append(batch)
+                    buffered += batch.num_rows
+                    while buffered >= shard_rows:
+                        table = pa.Table.from_batches(pending, schema)
+                        writer.write_table(table.slice(0, shard_rows), row_group_size=shard_rows)
+                        rest = table.slice(shard_rows)
+                        pending, buffered = rest.to_batches(), rest.num_rows
+                if writer is None:  # no rows at all: an empty file with no row groups
+                    empty = pa.schema([])
+                    writer = pq.ParquetWriter(out, empty)
+                elif buffered:
+                    writer.write_table(
+                        pa.Table.from_batches(pending, schema), row_group_size=shard_rows
+                    )
+            finally:  # also when the input fails midway: the writer closes before its stream
+                if writer is not None:  # (else its finalizer writes to a closed file, noisily)
+                    writer.close()
         fs.move(tmp, final)
     except BaseException:
         if fs.get_file_info(tmp).type == pa_fs.FileType.File:

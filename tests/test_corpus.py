@@ -360,6 +360,33 @@ def test_staging_is_atomic_on_failure(tmp_path: Path):
     assert list((tmp_path / "s").iterdir()) == []  # no partial or temp file left
 
 
+def test_a_bad_jsonl_line_is_named_by_its_line_in_any_block(tmp_path: Path, monkeypatch, capfd):
+    """pyarrow counts rows within its block: the error names the file's own line (and
+    column, for a type change), never a value; staging that fails midway leaves nothing and
+    no finalizer noise behind."""
+    import jobs.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
+    good = "".join(json.dumps({"id": i, "text": f"note {i} " * 8}) + "\n" for i in range(400))
+    cases = {
+        "not json": ("{not json\n", "line 401 is not valid JSON"),
+        "not an object": ("[1, 2]\n", "line 401 is not a JSON object"),
+        "text type": ('{"id": 400, "text": 42}\n', "line 401: 'text' is a number, where line 1 "
+                                                    "has a string"),
+    }  # fmt: skip
+    for name, (bad, want) in cases.items():
+        src = tmp_path / "in" / f"{name.replace(' ', '_')}.jsonl"
+        src.parent.mkdir(exist_ok=True)
+        src.write_text(good + bad + good.replace('"id": ', '"id": 1000'))
+        staging = tmp_path / name.replace(" ", "_")
+        with pytest.raises(ValueError) as e:
+            plan_shards(spec(format="jsonl", paths=[str(src)]), str(staging), 100)
+        assert str(e.value) == f"{src}: cannot read as jsonl: {want}", name
+        assert not staging.exists() or list(staging.iterdir()) == []
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "note 1" not in err
+
+
 def test_shard_is_plain_data():
     shard = Shard("ab", "/x.parquet", (0, 1), 10, "/x.parquet")
     assert shard == Shard(**{f: getattr(shard, f) for f in shard.__dataclass_fields__})
