@@ -31,7 +31,7 @@ from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 from clinicalbert_core.tokenizer import Windows
 
-from .corpus import Shard, as_plain_text, injected_delay, read_shard
+from .corpus import ROW_REASON, Shard, as_plain_text, injected_delay, read_shard
 from .dispatch import ShardResult
 from .output import OutputDir, ReasonCode, StaleAttempt, errors_schema, output_schema
 from .spec import JobSpec, PoolSpec
@@ -303,6 +303,10 @@ class ShardProcessor:
         tokenizer thread); the batch's error rows come with its last unit."""
         for batch in reader:
             notes, reasons = classify(batch["text"], batch["id"], self.spec.run.max_note_chars)
+            if ROW_REASON in batch.schema.names:  # a JSONL line staging could not read
+                for i, why in enumerate(batch[ROW_REASON].to_pylist()):
+                    if why is not None:
+                        notes[i], reasons[i] = None, why
             marks = [[c for c in (m or "").split(",") if c] for m in _marks(batch)]
             id_column = self.spec.corpus.id_column
             for i, columns in enumerate(marks):  # an id that was not UTF-8: the row is an error

@@ -38,6 +38,7 @@ from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
 
 STAGING_VERSION = 2  # bump when the staged layout changes: old staged files are then ignored
 UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
+ROW_REASON = "_reason"  # staged column (a JSONL file read line by line): a row's error reason
 INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
 _ARROW_TYPES = {
     "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -115,7 +116,7 @@ class ShardReader(Iterator[pa.RecordBatch]):
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             check_columns(pf.schema_arrow.names, corpus, shard.path)
-            marks = [UNDECODABLE] if UNDECODABLE in pf.schema_arrow.names else []
+            marks = [c for c in (UNDECODABLE, ROW_REASON) if c in pf.schema_arrow.names]
             batches = pf.iter_batches(
                 batch_size=self.batch_rows, row_groups=list(shard.row_groups),
                 columns=[*columns, *marks],
@@ -137,7 +138,11 @@ class ShardReader(Iterator[pa.RecordBatch]):
                     names=["id", "text", *keep, *marks, "row_index"],
                 )
                 if corpus.where:
-                    out = out.filter(where_mask(batch, corpus.where, shard.path))
+                    keep_rows = where_mask(batch, corpus.where, shard.path)
+                    if ROW_REASON in marks:  # a broken line is an error row, never filtered
+                        keep_rows = pc.or_(pc.fill_null(keep_rows, False),
+                                           pc.is_valid(batch.column(ROW_REASON)))  # fmt: skip
+                    out = out.filter(keep_rows)
                     self.rows_filtered += n - out.num_rows
                 if out.num_rows:
                     yield from cut_by_bytes(out, "text", self.batch_bytes)
@@ -292,7 +297,10 @@ def stage_source(
             batches = iter(())
         else:
             batches = _table_batches(source, corpus)
-        _write_atomic(fs, final_path, batches, shard_rows)
+        try:
+            _write_atomic(fs, final_path, batches, shard_rows)
+        except BadJsonlLine as e:  # a few broken lines: those become error rows
+            _write_atomic(fs, final_path, _jsonl_by_line(source, corpus, str(e)), shard_rows)
     with fs.open_input_file(final_path) as f:
         meta = pq.ParquetFile(f).metadata
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
@@ -487,10 +495,10 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
             yield _decoded(batch.select(columns), decode) if decode else batch.select(columns)
     except (OSError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
         hint = ""
-        # pyarrow counts a JSONL row within its block, not the file: name the line itself
-        jsonl = corpus.format == "jsonl" and isinstance(e, pa.ArrowInvalid)
-        if jsonl and (line := _first_bad_jsonl_line(fs, path, columns)):
-            raise ValueError(f"{source.path}: cannot read as jsonl: {line}") from None
+        if corpus.format == "jsonl" and isinstance(e, pa.ArrowInvalid):  # staging reads it
+            # line by line then; pyarrow counts rows per block, so name the line itself
+            line = _first_bad_jsonl_line(fs, path, columns) or _redact(e)
+            raise BadJsonlLine(f"{source.path}: cannot read as jsonl: {line}") from None
         if "conversion error" in str(e):
             hint = (
                 " (types are inferred from the first 16 MiB: pin them with corpus.csv.column_types)"
@@ -530,6 +538,98 @@ def _first_bad_jsonl_line(fs: pa_fs.FileSystem, path: str, columns: list[str]) -
                     return (f"line {number:,}: {column!r} is {kind}, where line {first[1]:,} "
                             f"has {first[0]}")  # fmt: skip
     return None
+
+
+class BadJsonlLine(ValueError):
+    """A JSONL file pyarrow cannot read whole (a line that is not JSON, a column whose JSON
+    type changes): staging reads it line by line instead (`_jsonl_by_line`)."""
+
+
+JSONL_LINES_PER_BATCH = 4096
+
+
+# Row reasons the line reader gives: ReasonCode values (jobs.output imports this module).
+NOT_JSON, NOT_TEXT, UNDECODABLE_LINE = "not_json", "not_text", "undecodable"
+
+
+def _json_lines(fs: pa_fs.FileSystem, path: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """(record, None) per non-blank line that is a JSON object, else ({}, its reason):
+    `not_json`, or `undecodable` for a line that is not UTF-8."""
+    with fs.open_input_stream(path, compression="detect") as f:
+        for raw in io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape"):
+            if not raw.strip():
+                continue
+            try:
+                raw.encode("utf-8")
+            except UnicodeEncodeError:
+                yield {}, UNDECODABLE_LINE
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            yield (record, None) if isinstance(record, dict) else ({}, NOT_JSON)
+
+
+def _jsonl_by_line(
+    source: Source, corpus: CorpusSpec, whole_error: str
+) -> Iterator[pa.RecordBatch]:
+    """A JSONL file read line by line. A line that is not a JSON object, or whose id, kept or
+    `where` value has another JSON type than that column's (the first value's), is a row of
+    nulls with reason `not_json`; a text that is not a string, reason `not_text`; a line that
+    is not UTF-8, `undecodable`. The rest read as pyarrow would (numbers: int64 unless a
+    float occurs). Two passes: the column types, then the rows. A column whose first value is
+    a list or an object is not read this way: `whole_error` is raised instead."""
+    columns = list(corpus.read_columns())
+    fs, path = filesystem(source.path)
+    first: dict[str, type] = {}  # each column's first JSON type
+    floats: set[str] = set()  # number columns holding a float somewhere
+    for record, _ in _json_lines(fs, path):
+        for c in columns:
+            if (value := record.get(c)) is not None:
+                first.setdefault(c, type(value))
+                if type(value) is float:
+                    floats.add(c)
+    types: dict[str, pa.DataType] = {}
+    for c in columns:
+        kind = first.get(c, str)
+        if c == corpus.text_column:
+            types[c] = pa.string()
+        elif kind in (list, dict):
+            raise ValueError(whole_error)
+        elif kind in (int, float):
+            types[c] = pa.float64() if c in floats else pa.int64()
+        else:
+            types[c] = pa.bool_() if kind is bool else pa.string()
+    python = {pa.int64(): (int,), pa.float64(): (int, float), pa.bool_(): (bool,),
+              pa.string(): (str,)}  # fmt: skip
+
+    def fits(value: Any, kind: pa.DataType) -> bool:
+        if isinstance(value, bool) and kind != pa.bool_():
+            return False
+        return value is None or isinstance(value, python[kind])
+
+    def batch_of(rows: list[tuple[dict[str, Any], str | None]]) -> pa.RecordBatch:
+        arrays = [pa.array([r.get(c) for r, _ in rows], types[c]) for c in columns]
+        reasons = pa.array([why for _, why in rows], pa.string())
+        return pa.RecordBatch.from_arrays([*arrays, reasons], names=[*columns, ROW_REASON])
+
+    rows: list[tuple[dict[str, Any], str | None]] = []
+    for record, why in _json_lines(fs, path):
+        if why is not None:
+            rows.append(({}, why))
+        elif not all(fits(record.get(c), types[c]) for c in columns if c != corpus.text_column):
+            rows.append(({}, NOT_JSON))
+        elif not fits(record.get(corpus.text_column), pa.string()):
+            rows.append(({c: record.get(c) for c in columns if c != corpus.text_column},
+                         NOT_TEXT))  # fmt: skip
+        else:
+            rows.append((record, None))
+        if len(rows) == JSONL_LINES_PER_BATCH:
+            yield batch_of(rows)
+            rows = []
+    if rows:
+        yield batch_of(rows)
 
 
 def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:

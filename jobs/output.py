@@ -60,6 +60,9 @@ class ReasonCode(enum.StrEnum):
     UNDECODABLE = "undecodable"  # bytes that are not UTF-8
     TOO_LONG = "too_long"  # more than run.max_note_chars characters
     NULL_ID = "null_id"  # the id is null: the row could not be identified in the output
+    # A JSONL line that is not a JSON object, or whose id/kept/where value has another JSON
+    # type than its column's: nothing of it is read (its id is null; row_index names it).
+    NOT_JSON = "not_json"
     # The model's output for the note held NaN or inf (a vector, after the cast to
     # output.vector_dtype, or an MLM log-probability): an overflow (fp16) or a broken model.
     NON_FINITE = "non_finite"

@@ -353,38 +353,61 @@ def test_missing_path_at_plan_time(tmp_path: Path):
 
 def test_staging_is_atomic_on_failure(tmp_path: Path):
     src = tmp_path / "bad.jsonl"
-    src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": 5}\n' * 3)
+    src.write_text('{"id": {"a": 1}, "text": "a"}\n{"id": 2, "text": "b"}\n' * 3)
     corpus = spec(format="jsonl", paths=[str(src)])
     with pytest.raises(ValueError, match=r"bad\.jsonl: cannot read as jsonl"):
         plan_shards(corpus, str(tmp_path / "s"), 10)
     assert list((tmp_path / "s").iterdir()) == []  # no partial or temp file left
 
 
-def test_a_bad_jsonl_line_is_named_by_its_line_in_any_block(tmp_path: Path, monkeypatch, capfd):
-    """pyarrow counts rows within its block: the error names the file's own line (and
-    column, for a type change), never a value; staging that fails midway leaves nothing and
-    no finalizer noise behind."""
+def test_broken_jsonl_lines_become_error_rows_and_the_rest_is_read(
+    tmp_path: Path, monkeypatch, capfd
+):
+    """pyarrow fails a JSONL file whole (and numbers its rows per block): staging then reads
+    it line by line. A line that is not a JSON object, or whose id has another JSON type, is
+    a row of nulls with reason not_json; a text that is no string, not_text; a line that is
+    not UTF-8, undecodable; every other line is read as pyarrow reads it. Values never reach
+    an error message; a failed first pass leaves no file and no finalizer noise."""
+    import pyarrow.parquet as pq
+
     import jobs.corpus as corpus_module
 
     monkeypatch.setattr(corpus_module, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
-    good = "".join(json.dumps({"id": i, "text": f"note {i} " * 8}) + "\n" for i in range(400))
-    cases = {
-        "not json": ("{not json\n", "line 401 is not valid JSON"),
-        "not an object": ("[1, 2]\n", "line 401 is not a JSON object"),
-        "text type": ('{"id": 400, "text": 42}\n', "line 401: 'text' is a number, where line 1 "
-                                                    "has a string"),
-    }  # fmt: skip
-    for name, (bad, want) in cases.items():
-        src = tmp_path / "in" / f"{name.replace(' ', '_')}.jsonl"
-        src.parent.mkdir(exist_ok=True)
-        src.write_text(good + bad + good.replace('"id": ', '"id": 1000'))
-        staging = tmp_path / name.replace(" ", "_")
-        with pytest.raises(ValueError) as e:
-            plan_shards(spec(format="jsonl", paths=[str(src)]), str(staging), 100)
-        assert str(e.value) == f"{src}: cannot read as jsonl: {want}", name
-        assert not staging.exists() or list(staging.iterdir()) == []
+    good = "".join(json.dumps({"id": i, "text": f"note {i} " * 8, "hadm": i * 10}) + "\n"
+                   for i in range(400))  # fmt: skip
+    bad = (
+        "{not json\n"  # line 401
+        + "[1, 2]\n"  # 402: JSON, not an object
+        + json.dumps({"id": "x401", "text": "note"})
+        + "\n"  # 403: a string id among ints
+        + json.dumps({"id": 402, "text": 42, "hadm": 5})
+        + "\n"  # 404: a number as text
+        + "\n"  # blank: skipped, as pyarrow skips it
+    ).encode() + b'{"id": 403, "text": "caf\xe9"}\n'  # 406: latin-1, not UTF-8
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(good.encode() + bad + good.replace('"id": ', '"id": 1000').encode())
+    corpus = spec(format="jsonl", paths=[str(src)], keep_columns=["hadm"])
+    (shard,) = plan_shards(corpus, str(tmp_path / "s"), 10_000)
+    table = pq.read_table(shard.path)
+    assert table.num_rows == 805 and table.schema.field("id").type == pa.int64()
+    assert table.schema.field("hadm").type == pa.int64()
+    reasons = table["_reason"].to_pylist()
+    assert reasons[400:405] == ["not_json", "not_json", "not_json", "not_text", "undecodable"]
+    assert reasons[:400] == [None] * 400 == reasons[405:]
+    assert table.slice(400, 5)["id"].to_pylist() == [None, None, None, 402, None]
+    assert table.slice(403, 1)["hadm"].to_pylist() == [5]  # kept: only the text is no text
+    assert table["id"].to_pylist()[405:407] == [10000, 10001]
+    assert table["text"].to_pylist()[:2] == [f"note {i} " * 8 for i in range(2)]
     err = capfd.readouterr().err
     assert "Exception ignored" not in err and "note 1" not in err
+
+    nested = tmp_path / "nested.jsonl"  # ids that are lists: not read line by line either
+    nested.write_text(json.dumps({"id": [1], "text": "x"}) + "\n" + good)
+    with pytest.raises(ValueError) as e:
+        plan_shards(spec(format="jsonl", paths=[str(nested)]), str(tmp_path / "s2"), 100)
+    want = "cannot read as jsonl: line 2: 'id' is a number, where line 1 has a list"
+    assert str(e.value) == f"{nested}: {want}"
+    assert not (tmp_path / "s2").exists() or list((tmp_path / "s2").iterdir()) == []
 
 
 def test_shard_is_plain_data():

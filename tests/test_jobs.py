@@ -191,6 +191,48 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
     assert CANARY not in captured.out + captured.err
 
 
+def test_broken_jsonl_lines_are_error_rows_and_the_rest_is_the_clean_output(
+    tmp_path, model_dir, ray_local, capfd
+):
+    """A JSONL export with a few broken lines: each is an error row (`not_json`, `not_text`;
+    never filtered away by `where`), every other row is written exactly as from the same
+    file without them, and no value of a broken line appears anywhere."""
+    from jobs.verify import verify_output
+
+    notes = make_notes(10, seed=7, max_words=60)
+    rows = [{"id": i, "text": t, "cat": "d" if i % 3 else "n"} for i, t in enumerate(notes)]
+    clean = "".join(json.dumps(r) + "\n" for r in rows)
+    broken = (
+        clean
+        + f'{{"id": 50, "text": "{CANARY} cut off mid-wr\n'  # not JSON
+        + json.dumps({"id": 51, "text": 7, "cat": "n"})
+        + "\n"  # a number as text
+        + json.dumps({"id": f"{CANARY}", "text": "x", "cat": "d"})
+        + "\n"  # a string id
+    )
+    outs = {}
+    for name, data in (("clean", clean), ("broken", broken)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.jsonl").write_text(data)
+        corpus = {"format": "jsonl", "paths": [str(tmp_path / name / "notes.jsonl")],
+                  "where": {"cat": "d"}}  # fmt: skip
+        report = run(job(tmp_path / name, model_dir, corpus), tmp_path / name)
+        out, errors = read_out(tmp_path / name / "out")
+        outs[name] = (out.sort_by("id"), errors, report)
+        assert verify_output(str(tmp_path / name / "out")) == []
+    out, errors, report = outs["broken"]
+    assert report["errors_by_reason"] == {"not_json": 2, "not_text": 1}
+    assert report["rows_in"] == 13 and report["filtered_rows"] == outs["clean"][2]["filtered_rows"]
+    assert sorted(errors["reason"].to_pylist()) == ["not_json", "not_json", "not_text"]
+    # lines 11-13 are the second shard's (shard_rows 10) rows 0-2, in the staged file's order
+    assert errors.sort_by("row_index")["row_index"].to_pylist() == [0, 1, 2]
+    assert len(set(errors["shard"].to_pylist())) == 1
+    assert out.equals(outs["clean"][0])  # the good rows: as from the clean file
+    text = (tmp_path / "broken" / "out" / "_report.json").read_text() + str(errors.to_pylist())
+    captured = capfd.readouterr()
+    assert CANARY not in text + captured.out + captured.err
+
+
 def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
     table, corpus = parquet_corpus(tmp_path, 80)
     pools = [

@@ -114,9 +114,14 @@ def test_errors_schema_and_reason_codes():
     assert s.field("row_index").type == pa.int64()
     assert {r.value for r in ReasonCode} == {
         "null", "empty", "not_text", "undecodable", "too_long", "null_id", "non_finite",
-        "undecodable_value",
+        "not_json", "undecodable_value",
     }  # fmt: skip
     assert ReasonCode.NULL_ID == "null_id"
+    from jobs import corpus  # its line reader's reasons, kept as plain strings there
+
+    assert {corpus.NOT_JSON, corpus.NOT_TEXT, corpus.UNDECODABLE_LINE} <= {
+        r.value for r in ReasonCode
+    }
 
 
 def test_write_part_commits_atomically_with_metadata(tmp_path: Path):
