@@ -607,6 +607,8 @@ def _jsonl_by_line(
     def fits(value: Any, kind: pa.DataType) -> bool:
         if isinstance(value, bool) and kind != pa.bool_():
             return False
+        if isinstance(value, int) and kind == pa.int64() and not -(2**63) <= value < 2**63:
+            return False  # too large for int64
         return value is None or isinstance(value, python[kind])
 
     def batch_of(rows: list[tuple[dict[str, Any], str | None]]) -> pa.RecordBatch:
