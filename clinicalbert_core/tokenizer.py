@@ -20,6 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .errors import message_line
+
 LONG_NOTE_POLICIES = ("truncate", "windows")
 MAX_NOTE_CHARS = 2**31 - 1  # token char offsets are int32 (a job's run.max_note_chars is lower)
 CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer._pieces)
@@ -31,7 +33,9 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-        raise ValueError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
+        raise ValueError(
+            f"{path}: not a valid tokenizer.json ({message_line(e) or type(e).__name__})"
+        ) from None
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
@@ -397,7 +401,3 @@ class NoteTokenizer:
             note_tokens=note_tokens,
             truncated=(note_tokens > body) & (self.policy == "truncate"),
         )
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

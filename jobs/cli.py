@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clinicalbert_core.errors import describe
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from clinicalbert_core.hub import prepare
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # storage: a missing mount, an unreachable s3:// bucket, ...
-        print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; the shards committed so far are kept and counted in "
@@ -286,10 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         # local raylet is NodeLost, already handled in _run
         if not type(e).__module__.startswith("ray"):
             raise
-        print(f"error: lost the Ray cluster ({type(e).__name__}: {_first_line(e)}); committed "
+        print(f"error: lost the Ray cluster ({describe(e)}); committed "
               "shards are kept, run again to resume", file=sys.stderr)  # fmt: skip
         return 3
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from clinicalbert_core.errors import describe, message_line
+
 log = logging.getLogger(__name__)
 
 
@@ -159,7 +161,7 @@ class Dispatcher:
                 except RayActorError as e:
                     if getattr(e, "actor_init_failed", False):
                         # its __init__ raised: the shard never ran and spends no attempt
-                        death = f"actor {slot.name} could not start: {_last_line(e)}"
+                        death = f"actor {slot.name} could not start: {message_line(e, last=True) or type(e).__name__}"
                         pending.appendleft((shard, attempt))
                     else:
                         death = f"actor {slot.name} died: {type(e).__name__}"
@@ -176,7 +178,7 @@ class Dispatcher:
                                       slot.restarts)  # fmt: skip
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    retry_or_fail(shard, attempt, f"{type(cause).__name__}: {_first_line(cause)}")
+                    retry_or_fail(shard, attempt, describe(cause))
                 else:
                     results.append(result)
                     if self.on_result:
@@ -194,17 +196,6 @@ class Dispatcher:
             ray.kill(slot.handle)
         if self.in_flight:
             ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
-
-
-def _last_line(e: BaseException) -> str:
-    """The exception line that ends a remote traceback (`ValueError: ...`)."""
-    text = str(e).strip().splitlines()
-    return text[-1].strip()[:300] if text else type(e).__name__
 
 
 class Progress:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clinicalbert_core.errors import describe
 from clinicalbert_core.hub import ModelBundle
 
 from .corpus import RepeatedIds, Shard, clean_staging, plan_shards, remove_staged, repeated_ids
@@ -512,8 +513,7 @@ def stop_reason(stopped: BaseException) -> str:
     """What ended a run before its shards were done, in one line for `_report.json`."""
     if isinstance(stopped, KeyboardInterrupt):  # the CLI raises it for SIGTERM: "signal 15"
         return f"interrupted ({str(stopped) or 'Ctrl-C'})"
-    line = (str(stopped).strip().splitlines() or [""])[0][:300]
-    return f"{type(stopped).__name__}: {line}" if line else type(stopped).__name__
+    return describe(stopped)
 
 
 def _write_report(

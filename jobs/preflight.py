@@ -20,6 +20,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
+from clinicalbert_core.errors import describe
+
 from .corpus import RepeatedIds, Source, filesystem, list_sources, plan_shards, repeated_ids
 from .spec import CorpusSpec, CsvOptions, JobSpec, PoolSpec
 
@@ -33,7 +35,7 @@ def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
         with fs.open_input_file(path) as f:
             return pq.ParquetFile(f).schema_arrow.names
     with fs.open_input_stream(path, compression="detect") as f:
-        line = _first_line(f)
+        line = _read_first_line(f)
     if corpus.format == "csv":
         opts = corpus.csv or CsvOptions()
         row = next(csv.reader(io.StringIO(line), delimiter=opts.delimiter,
@@ -48,7 +50,7 @@ def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
     return list(record)
 
 
-def _first_line(stream: Any, limit: int = 1 << 20) -> str:
+def _read_first_line(stream: Any, limit: int = 1 << 20) -> str:
     data = b""
     while b"\n" not in data and len(data) < limit:
         chunk = stream.read(64 << 10)
@@ -115,8 +117,7 @@ def check_output(spec: JobSpec) -> list[str]:
             try:
                 kind = fs.get_file_info(here).type
             except (OSError, pa.ArrowException) as e:
-                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                problems.append(f"{field}: {uri}: cannot be checked: {line}")
+                problems.append(f"{field}: {uri}: cannot be checked: {describe(e)}")
                 break
             if kind == pa_fs.FileType.File:
                 what = "is a file" if here == path.rstrip("/") else f"lies under a file, {here}"
