@@ -12,6 +12,7 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import hashlib
 import io
@@ -38,7 +39,7 @@ from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
 
 STAGING_VERSION = 2  # bump when the staged layout changes: old staged files are then ignored
 UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
-ROW_REASON = "_reason"  # staged column (a JSONL file read line by line): a row's error reason
+ROW_REASON = "_reason"  # staged column (a JSONL or CSV file with broken rows): a row's error reason
 INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
 _ARROW_TYPES = {
     "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -301,6 +302,9 @@ def stage_source(
             _write_atomic(fs, final_path, batches, shard_rows)
         except BadJsonlLine as e:  # a few broken lines: those become error rows
             _write_atomic(fs, final_path, _jsonl_by_line(source, corpus, str(e)), shard_rows)
+        except RaggedCsvRow as e:  # a few ragged rows: those become error rows
+            _write_atomic(fs, final_path, _csv_with_ragged_rows(source, corpus, str(e)),
+                          shard_rows)  # fmt: skip
     with fs.open_input_file(final_path) as f:
         meta = pq.ParquetFile(f).metadata
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
@@ -499,6 +503,8 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
             # line by line then; pyarrow counts rows per block, so name the line itself
             line = _first_bad_jsonl_line(fs, path, columns) or _redact(e)
             raise BadJsonlLine(f"{source.path}: cannot read as jsonl: {line}") from None
+        if corpus.format == "csv" and _RAGGED.search(str(e)):  # staging skips those rows
+            raise RaggedCsvRow(f"{source.path}: cannot read as csv: {_redact(e)}") from None
         if "conversion error" in str(e):
             hint = (
                 " (types are inferred from the first 16 MiB: pin them with corpus.csv.column_types)"
@@ -634,6 +640,113 @@ def _jsonl_by_line(
         yield batch_of(rows)
 
 
+_RAGGED = re.compile(r"Expected \d+ columns, got \d+")
+
+
+class RaggedCsvRow(ValueError):
+    """A CSV file with a row of more or fewer fields than its header: staging reads it again,
+    each such row an error row (`_csv_with_ragged_rows`)."""
+
+
+NOT_CSV = "not_csv"  # a ReasonCode value: a CSV row with more or fewer fields than the header
+
+
+def _csv_with_ragged_rows(
+    source: Source, corpus: CorpusSpec, whole_error: str
+) -> Iterator[pa.RecordBatch]:
+    """A CSV file whose ragged rows (more or fewer fields than the header) are rows of nulls
+    with reason `not_csv`, in their places; every other row as pyarrow reads it. Python's csv
+    module finds the ragged rows' places, pyarrow reads the file skipping them; where the two
+    disagree (the field counts skipped, the rows read), `whole_error` refuses the file."""
+    columns = list(corpus.read_columns())
+    fs, path = filesystem(source.path)
+    try:
+        places, widths, records = _ragged_csv_records(fs, path, corpus.csv or CsvOptions())
+    except (csv.Error, OSError):
+        raise ValueError(whole_error) from None
+    skipped: list[int] = []
+
+    def skip(row: Any) -> str:  # row.text is the row itself: never kept or shown
+        skipped.append(row.actual_columns)
+        return "skip"
+
+    decode = (corpus.id_column, *corpus.keep_columns)
+    read = _csv_reader(fs, path, source.path, corpus, columns, invalid_row_handler=skip)
+    rows = 0
+    try:
+        for batch in _with_error_rows(
+            (_decoded(b.select(columns), decode) for b in read), places, NOT_CSV
+        ):
+            rows += batch.num_rows
+            yield batch
+    except (OSError, *_ARROW_ERRORS):
+        raise ValueError(whole_error) from None
+    if sorted(skipped) != sorted(widths) or rows != records:
+        raise ValueError(whole_error)
+
+
+def _ragged_csv_records(
+    fs: pa_fs.FileSystem, path: str, opts: CsvOptions
+) -> tuple[list[int], list[int], int]:
+    """The places (0-based among the records after the header; blank lines are not records,
+    as for pyarrow) and field counts of the records whose count differs from the header's,
+    and the number of records."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a note is one field: no limit below the job's own
+    places, widths, records, header = [], [], 0, None
+    try:
+        with fs.open_input_stream(path, compression="detect") as f:
+            text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+            for fields in csv.reader(text, delimiter=opts.delimiter, quotechar=opts.quote_char):
+                if not fields:
+                    continue
+                if header is None:
+                    header = len(fields)
+                    continue
+                if len(fields) != header:
+                    places.append(records)
+                    widths.append(len(fields))
+                records += 1
+    finally:
+        csv.field_size_limit(limit)
+    return places, widths, records
+
+
+def _with_error_rows(
+    batches: Iterator[pa.RecordBatch], places: list[int], reason: str
+) -> Iterator[pa.RecordBatch]:
+    """The rows of `batches` with a `ROW_REASON` column, and a row of nulls with `reason` at
+    each of `places` (ascending places in the rows yielded)."""
+    schema: pa.Schema | None = None
+    pos, k = 0, 0
+
+    def errors(n: int) -> pa.RecordBatch:
+        assert schema is not None
+        nulls = [pa.nulls(n, field.type) for field in schema]
+        return pa.RecordBatch.from_arrays(
+            [*nulls, pa.array([reason] * n, pa.string())], names=[*schema.names, ROW_REASON]
+        )
+
+    for batch in batches:
+        schema, i = batch.schema, 0
+        while i < batch.num_rows or (k < len(places) and places[k] == pos):
+            bad = 0
+            while k + bad < len(places) and places[k + bad] == pos + bad:
+                bad += 1
+            if bad:
+                yield errors(bad)
+                k, pos = k + bad, pos + bad
+                continue
+            run = batch.num_rows - i
+            if k < len(places):
+                run = min(run, places[k] - pos)
+            part = batch.slice(i, run)
+            yield part.append_column(ROW_REASON, pa.nulls(run, pa.string()))
+            i, pos = i + run, pos + run
+    if k < len(places):
+        yield errors(len(places) - k)
+
+
 def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:
     """The textual id/kept columns (read as raw bytes) as strings: a value that is not UTF-8
     becomes null and its column is named in `_undecodable` for that row, so one bad byte
@@ -668,17 +781,31 @@ def _redact(error: Exception) -> str:
 
 
 def _csv_reader(
-    fs: pa_fs.FileSystem, path: str, name: str, corpus: CorpusSpec, columns: list[str]
+    fs: pa_fs.FileSystem,
+    path: str,
+    name: str,
+    corpus: CorpusSpec,
+    columns: list[str],
+    invalid_row_handler: Callable[[Any], str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
+    """The file's batches; with `invalid_row_handler` (pyarrow's: ragged rows), at least one
+    (empty when every row is ragged), so the file's schema is known."""
     opts = corpus.csv or CsvOptions()
     read = pa_csv.ReadOptions(block_size=INFER_BLOCK_BYTES)
-    parse = pa_csv.ParseOptions(
-        delimiter=opts.delimiter, quote_char=opts.quote_char, newlines_in_values=True
-    )
+
+    def parse(handler: Callable[[Any], str] | None) -> pa_csv.ParseOptions:
+        return pa_csv.ParseOptions(
+            delimiter=opts.delimiter, quote_char=opts.quote_char, newlines_in_values=True,
+            invalid_row_handler=handler,
+        )  # fmt: skip
+
     types = {c: _ARROW_TYPES[t] for c, t in opts.column_types.items()}
     types[corpus.text_column] = pa.binary()  # raw bytes: undecodable notes become error rows
+    probe_skip = None if invalid_row_handler is None else (lambda row: "skip")  # counted below
     with fs.open_input_stream(path, compression="detect") as f:
-        probe = pa_csv.open_csv(f, read, parse, pa_csv.ConvertOptions(column_types=types))
+        probe = pa_csv.open_csv(
+            f, read, parse(probe_skip), pa_csv.ConvertOptions(column_types=types)
+        )
         schema = probe.schema
     check_columns(schema.names, corpus, name)
     types |= {
@@ -697,7 +824,13 @@ def _csv_reader(
         quoted_strings_can_be_null=False,
     )
     with fs.open_input_stream(path, compression="detect") as f:
-        yield from pa_csv.open_csv(f, read, parse, convert)
+        reader = pa_csv.open_csv(f, read, parse(invalid_row_handler), convert)
+        empty = invalid_row_handler is not None
+        for batch in reader:
+            empty = False
+            yield batch
+        if empty:
+            yield pa.RecordBatch.from_pylist([], schema=reader.schema)
 
 
 def _jsonl_reader(

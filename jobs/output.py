@@ -63,6 +63,8 @@ class ReasonCode(enum.StrEnum):
     # A JSONL line that is not a JSON object, or whose id/kept/where value has another JSON
     # type than its column's: nothing of it is read (its id is null; row_index names it).
     NOT_JSON = "not_json"
+    # A CSV row with more or fewer fields than the header: nothing of it is read (as not_json).
+    NOT_CSV = "not_csv"
     # The model's output for the note held NaN or inf (a vector, after the cast to
     # output.vector_dtype, or an MLM log-probability): an overflow (fp16) or a broken model.
     NON_FINITE = "non_finite"

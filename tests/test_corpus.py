@@ -416,20 +416,56 @@ def test_shard_is_plain_data():
     assert hash(shard) == hash(Shard("ab", "/x.parquet", (0, 1), 10, "/x.parquet"))
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b'id,text\n1,"ok"\n2,"CANARY, more",x\n',  # too many columns: pyarrow quotes the row
-        b"id,n,text\n1,2,a\n2,CANARY,b\n",  # conversion error: pyarrow quotes the value
-    ],
-)
-def test_csv_errors_do_not_quote_data(tmp_path: Path, data: bytes):
+def test_csv_errors_do_not_quote_data(tmp_path: Path):
     src = tmp_path / "x.csv"
-    src.write_bytes(data)
+    src.write_bytes(b"id,n,text\n1,2,a\n2,CANARY,b\n")  # pyarrow's message quotes the value
     corpus = spec(format="csv", paths=[str(src)], csv={"column_types": {"n": "int64"}})
     with pytest.raises(ValueError, match=r"x\.csv: cannot read as csv") as e:
         plan_shards(corpus, str(tmp_path / "s"), 10)
     assert "CANARY" not in str(e.value) and e.value.__suppress_context__
+
+
+def test_ragged_csv_rows_become_error_rows_in_their_places(tmp_path: Path, monkeypatch):
+    """A row with more or fewer fields than the header is a row of nulls with reason
+    not_csv, where it stood; every other row is read as from the file without it, across
+    pyarrow's blocks, quoted newlines and blank lines; no value of a ragged row is kept."""
+    import pyarrow.parquet as pq
+
+    import jobs.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
+    good = [f'{i},"note {i}\nsecond line, with a comma",{i * 10}\n' for i in range(600)]
+    ragged = {0: "900,CANARY,x,y\n", 1: "901\n", 250: "CANARY\n", 599: "9,a,b,c,d\n"}
+    lines = []
+    for i, line in enumerate(good):
+        if i in ragged:
+            lines.append(ragged[i])
+        lines.append(line)
+        if i == 300:
+            lines.append("\n")  # blank: no row, as pyarrow skips it
+    src, clean = tmp_path / "in.csv", tmp_path / "clean.csv"
+    src.write_text("id,text,hadm\n" + "".join(lines) + '"902,CANARY\n')  # unclosed quote: 1 field
+    clean.write_text("id,text,hadm\n" + "".join(good))
+    corpus = spec(format="csv", paths=[str(src)], keep_columns=["hadm"])
+    (shard,) = plan_shards(corpus, str(tmp_path / "s"), 10_000)
+    (want,) = plan_shards(spec(format="csv", paths=[str(clean)], keep_columns=["hadm"]),
+                          str(tmp_path / "c"), 10_000)  # fmt: skip
+    table = pq.read_table(shard.path)
+    assert table.num_rows == 605 and table.schema.field("id").type == pa.int64()
+    reasons = table["_reason"].to_pylist()
+    places = [0, 2, 252, 602, 604]  # the records' own places (a blank line is none)
+    assert [i for i, r in enumerate(reasons) if r is not None] == places
+    assert set(reasons) == {None, "not_csv"}
+    bad = table.take(places)
+    assert all(v is None for c in ("id", "text", "hadm") for v in bad[c].to_pylist())
+    rows = table.filter(pa.compute.is_null(table["_reason"])).drop_columns(["_reason"])
+    assert rows.equals(pq.read_table(want.path))
+    assert b"CANARY" not in Path(shard.path).read_bytes()
+
+    every = tmp_path / "every.csv"  # no row fits: the file is all error rows, not refused
+    every.write_text("id,text\n1\n2,a,b\n")
+    (shard,) = plan_shards(spec(format="csv", paths=[str(every)]), str(tmp_path / "e"), 100)
+    assert pq.read_table(shard.path)["_reason"].to_pylist() == ["not_csv", "not_csv"]
 
 
 def test_staging_dir_as_uri(tmp_path: Path):

@@ -233,6 +233,47 @@ def test_broken_jsonl_lines_are_error_rows_and_the_rest_is_the_clean_output(
     assert CANARY not in text + captured.out + captured.err
 
 
+def test_ragged_csv_rows_are_error_rows_and_the_rest_is_the_clean_output(
+    tmp_path, model_dir, ray_local, capfd
+):
+    """A CSV export with ragged rows (more or fewer fields than the header): each is an error
+    row `not_csv`, never filtered by `where`; every other row is written as from the file
+    without them; no value of a ragged row appears anywhere."""
+    import csv
+    import io
+
+    from jobs.verify import verify_output
+
+    notes = make_notes(10, seed=8, max_words=60)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "text", "cat"])
+    writer.writerows([i, t, "d" if i % 3 else "n"] for i, t in enumerate(notes))
+    clean = buffer.getvalue()
+    broken = clean + f"50,{CANARY},d,extra\n51\n" + f'52,"{CANARY}, a quoted comma",d\n'
+    outs = {}
+    for name, data in (("clean", clean), ("broken", broken)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.csv").write_text(data)
+        corpus = {"format": "csv", "paths": [str(tmp_path / name / "notes.csv")],
+                  "where": {"cat": "d"}}  # fmt: skip
+        report = run(job(tmp_path / name, model_dir, corpus), tmp_path / name)
+        outs[name] = (read_out(tmp_path / name / "out"), report)
+        assert verify_output(str(tmp_path / name / "out")) == []
+    (out, errors), report = outs["broken"]
+    assert report["errors_by_reason"] == {"not_csv": 2}
+    assert report["rows_in"] == 13 and report["rows_out"] == outs["clean"][1]["rows_out"] + 1
+    assert errors["id"].to_pylist() == [None, None]
+    assert (
+        out.filter(pc.not_equal(out["id"], 52))
+        .sort_by("id")
+        .equals(outs["clean"][0][0].sort_by("id"))
+    )
+    text = (tmp_path / "broken" / "out" / "_report.json").read_text() + str(errors.to_pylist())
+    captured = capfd.readouterr()
+    assert CANARY not in text + captured.out + captured.err
+
+
 def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
     table, corpus = parquet_corpus(tmp_path, 80)
     pools = [

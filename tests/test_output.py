@@ -114,12 +114,12 @@ def test_errors_schema_and_reason_codes():
     assert s.field("row_index").type == pa.int64()
     assert {r.value for r in ReasonCode} == {
         "null", "empty", "not_text", "undecodable", "too_long", "null_id", "non_finite",
-        "not_json", "undecodable_value",
+        "not_json", "not_csv", "undecodable_value",
     }  # fmt: skip
     assert ReasonCode.NULL_ID == "null_id"
     from jobs import corpus  # its line reader's reasons, kept as plain strings there
 
-    assert {corpus.NOT_JSON, corpus.NOT_TEXT, corpus.UNDECODABLE_LINE} <= {
+    assert {corpus.NOT_JSON, corpus.NOT_CSV, corpus.NOT_TEXT, corpus.UNDECODABLE_LINE} <= {
         r.value for r in ReasonCode
     }
 
