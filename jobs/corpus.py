@@ -373,6 +373,14 @@ def check_columns(available: list[str], corpus: CorpusSpec, path: str) -> None:
                 f"{path}: column {column!r} (corpus.{role}) not found; available columns: "
                 f"{', '.join(map(repr, available)) or 'none'}"
             )
+        if (times := available.count(column)) > 1:
+            raise ValueError(repeated_column(path, role, column, times))
+
+
+def repeated_column(path: str, role: str, column: str, times: int) -> str:
+    """The error for a column the corpus reads that the file has more than once."""
+    return (f"corpus.{role}: {path} has {times} columns named {column!r}: the job cannot "
+            "tell which one to read; rename the others")  # fmt: skip
 
 
 def where_mask(batch: pa.RecordBatch, where: dict[str, Any], path: str) -> pa.BooleanArray:
@@ -497,7 +505,7 @@ def _table_batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatc
         decode = (corpus.id_column, *corpus.keep_columns) if corpus.format == "csv" else ()
         for batch in batches:
             yield _decoded(batch.select(columns), decode) if decode else batch.select(columns)
-    except (OSError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
+    except (OSError, UnicodeError, *_ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
         hint = ""
         if corpus.format == "jsonl" and isinstance(e, pa.ArrowInvalid):  # staging reads it
             # line by line then; pyarrow counts rows per block, so name the line itself
@@ -525,7 +533,9 @@ def _first_bad_jsonl_line(fs: pa_fs.FileSystem, path: str, columns: list[str]) -
     the line and column (never a value); None when every line is consistent."""
     kinds: dict[str, tuple[str, int]] = {}
     with fs.open_input_stream(path, compression="detect") as f:
-        for number, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
+        for number, raw in enumerate(
+            io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace"), 1
+        ):
             if not raw.strip():
                 continue
             try:
@@ -562,7 +572,7 @@ def _json_lines(fs: pa_fs.FileSystem, path: str) -> Iterator[tuple[dict[str, Any
     """(record, None) per non-blank line that is a JSON object, else ({}, its reason):
     `not_json`, or `undecodable` for a line that is not UTF-8."""
     with fs.open_input_stream(path, compression="detect") as f:
-        for raw in io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape"):
+        for raw in io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape"):
             if not raw.strip():
                 continue
             try:
@@ -679,7 +689,7 @@ def _csv_with_ragged_rows(
         ):
             rows += batch.num_rows
             yield batch
-    except (OSError, *_ARROW_ERRORS):
+    except (OSError, UnicodeError, *_ARROW_ERRORS):
         raise ValueError(whole_error) from None
     if sorted(skipped) != sorted(widths) or rows != records:
         raise ValueError(whole_error)

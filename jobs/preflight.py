@@ -13,6 +13,8 @@ import difflib
 import io
 import json
 import os
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import pyarrow as pa
@@ -22,42 +24,88 @@ import pyarrow.parquet as pq
 
 from clinicalbert_core.errors import describe
 
-from .corpus import RepeatedIds, Source, filesystem, list_sources, plan_shards, repeated_ids
+from .corpus import (
+    RepeatedIds,
+    Source,
+    filesystem,
+    list_sources,
+    plan_shards,
+    repeated_column,
+    repeated_ids,
+)
 from .spec import CorpusSpec, CsvOptions, JobSpec, PoolSpec
 
 WHERE_SAMPLE_ROWS = 10_000
 
 
 def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
-    """The columns of one corpus file, read cheaply (no note is parsed)."""
+    """The columns of one corpus file, read cheaply (no note is parsed): a CSV file's header,
+    the keys of a JSONL file's first line that is a JSON object (broken lines before it are
+    error rows when the job runs, not a reason to refuse the file)."""
     fs, path = filesystem(source.path)
     if corpus.format == "parquet":
         with fs.open_input_file(path) as f:
             return pq.ParquetFile(f).schema_arrow.names
     with fs.open_input_stream(path, compression="detect") as f:
-        line = _read_first_line(f)
-    if corpus.format == "csv":
-        opts = corpus.csv or CsvOptions()
-        row = next(csv.reader(io.StringIO(line), delimiter=opts.delimiter,
-                              quotechar=opts.quote_char), [])  # fmt: skip
-        return list(row)
-    try:
-        record = json.loads(line) if line.strip() else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{source.path}: the first line is not JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{source.path}: the first line is not a JSON object")
-    return list(record)
+        lines = (line for line in _lines(f, source.path) if line.strip())
+        if corpus.format == "csv":
+            header = next(lines, b"")
+            try:
+                text = header.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{source.path}: its header is not UTF-8") from None
+            opts = corpus.csv or CsvOptions()
+            row = next(csv.reader(io.StringIO(text), delimiter=opts.delimiter,
+                                  quotechar=opts.quote_char), [])  # fmt: skip
+            return list(row)
+        seen = 0
+        for line in islice(lines, JSONL_HEAD_LINES):
+            seen += 1
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except ValueError:  # not UTF-8, not JSON: an error row of its own
+                continue
+            if isinstance(record, dict):
+                return list(record)
+    if seen:
+        raise ValueError(f"{source.path}: none of its first {seen:,} lines is a JSON object")
+    return []
 
 
-def _read_first_line(stream: Any, limit: int = 1 << 20) -> str:
-    data = b""
-    while b"\n" not in data and len(data) < limit:
+JSONL_HEAD_LINES = 1000  # lines preflight reads at most to find a JSONL file's columns
+LINE_BYTES_MAX = 256 << 20  # a longer line (no line end) is refused: not a text file
+_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16",
+}  # fmt: skip
+
+
+def _lines(stream: Any, path: str) -> Iterator[bytes]:
+    """A text file's lines (without line ends; a UTF-8 byte-order mark dropped), read as they
+    are needed. ValueError for a UTF-16/32 file (named by its byte-order mark) and for a line
+    longer than LINE_BYTES_MAX."""
+    data, first = b"", True
+    while True:
         chunk = stream.read(64 << 10)
-        if not chunk:
-            break
         data += chunk
-    return data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+        if first and (len(data) >= 4 or not chunk):
+            first = False
+            for bom, encoding in _BOMS.items():
+                if data.startswith(bom):
+                    raise ValueError(
+                        f"{path}: the file is {encoding} (its byte-order mark says so), not "
+                        f"UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8"
+                    )
+            data = data.removeprefix(b"\xef\xbb\xbf")
+        *complete, data = data.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r")
+        if not chunk:
+            if data:
+                yield data.rstrip(b"\r")
+            return
+        if len(data) > LINE_BYTES_MAX:
+            raise ValueError(f"{path}: a line longer than {LINE_BYTES_MAX >> 20} MiB")
 
 
 def hint(name: str, available: list[str]) -> str:
@@ -91,12 +139,17 @@ def check_corpus(spec: JobSpec) -> list[str]:
             problems.append(f"corpus.paths: {source.path}: cannot read its columns: {e}")
             continue
         for role, column in roles:
-            if column not in names and role not in reported:
+            if role in reported:
+                continue
+            if column not in names:
                 reported.add(role)
                 problems.append(
                     f"corpus.{role}: column {column!r} is not in {source.path}"
                     f"{hint(column, names)}; its columns: {', '.join(map(repr, names))}"
                 )
+            elif (times := names.count(column)) > 1:
+                reported.add(role)
+                problems.append(repeated_column(source.path, role, column, times))
     return problems
 
 

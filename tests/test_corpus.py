@@ -555,3 +555,47 @@ def test_one_bad_byte_never_changes_a_column_type(tmp_path: Path):
         assert schema.field("ROW_ID").type == pa.string() == schema.field("HADM").type
         marked = {(r["id"], r["HADM"], r["_undecodable"]) for r in rows if r["_undecodable"]}
         assert marked == {(None, "h1", "ROW_ID"), ("n2", None, "HADM")}
+
+
+def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
+    """What preflight (validate, run) reads of a CSV/JSONL file before any work: a UTF-8
+    byte-order mark (Excel's "CSV UTF-8") is no part of the first column's name; a JSONL file
+    whose first line is broken or huge is read from its first JSON object; a UTF-16 file and a
+    column the corpus reads that the file has twice are refused, naming the file."""
+    import jobs.preflight as preflight
+    from jobs.corpus import Source
+    from jobs.preflight import column_names
+
+    def columns(name: str, data: bytes, fmt: str) -> list[str]:
+        (tmp_path / name).write_bytes(data)
+        source = Source(str(tmp_path / name), len(data), None, name=name)
+        return column_names(source, spec(format=fmt, paths=[str(tmp_path / name)]))
+
+    bom = b"\xef\xbb\xbf"
+    assert columns("a.csv", bom + b"id,text\r\n1,a\r\n", "csv") == ["id", "text"]
+    assert columns("a.jsonl", bom + b'{"id": 1, "text": "a"}\n', "jsonl") == ["id", "text"]
+    first = b'{"id": 1, "text": "cut off\n\n[1]\n{"id": 2, "text": "b", "hadm": 3}\n'
+    assert columns("b.jsonl", first, "jsonl") == ["id", "text", "hadm"]
+    huge = json.dumps({"id": 1, "text": "x" * (3 << 20)}).encode() + b"\n"  # past the 64 KiB reads
+    assert columns("c.jsonl", huge, "jsonl") == ["id", "text"]
+    assert columns("d.jsonl", b"", "jsonl") == []
+    monkeypatch.setattr(preflight, "JSONL_HEAD_LINES", 3)
+    with pytest.raises(ValueError, match=r"e\.jsonl: none of its first 3 lines is a JSON object"):
+        columns("e.jsonl", b"[1]\nnot json\n\xff\xfe\n" + huge, "jsonl")
+    with pytest.raises(ValueError, match=r"f\.csv: the file is UTF-16 .*iconv -f UTF-16"):
+        columns("f.csv", "id,text\n1,a\n".encode("utf-16"), "csv")
+    with pytest.raises(ValueError, match=r"g\.csv: its header is not UTF-8"):
+        columns("g.csv", b"id,t\xe9xt\n1,a\n", "csv")
+
+    (tmp_path / "h.csv").write_text("id,text,text\n1,a,b\n")
+    with pytest.raises(ValueError) as e:
+        plan_shards(spec(format="csv", paths=[str(tmp_path / "h.csv")]), str(tmp_path / "s"), 9)
+    assert str(e.value) == (f"corpus.text_column: {tmp_path / 'h.csv'} has 2 columns named "
+                            "'text': the job cannot tell which one to read; rename the others")  # fmt: skip
+
+    src = tmp_path / "i.jsonl"  # a BOM before a file read line by line: line 1 is a row
+    src.write_bytes(bom + b'{"id": 1, "text": "a"}\n{broken\n{"id": 2, "text": "b"}\n')
+    (shard,) = plan_shards(spec(format="jsonl", paths=[str(src)]), str(tmp_path / "s2"), 9)
+    table = pq.read_table(shard.path)
+    assert table["id"].to_pylist() == [1, None, 2]
+    assert table["_reason"].to_pylist() == [None, "not_json", None]
