@@ -68,7 +68,10 @@ def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
             if isinstance(record, dict):
                 return list(record)
     if seen:
-        raise ValueError(f"{source.path}: none of its first {seen:,} lines is a JSON object")
+        raise ValueError(
+            f"{source.path}: none of its first {seen:,} lines is a JSON object (JSONL holds "
+            "one object per line: a JSON array or pretty-printed JSON is not JSONL)"
+        )
     return []
 
 
@@ -116,6 +119,19 @@ def hint(name: str, available: list[str]) -> str:
     return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
 
 
+def delimiter_hint(corpus: CorpusSpec, names: list[str]) -> str:
+    """' (... set corpus.csv.delimiter ...)' for a CSV header that came out as one column
+    because the file is split by another delimiter (a TSV read as CSV)."""
+    delimiter = (corpus.csv or CsvOptions()).delimiter
+    if corpus.format != "csv" or len(names) != 1:
+        return ""
+    for other in ("\t", ";", "|", ","):
+        if other != delimiter and other in names[0]:
+            shown = "\\t" if other == "\t" else other  # as YAML reads it in double quotes
+            return f' (its header is split by {other!r}: set corpus.csv.delimiter to "{shown}")'
+    return ""
+
+
 def check_corpus(spec: JobSpec) -> list[str]:
     """Every input file has the id, text, keep and where columns; `where` values occur."""
     corpus = spec.corpus
@@ -145,7 +161,8 @@ def check_corpus(spec: JobSpec) -> list[str]:
                 reported.add(role)
                 problems.append(
                     f"corpus.{role}: column {column!r} is not in {source.path}"
-                    f"{hint(column, names)}; its columns: {', '.join(map(repr, names))}"
+                    f"{hint(column, names) or delimiter_hint(corpus, names)}; its columns: "
+                    f"{', '.join(map(repr, names))}"
                 )
             elif (times := names.count(column)) > 1:
                 reported.add(role)

@@ -582,6 +582,12 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(preflight, "JSONL_HEAD_LINES", 3)
     with pytest.raises(ValueError, match=r"e\.jsonl: none of its first 3 lines is a JSON object"):
         columns("e.jsonl", b"[1]\nnot json\n\xff\xfe\n" + huge, "jsonl")
+    tsv = columns("t.csv", b"id\ttext\n1\ta\n", "csv")  # a TSV read with the default ","
+    hint = preflight.delimiter_hint(spec(format="csv", paths=["t.csv"]), tsv)
+    assert tsv == ["id\ttext"] and hint.endswith('set corpus.csv.delimiter to "\\t")')
+    semicolons = spec(format="csv", paths=["t.csv"], csv={"delimiter": ";"})
+    assert 'delimiter to ","' in preflight.delimiter_hint(semicolons, ["id,text"])
+    assert preflight.delimiter_hint(semicolons, ["id", "text"]) == ""
     with pytest.raises(ValueError, match=r"f\.csv: the file is UTF-16 .*iconv -f UTF-16"):
         columns("f.csv", "id,text\n1,a\n".encode("utf-16"), "csv")
     with pytest.raises(ValueError, match=r"g\.csv: its header is not UTF-8"):
