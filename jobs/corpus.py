@@ -39,7 +39,7 @@ from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
 
 STAGING_VERSION = 2  # bump when the staged layout changes: old staged files are then ignored
 UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
-ROW_REASON = "_reason"  # staged column (a JSONL or CSV file with broken rows): a row's error reason
+ROW_REASON = "_reason"  # staged column (JSONL/CSV files with broken rows): a row's error reason
 INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
 _ARROW_TYPES = {
     "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),

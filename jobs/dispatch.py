@@ -161,7 +161,8 @@ class Dispatcher:
                 except RayActorError as e:
                     if getattr(e, "actor_init_failed", False):
                         # its __init__ raised: the shard never ran and spends no attempt
-                        death = f"actor {slot.name} could not start: {message_line(e, last=True) or type(e).__name__}"
+                        why = message_line(e, last=True) or type(e).__name__
+                        death = f"actor {slot.name} could not start: {why}"
                         pending.appendleft((shard, attempt))
                     else:
                         death = f"actor {slot.name} died: {type(e).__name__}"

@@ -87,28 +87,30 @@ def _lines(stream: Any, path: str) -> Iterator[bytes]:
     """A text file's lines (without line ends; a UTF-8 byte-order mark dropped), read as they
     are needed. ValueError for a UTF-16/32 file (named by its byte-order mark) and for a line
     longer than LINE_BYTES_MAX."""
-    data, first = b"", True
-    while True:
-        chunk = stream.read(64 << 10)
-        data += chunk
-        if first and (len(data) >= 4 or not chunk):
-            first = False
-            for bom, encoding in _BOMS.items():
-                if data.startswith(bom):
-                    raise ValueError(
-                        f"{path}: the file is {encoding} (its byte-order mark says so), not "
-                        f"UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8"
-                    )
-            data = data.removeprefix(b"\xef\xbb\xbf")
-        *complete, data = data.split(b"\n")
-        for line in complete:
-            yield line.rstrip(b"\r")
-        if not chunk:
-            if data:
-                yield data.rstrip(b"\r")
-            return
-        if len(data) > LINE_BYTES_MAX:
+    chunk = b""
+    while len(chunk) < 4 and (more := stream.read(64 << 10)):
+        chunk += more
+    for bom, encoding in _BOMS.items():
+        if chunk.startswith(bom):
+            raise ValueError(
+                f"{path}: the file is {encoding} (its byte-order mark says so), not UTF-8: "
+                f"convert it, e.g. iconv -f {encoding} -t UTF-8"
+            )
+    chunk = chunk.removeprefix(b"\xef\xbb\xbf")
+    line = bytearray()
+    while chunk:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            line += chunk[start:end]
+            yield bytes(line).rstrip(b"\r")
+            line.clear()
+            start = end + 1
+        line += chunk[start:]
+        if len(line) > LINE_BYTES_MAX:
             raise ValueError(f"{path}: a line longer than {LINE_BYTES_MAX >> 20} MiB")
+        chunk = stream.read(64 << 10)
+    if line:
+        yield bytes(line).rstrip(b"\r")
 
 
 def hint(name: str, available: list[str]) -> str:
