@@ -191,13 +191,30 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
     assert CANARY not in captured.out + captured.err
 
 
+def clean_and_broken(tmp_path: Path, model_dir, fmt: str, clean: str, broken: str) -> dict:
+    """name -> (written rows sorted by id, errors, report) of one job per file (`where`
+    cat == d), each output checked by verify."""
+    from jobs.verify import verify_output
+
+    outs = {}
+    for name, data in (("clean", clean), ("broken", broken)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"notes.{fmt}").write_text(data)
+        corpus = {"format": fmt, "paths": [str(tmp_path / name / f"notes.{fmt}")],
+                  "where": {"cat": "d"}}  # fmt: skip
+        report = run(job(tmp_path / name, model_dir, corpus), tmp_path / name)
+        out, errors = read_out(tmp_path / name / "out")
+        outs[name] = (out.sort_by("id"), errors, report)
+        assert verify_output(str(tmp_path / name / "out")) == []
+    return outs
+
+
 def test_broken_jsonl_lines_are_error_rows_and_the_rest_is_the_clean_output(
     tmp_path, model_dir, ray_local, capfd
 ):
     """A JSONL export with a few broken lines: each is an error row (`not_json`, `not_text`;
     never filtered away by `where`), every other row is written exactly as from the same
     file without them, and no value of a broken line appears anywhere."""
-    from jobs.verify import verify_output
 
     notes = make_notes(10, seed=7, max_words=60)
     rows = [{"id": i, "text": t, "cat": "d" if i % 3 else "n"} for i, t in enumerate(notes)]
@@ -210,16 +227,7 @@ def test_broken_jsonl_lines_are_error_rows_and_the_rest_is_the_clean_output(
         + json.dumps({"id": f"{CANARY}", "text": "x", "cat": "d"})
         + "\n"  # a string id
     )
-    outs = {}
-    for name, data in (("clean", clean), ("broken", broken)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "notes.jsonl").write_text(data)
-        corpus = {"format": "jsonl", "paths": [str(tmp_path / name / "notes.jsonl")],
-                  "where": {"cat": "d"}}  # fmt: skip
-        report = run(job(tmp_path / name, model_dir, corpus), tmp_path / name)
-        out, errors = read_out(tmp_path / name / "out")
-        outs[name] = (out.sort_by("id"), errors, report)
-        assert verify_output(str(tmp_path / name / "out")) == []
+    outs = clean_and_broken(tmp_path, model_dir, "jsonl", clean, broken)
     out, errors, report = outs["broken"]
     assert report["errors_by_reason"] == {"not_json": 2, "not_text": 1}
     assert report["rows_in"] == 13 and report["filtered_rows"] == outs["clean"][2]["filtered_rows"]
@@ -242,8 +250,6 @@ def test_ragged_csv_rows_are_error_rows_and_the_rest_is_the_clean_output(
     import csv
     import io
 
-    from jobs.verify import verify_output
-
     notes = make_notes(10, seed=8, max_words=60)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -251,24 +257,12 @@ def test_ragged_csv_rows_are_error_rows_and_the_rest_is_the_clean_output(
     writer.writerows([i, t, "d" if i % 3 else "n"] for i, t in enumerate(notes))
     clean = buffer.getvalue()
     broken = clean + f"50,{CANARY},d,extra\n51\n" + f'52,"{CANARY}, a quoted comma",d\n'
-    outs = {}
-    for name, data in (("clean", clean), ("broken", broken)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "notes.csv").write_text(data)
-        corpus = {"format": "csv", "paths": [str(tmp_path / name / "notes.csv")],
-                  "where": {"cat": "d"}}  # fmt: skip
-        report = run(job(tmp_path / name, model_dir, corpus), tmp_path / name)
-        outs[name] = (read_out(tmp_path / name / "out"), report)
-        assert verify_output(str(tmp_path / name / "out")) == []
-    (out, errors), report = outs["broken"]
+    outs = clean_and_broken(tmp_path, model_dir, "csv", clean, broken)
+    out, errors, report = outs["broken"]
     assert report["errors_by_reason"] == {"not_csv": 2}
-    assert report["rows_in"] == 13 and report["rows_out"] == outs["clean"][1]["rows_out"] + 1
+    assert report["rows_in"] == 13 and report["rows_out"] == outs["clean"][2]["rows_out"] + 1
     assert errors["id"].to_pylist() == [None, None]
-    assert (
-        out.filter(pc.not_equal(out["id"], 52))
-        .sort_by("id")
-        .equals(outs["clean"][0][0].sort_by("id"))
-    )
+    assert out.filter(pc.not_equal(out["id"], 52)).sort_by("id").equals(outs["clean"][0])
     text = (tmp_path / "broken" / "out" / "_report.json").read_text() + str(errors.to_pylist())
     captured = capfd.readouterr()
     assert CANARY not in text + captured.out + captured.err
