@@ -56,7 +56,7 @@ class RunnerOptions:
     mlm: bool = False  # load the masked-LM head
     mlm_mode: str = "auto"  # auto | cpu | in_graph
     long_notes: str = "truncate"  # truncate | windows
-    stride: int = 128  # tokens shared by consecutive windows
+    stride: int | None = None  # tokens shared by consecutive windows; None: default_stride
     aggregate: str = "mean"  # windows -> note: mean | first | none
     normalize: bool = False  # L2-normalize the final vectors (note, or window with 'none')
     batch_tokens: int = 8192  # token budget per encoder batch (padded tokens)

@@ -25,6 +25,15 @@ from .errors import message_line
 LONG_NOTE_POLICIES = ("truncate", "windows")
 MAX_NOTE_CHARS = 2**31 - 1  # token char offsets are int32 (a job's run.max_note_chars is lower)
 CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer._pieces)
+STRIDE = 128  # tokens shared by consecutive windows, where a window has room for twice that
+
+
+def default_stride(max_seq: int) -> int:
+    """The stride when none is given: 128 tokens, or half a window's body for short windows
+    (so that a window always moves on by at least as much as it shares)."""
+    return min(STRIDE, max(max_seq - 2, 0) // 2)
+
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -267,7 +276,7 @@ class NoteTokenizer:
         tokenizer: Tokenizer,
         max_seq: int = 512,
         policy: str = "truncate",
-        stride: int = 128,
+        stride: int | None = None,
         specials: Specials | None = None,
         threads: int = 1,
     ):
@@ -278,6 +287,7 @@ class NoteTokenizer:
         if max_seq < 3:
             raise ValueError(f"max_seq must be at least 3, got {max_seq}")
         body = max_seq - 2  # room for [CLS] and [SEP]
+        stride = default_stride(max_seq) if stride is None else stride
         if policy == "windows" and not 0 <= stride < body:
             raise ValueError(
                 f"stride (tokens shared by consecutive windows) must be in [0, {body}) "

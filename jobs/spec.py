@@ -63,6 +63,7 @@ HASH_EXCLUDED = (
     ("run", "allow_duplicate_ids"),
 )
 _VALUE_CHARS = 80
+STRIDE = 128  # default long_notes.stride (clinicalbert_core.tokenizer.STRIDE)
 
 
 class SpecError(ValueError):
@@ -299,7 +300,10 @@ class LongNotes(_Section):
         description="truncate: keep the first window; windows: cover the whole note (default).",
     )
     stride: int = Field(
-        128, ge=0, description="Tokens shared by consecutive windows (default 128; < max_seq - 2)."
+        STRIDE,
+        ge=0,
+        description="Tokens shared by consecutive windows (< max_seq - 2; default 128, or "
+        "(max_seq - 2) // 2 where that is less).",
     )
     aggregate: Literal["mean", "first", "none"] = Field(
         "mean",
@@ -340,6 +344,18 @@ class ModelSpec(_Section):
         "job starts; 8192 for the ModernBERT variants).",
     )
     long_notes: LongNotes = Field(default_factory=LongNotes, description="Long-note policy.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_stride(cls, data: Any) -> Any:
+        """A stride left out follows max_seq (as `clinicalbert_core.tokenizer.default_stride`):
+        `max_seq: 128` alone must not be an error about a field the spec never set."""
+        if not isinstance(data, dict):
+            return data
+        max_seq, long = data.get("max_seq", 512), data.get("long_notes", {})
+        if type(max_seq) is int and isinstance(long, dict) and "stride" not in long:
+            data = {**data, "long_notes": {**long, "stride": min(STRIDE, max(max_seq - 2, 0) // 2)}}
+        return data
 
     @field_validator("variant")
     @classmethod

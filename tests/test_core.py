@@ -267,6 +267,20 @@ def test_casing_per_variant(tmp_path):
     assert uncased.encode("Pt").ids == uncased.encode("pt").ids
 
 
+def test_default_stride_fits_short_windows(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
+    tok = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=False)
+    assert NoteTokenizer(tok, max_seq=512, policy="windows").stride == 128
+    nt = NoteTokenizer(tok, max_seq=20, policy="windows")  # 128 would not fit a 20-token window
+    assert nt.stride == 9
+    w = nt([" ".join(NOTES) * 3])
+    assert w.num_windows > 2
+    first, second = w.window_ids(0)[1:-1], w.window_ids(1)[1:-1]
+    assert len(first) == 18 and first[-9:].tolist() == second[:9].tolist()  # 9 shared, 9 new
+    with pytest.raises(ValueError, match="stride"):
+        NoteTokenizer(tok, max_seq=20, policy="windows", stride=18)
+
+
 def test_windows_cover_every_token_with_offsets(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(vocab_list()) + "\n")
     tok = wordpiece_from_vocab(tmp_path / "vocab.txt", lowercase=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clinicalbert_core.tokenizer import default_stride
 from jobs import spec as spec_mod
 from jobs.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
 
@@ -60,6 +61,21 @@ def test_defaults_and_resolved_paths(tmp_path: Path):
     data = spec.resolved_json()
     assert data["run"]["max_shard_attempts"] == 3
     assert parse_spec(data, "/elsewhere") == spec  # the resolved spec round-trips
+
+
+@pytest.mark.parametrize(
+    ("max_seq", "long_notes", "stride"),
+    [(512, {}, 128), (258, {}, 128), (200, {}, 99), (128, {}, 63), (8, {}, 3),
+     (128, {"aggregate": "first"}, 63), (128, {"stride": 0}, 0), (512, {"stride": 300}, 300)],
+)  # fmt: skip
+def test_stride_left_out_follows_max_seq(tmp_path: Path, max_seq, long_notes, stride):
+    data = base(tmp_path)
+    data["model"].update(max_seq=max_seq, long_notes=long_notes)
+    spec = parse_spec(data, tmp_path)
+    assert spec.model.long_notes.stride == stride
+    assert spec.resolved_json()["model"]["long_notes"]["stride"] == stride  # hashed as resolved
+    # the runtime's own default is the same rule
+    assert long_notes or default_stride(max_seq) == stride
 
 
 def test_uris_are_kept_and_not_checked(tmp_path: Path):
