@@ -31,7 +31,7 @@ from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 from clinicalbert_core.tokenizer import Windows
 
-from .corpus import ROW_REASON, Shard, as_plain_text, injected_delay, read_shard
+from .corpus import ROW_REASON, Shard, as_plain_text, injected_delay, missing_ids, read_shard
 from .dispatch import ShardResult
 from .output import OutputDir, ReasonCode, StaleAttempt, errors_schema, output_schema
 from .spec import JobSpec, PoolSpec
@@ -48,7 +48,7 @@ def classify(
     texts = as_plain_text(texts)
     binary = pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type)
     stringy = pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
-    id_null = ids.is_null().to_pylist()
+    id_null = missing_ids(ids).to_pylist()
     for i, value in enumerate(texts.to_pylist() if (binary or stringy) else [None] * len(texts)):
         reason = None
         if id_null[i]:

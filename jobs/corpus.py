@@ -40,6 +40,10 @@ from .spec import CorpusSpec, CsvOptions, has_glob, is_uri
 STAGING_VERSION = 2  # bump when the staged layout changes: old staged files are then ignored
 UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
 ROW_REASON = "_reason"  # staged column (JSONL/CSV files with broken rows): a row's error reason
+STAGING_MARKER = "_staging"  # empty file in a staging dir
+# Files that mark a dir a job writes (output.LOCK_FILE and META_FILES' _job.json; the marker):
+# a corpus dir or glob never reads such a dir as notes.
+OWN_DIR_MARKERS = ("_job.json", "_lock.json", STAGING_MARKER)
 INFER_BLOCK_BYTES = 16 << 20  # csv/jsonl block size; types are inferred from the first block
 _ARROW_TYPES = {
     "string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -279,7 +283,8 @@ def stage_source(
         # same shard ids wherever it is mounted, a rewritten one new ids
         footer = json.dumps(meta.to_dict(), sort_keys=True, default=str)
         identity = _hash(["parquet", source.name, source.size, footer])
-        return ParquetInput(source.path, identity, rows, source.path, _types(schema, corpus))
+        types = _types(schema, corpus, source.path)
+        return ParquetInput(source.path, identity, rows, source.path, types)
 
     key = _hash(
         [
@@ -305,16 +310,31 @@ def stage_source(
         except RaggedCsvRow as e:  # a few ragged rows: those become error rows
             _write_atomic(fs, final_path, _csv_with_ragged_rows(source, corpus, str(e)),
                           shard_rows)  # fmt: skip
+        _mark_staging(staging_dir)  # once a staged file is there (temp files are hidden)
     with fs.open_input_file(final_path) as f:
         meta = pq.ParquetFile(f).metadata
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    types = _types(meta.schema.to_arrow_schema(), corpus) if rows else ()
+    types = _types(meta.schema.to_arrow_schema(), corpus, source.path) if rows else ()
     return ParquetInput(final, key, rows, source.path, types)
 
 
-def _types(schema: pa.Schema, corpus: CorpusSpec) -> tuple[tuple[str, str], ...]:
+def _types(schema: pa.Schema, corpus: CorpusSpec, source: str) -> tuple[tuple[str, str], ...]:
+    """(column, type) of the id and kept columns; ValueError for an id column of a nested type
+    (a struct, list or map is no id to find a row by)."""
     columns = (corpus.id_column, *corpus.keep_columns) if corpus.format != "text" else ("id",)
+    kind = plain_type(schema.field(columns[0]).type)
+    if pa.types.is_nested(kind):
+        raise ValueError(
+            f"{source}: its id column {columns[0]!r} (corpus.id_column) is {kind}: an id must be "
+            "one value (an integer, a string, ...), not a struct, list or map"
+        )
     return tuple((c, str(plain_type(schema.field(c).type))) for c in columns)
+
+
+def missing_ids(ids: pa.Array) -> pa.Array:
+    """Per row: the id is null, or NaN (pandas' null in a float column): the row cannot be
+    found by its id (`null_id`)."""
+    return pc.is_null(ids, nan_is_null=True)
 
 
 def plain_type(kind: pa.DataType) -> pa.DataType:
@@ -335,6 +355,16 @@ def check_column_types(inputs: list[ParquetInput]) -> None:
                     f"{parquet.source}: the output parts would not form one table. Give the "
                     "inputs one type (csv: pin it with corpus.csv.column_types)"
                 )
+
+
+def _mark_staging(staging_dir: str) -> None:
+    """Mark a staging dir as one (see `_own_dirs`): staged copies are never corpus files."""
+    fs, root = filesystem(staging_dir)
+    marker = f"{root.rstrip('/')}/{STAGING_MARKER}"
+    if fs.get_file_info(marker).type != pa_fs.FileType.File:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(marker):
+            pass
 
 
 def clean_staging(staging_dir: str) -> None:
@@ -358,7 +388,11 @@ def remove_staged(staging_dir: str, shards: list[Shard]) -> None:
             with suppress(FileNotFoundError):
                 fs.delete_file(path)
     with suppress(FileNotFoundError, OSError):
-        if not fs.get_file_info(pa_fs.FileSelector(root, allow_not_found=True)):
+        left = fs.get_file_info(pa_fs.FileSelector(root, allow_not_found=True))
+        if [i.base_name for i in left] == [STAGING_MARKER]:
+            fs.delete_file(left[0].path)
+            left = []
+        if not left:
             fs.delete_dir(root)
 
 
@@ -434,16 +468,36 @@ def _expand(spec_path: str) -> tuple[str, list[_File]]:
         base = "/".join(parts[:fixed]) or "/"
         recursive = "**" in parts or len(parts) - fixed > 1
         infos = _list(fs, base, recursive) if _is_dir(fs, base) else []
-        files = [i for i in infos if _glob_match(parts, i.path.split("/"))]
+        files = [i for i in _not_in_own_dirs(infos) if _glob_match(parts, i.path.split("/"))]
         if not files:
             raise ValueError(f"corpus path {spec_path!r} matches no file")
         return base, files
     info = fs.get_file_info(path)
     if info.type == pa_fs.FileType.Directory:
-        return path, [f for f in _list(fs, path) if not _hidden(_relative(path, f.path))]
+        listed = _list(fs, path)
+        if _own_dirs(listed) & {path.rstrip("/")}:
+            raise ValueError(
+                f"corpus path {spec_path!r} is an output or staging dir of a clinicalbert job "
+                f"(it holds {' or '.join(OWN_DIR_MARKERS)}), not notes"
+            )
+        files = [f for f in _not_in_own_dirs(listed) if not _hidden(_relative(path, f.path))]
+        return path, files
     if info.type == pa_fs.FileType.File:
         return os.path.dirname(path), [_File(info.path, info.size, info.mtime_ns)]
     raise ValueError(f"corpus path {spec_path!r} does not exist")
+
+
+def _own_dirs(files: list[_File]) -> set[str]:
+    """The dirs among these files' parents that a job writes: output dirs (`_job.json`,
+    `_lock.json`) and staging dirs (STAGING_MARKER)."""
+    return {f.path.rsplit("/", 1)[0] for f in files if f.path.rsplit("/", 1)[-1] in OWN_DIR_MARKERS}
+
+
+def _not_in_own_dirs(files: list[_File]) -> list[_File]:
+    """The files outside every job's output and staging dirs: a corpus dir that holds a
+    job's output (`output.path: notes/embedded`) never reads it back as notes."""
+    own = tuple(d + "/" for d in _own_dirs(files))
+    return [f for f in files if not f.path.startswith(own)] if own else files
 
 
 def _is_dir(fs: pa_fs.FileSystem, path: str) -> bool:
@@ -1015,7 +1069,8 @@ def repeated_ids(shards: list[Shard], corpus: CorpusSpec) -> RepeatedIds | None:
                 sources.append(shard.source)
     if not ids:
         return None
-    counts = pc.value_counts(pa.chunked_array(ids).combine_chunks().drop_null())  # one type:
+    ids = pa.chunked_array(ids).combine_chunks()
+    counts = pc.value_counts(ids.filter(pc.invert(missing_ids(ids))))  # one type:
     # check_column_types made every input's id column the same
     n = counts.field("counts").to_numpy()
     repeat = np.flatnonzero(n > 1)

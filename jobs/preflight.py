@@ -83,12 +83,27 @@ _BOMS = {
 }  # fmt: skip
 
 
+# What a file that is no text file starts with (after the decompression its extension asks
+# for), and what to do about it.
+_MAGIC = {
+    b"PK\x03\x04": "a zip archive (an .xlsx workbook is one too): unzip it or export it as CSV",
+    b"\x1f\x8b": "gzip data: name it ...gz so it is decompressed",
+    b"\x28\xb5\x2f\xfd": "zstd data: name it ...zst so it is decompressed",
+    b"BZh": "bzip2 data: name it ...bz2 so it is decompressed",
+    b"\xfd7zXZ\x00": "xz data, which is not read: recompress it as .gz or .zst",
+    b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive: extract it",
+    b"PAR1": "a Parquet file: set corpus.format: parquet",
+    b"\xd0\xcf\x11\xe0": "an old Excel/Office file: export it as CSV",
+}
+
+
 def _lines(stream: Any, path: str) -> Iterator[bytes]:
     """A text file's lines (without line ends; a UTF-8 byte-order mark dropped), read as they
-    are needed. ValueError for a UTF-16/32 file (named by its byte-order mark) and for a line
+    are needed. ValueError for a UTF-16/32 file (named by its byte-order mark), for a file
+    that is an archive, compressed or Parquet (by its first bytes, `_MAGIC`), and for a line
     longer than LINE_BYTES_MAX."""
     chunk = b""
-    while len(chunk) < 4 and (more := stream.read(64 << 10)):
+    while len(chunk) < 8 and (more := stream.read(64 << 10)):
         chunk += more
     for bom, encoding in _BOMS.items():
         if chunk.startswith(bom):
@@ -96,6 +111,10 @@ def _lines(stream: Any, path: str) -> Iterator[bytes]:
                 f"{path}: the file is {encoding} (its byte-order mark says so), not UTF-8: "
                 f"convert it, e.g. iconv -f {encoding} -t UTF-8"
             )
+    for magic, what in _MAGIC.items():
+        bzip2 = magic == b"BZh" and chunk[3:4].isdigit()  # "BZh" + block size digit
+        if chunk.startswith(magic) and (magic != b"BZh" or bzip2):
+            raise ValueError(f"{path}: not a text file but {what}")
     chunk = chunk.removeprefix(b"\xef\xbb\xbf")
     line = bytearray()
     while chunk:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -102,6 +104,37 @@ def test_globs_dedupe_and_file_uris(tmp_path: Path):
     assert sorted(r["id"] for r in rows) == sorted(expected)
 
 
+def test_a_jobs_output_and_staging_inside_the_corpus_are_never_notes(tmp_path: Path):
+    """`output.path: notes/embedded` beside the notes: its parts, a kept staging dir and an
+    output whose first run has only its lock are left out of a dir or glob listing, so a
+    resumed run plans the same shards; naming such a dir itself is a clear error."""
+    from jobs.corpus import remove_staged
+    from jobs.output import LOCK_FILE, META_FILES
+
+    root = tmp_path / "notes"
+    write_parquet_dir(root, files=2, rows=6, group=3)
+    staging = str(root / "jsonl_out.staging")
+    src = tmp_path / "n.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(4)))
+    staged = plan_shards(spec(format="jsonl", paths=[str(src)]), staging, shard_rows=2)
+    assert (root / "jsonl_out.staging" / "_staging").is_file()
+    for name, marker in (("embedded", "_job.json"), ("starting", LOCK_FILE)):
+        (root / name).mkdir()
+        (root / name / marker).write_text("{}")
+        pq.write_table(pa.table({"id": [1], "embedding": [[0.5]]}), root / name / "part-x.parquet")
+    assert {"_job.json", LOCK_FILE} <= set(corpus_mod.OWN_DIR_MARKERS) and "_job.json" in META_FILES
+    for paths in ([str(root)], [str(root / "**" / "*.parquet")]):
+        corpus = spec(format="parquet", paths=paths, id_column="note_id", text_column="TEXT")
+        shards = plan_shards(corpus, str(tmp_path / "staging"), shard_rows=100)
+        assert sorted(Path(s.path).name for s in shards) == ["part-0.parquet", "part-1.parquet"]
+    for own in ("embedded", "jsonl_out.staging"):
+        corpus = spec(format="parquet", paths=[str(root / own)])
+        with pytest.raises(ValueError, match="is an output or staging dir of a clinicalbert job"):
+            plan_shards(corpus, str(tmp_path / "staging"), shard_rows=100)
+    remove_staged(staging, staged)  # the marker goes with the last staged file
+    assert not (root / "jsonl_out.staging").exists()
+
+
 def test_shard_ids_deterministic_and_change_with_the_file(tmp_path: Path):
     write_parquet_dir(tmp_path / "pq")
     corpus = spec(
@@ -136,7 +169,7 @@ def test_jsonl_gz_staged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     tracking_map = lambda fn, xs: [calls.append(x) or pickle.loads(pickle.dumps(fn))(x) for x in xs]  # noqa: E731
     shards = plan_shards(corpus, str(staging), shard_rows=10, map_fn=tracking_map)
     assert len(calls) == 1 and calls[0].path == str(src)
-    staged = sorted(staging.iterdir())
+    staged = sorted(staging.glob("*.parquet"))
     assert len(staged) == 1 and staged[0].name.startswith("notes.jsonl.gz-")
     assert [s.num_rows for s in shards] == [10, 10, 3] and {s.path for s in shards} == {
         str(staged[0])
@@ -592,6 +625,26 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
         columns("f.csv", "id,text\n1,a\n".encode("utf-16"), "csv")
     with pytest.raises(ValueError, match=r"g\.csv: its header is not UTF-8"):
         columns("g.csv", b"id,t\xe9xt\n1,a\n", "csv")
+    import bz2
+    import zipfile
+
+    plain = b"id,text\n1,a\n"
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as z:
+        z.writestr("notes.csv", plain)
+    with open(tmp_path / "o.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": [1], "text": ["a"]}), f)
+    for name, data, what in [
+        ("j.csv.zip", packed.getvalue(), "a zip archive"),
+        ("k.csv", gzip.compress(plain), "gzip data: name it ...gz"),
+        ("l.jsonl", bz2.compress(plain), "bzip2 data: name it ...bz2"),
+        ("m.csv.xz", b"\xfd7zXZ\x00\x00\x04", "xz data, which is not read"),
+        ("n.csv", (tmp_path / "o.parquet").read_bytes(), "a Parquet file: set corpus.format"),
+    ]:  # by their first bytes, not their names (after what a name asks to decompress)
+        with pytest.raises(ValueError, match=f"{re.escape(name)}: not a text file but {what}"):
+            columns(name, data, "jsonl" if name.endswith("jsonl") else "csv")
+    assert columns("p.csv.gz", gzip.compress(plain), "csv") == ["id", "text"]
+    assert columns("q.csv", b"BZh,text\n1,a\n", "csv") == ["BZh", "text"]  # a header, no bzip2
 
     (tmp_path / "h.csv").write_text("id,text,text\n1,a,b\n")
     with pytest.raises(ValueError) as e:

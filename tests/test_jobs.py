@@ -677,6 +677,46 @@ def test_text_in_any_arrow_layout_is_text(tmp_path, model_dir, ray_local):
         assert reasons == [None] * 12 and notes == texts.to_pylist(), layout.type
 
 
+def test_nan_ids_are_null_ids_and_nested_ids_are_refused(tmp_path, model_dir, ray_local):
+    """pandas writes an int id column with gaps as float64 with NaN: a NaN id is a null id
+    (an error row, never a written row nor a repeated id); an id column of a nested type is
+    refused before any work, naming the field and the file."""
+    from jobs.preflight import check_plan
+    from jobs.spec import SpecError
+    from jobs.verify import verify_output
+
+    table = notes_table(10)
+    ids = [
+        float("nan") if i in (3, 6) else float(v)
+        for i, v in enumerate(table["note_id"].to_pylist())
+    ]
+    pq.write_table(table.set_column(0, "note_id", pa.array(ids)), tmp_path / "floats.parquet")
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "floats.parquet")],
+              "id_column": "note_id"}  # fmt: skip
+    spec = job(tmp_path, model_dir, corpus)
+    assert check_plan(parse_spec(spec, tmp_path)) == []  # two NaNs are no repeated id
+    report = run(spec, tmp_path)
+    assert report["rows_out"] == 8 and report["error_rows"] == 2, report
+    written, errs = read_out(tmp_path / "out")
+    assert sorted(written["id"].to_pylist()) == sorted(v for v in ids if v == v)
+    assert errs["reason"].to_pylist() == ["null_id"] * 2
+    assert sorted(errs["row_index"].to_pylist()) == [3, 6]
+    assert verify_output(str(tmp_path / "out")) == []
+
+    nested = pa.array([{"mrn": i} for i in range(10)])
+    pq.write_table(table.set_column(0, "note_id", nested), tmp_path / "nested.parquet")
+    corpus["paths"] = [str(tmp_path / "nested.parquet")]
+    spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "nested")})
+    (problem,) = check_plan(parse_spec(spec, tmp_path))
+    assert (
+        "nested.parquet: its id column 'note_id' (corpus.id_column) is struct<mrn: int64>"
+        in problem
+    )
+    with pytest.raises((SpecError, ValueError), match=r"\(corpus.id_column\) is struct"):
+        run(spec, tmp_path)
+    assert not (tmp_path / "nested").exists() or not list((tmp_path / "nested").glob("part-*"))
+
+
 def test_repeated_ids_are_refused_by_name_unless_allowed(tmp_path, model_dir, ray_local):
     """An id on several rows: refused before any encoding (column, counts, one id, the
     file); allowed, every row is written once (here one window per row), the report counts
