@@ -328,13 +328,35 @@ def _types(schema: pa.Schema, corpus: CorpusSpec, source: str) -> tuple[tuple[st
             f"{source}: its id column {columns[0]!r} (corpus.id_column) is {kind}: an id must be "
             "one value (an integer, a string, ...), not a struct, list or map"
         )
+    text = "text" if corpus.format == "text" else corpus.text_column
+    kind = plain_type(schema.field(text).type)
+    if not (_is_text(kind) or pa.types.is_null(kind)):  # null: a column of only null notes
+        raise ValueError(
+            f"{source}: its text column {text!r} (corpus.text_column) is {kind}, not text: "
+            "notes must be strings (or UTF-8 bytes). Is corpus.text_column the notes' column?"
+        )
     return tuple((c, str(plain_type(schema.field(c).type))) for c in columns)
 
 
 def missing_ids(ids: pa.Array) -> pa.Array:
-    """Per row: the id is null, or NaN (pandas' null in a float column): the row cannot be
-    found by its id (`null_id`)."""
-    return pc.is_null(ids, nan_is_null=True)
+    """Per row: the id is null, NaN (pandas' null in a float column), or a text id that is
+    empty or only whitespace (a quoted "" in a CSV, "" in JSONL): the row cannot be found by
+    its id (`null_id`)."""
+    ids = as_plain_text(ids)
+    missing = pc.is_null(ids, nan_is_null=True)
+    if _is_text(ids.type):
+        missing = pc.or_(missing, pc.fill_null(pc.match_substring_regex(ids, r"^\s*$"), True))
+    return missing
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """A string or binary type, in any of Arrow's layouts but dictionary-encoded."""
+    return any(
+        test(kind) for test in (
+            pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+            pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view,
+        )
+    )  # fmt: skip
 
 
 def plain_type(kind: pa.DataType) -> pa.DataType:
@@ -622,9 +644,27 @@ JSONL_LINES_PER_BATCH = 4096
 NOT_JSON, NOT_TEXT, UNDECODABLE_LINE = "not_json", "not_text", "undecodable"
 
 
-def _json_lines(fs: pa_fs.FileSystem, path: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+class _JsonObject(dict):
+    """A JSON object, with the keys it gives more than once (json.loads keeps the last value
+    silently: which one the writer meant is unknown)."""
+
+    twice: frozenset[str] = frozenset()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    record = _JsonObject(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        record.twice = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return record
+
+
+def _json_lines(
+    fs: pa_fs.FileSystem, path: str, columns: list[str]
+) -> Iterator[tuple[dict[str, Any], str | None]]:
     """(record, None) per non-blank line that is a JSON object, else ({}, its reason):
-    `not_json`, or `undecodable` for a line that is not UTF-8."""
+    `not_json` (also for an object that gives one of `columns` twice), or `undecodable` for a
+    line that is not UTF-8."""
     with fs.open_input_stream(path, compression="detect") as f:
         for raw in io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape"):
             if not raw.strip():
@@ -635,10 +675,13 @@ def _json_lines(fs: pa_fs.FileSystem, path: str) -> Iterator[tuple[dict[str, Any
                 yield {}, UNDECODABLE_LINE
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(raw, object_pairs_hook=_json_object)
             except ValueError:
                 record = None
-            yield (record, None) if isinstance(record, dict) else ({}, NOT_JSON)
+            if isinstance(record, dict) and not record.twice.intersection(columns):
+                yield record, None
+            else:
+                yield {}, NOT_JSON
 
 
 def _jsonl_by_line(
@@ -654,7 +697,7 @@ def _jsonl_by_line(
     fs, path = filesystem(source.path)
     first: dict[str, type] = {}  # each column's first JSON type
     floats: set[str] = set()  # number columns holding a float somewhere
-    for record, _ in _json_lines(fs, path):
+    for record, _ in _json_lines(fs, path, columns):
         for c in columns:
             if (value := record.get(c)) is not None:
                 first.setdefault(c, type(value))
@@ -665,7 +708,7 @@ def _jsonl_by_line(
         kind = first.get(c, str)
         if c == corpus.text_column:
             types[c] = pa.string()
-        elif kind in (list, dict):
+        elif issubclass(kind, (list, dict)):
             raise ValueError(whole_error)
         elif kind in (int, float):
             types[c] = pa.float64() if c in floats else pa.int64()
@@ -687,7 +730,7 @@ def _jsonl_by_line(
         return pa.RecordBatch.from_arrays([*arrays, reasons], names=[*columns, ROW_REASON])
 
     rows: list[tuple[dict[str, Any], str | None]] = []
-    for record, why in _json_lines(fs, path):
+    for record, why in _json_lines(fs, path, columns):
         if why is not None:
             rows.append(({}, why))
         elif not all(fits(record.get(c), types[c]) for c in columns if c != corpus.text_column):

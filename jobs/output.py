@@ -59,7 +59,7 @@ class ReasonCode(enum.StrEnum):
     NOT_TEXT = "not_text"  # not a string (a number, a blob with NUL bytes, ...)
     UNDECODABLE = "undecodable"  # bytes that are not UTF-8
     TOO_LONG = "too_long"  # more than run.max_note_chars characters
-    NULL_ID = "null_id"  # the id is null: the row could not be identified in the output
+    NULL_ID = "null_id"  # the id is null, NaN, empty or blank: the row could not be identified
     # A JSONL line that is not a JSON object, or whose id/kept/where value has another JSON
     # type than its column's: nothing of it is read (its id is null; row_index names it).
     NOT_JSON = "not_json"

@@ -298,8 +298,13 @@ def test_odd_text_values_pass_through(tmp_path: Path):
     nums = tmp_path / "nums.parquet"
     pq.write_table(pa.table({"id": ["a"], "text": pa.array([3], pa.int64())}), nums)
     corpus = spec(format="parquet", paths=[str(nums)])
+    with pytest.raises(ValueError, match=r"nums.parquet: its text column 'text' .* is int64"):
+        plan_shards(corpus, str(tmp_path / "s"), 10)  # no note at all: refused, not 1 error row
+    nulls = tmp_path / "nulls.parquet"  # a file whose notes are all null: a column of type null
+    pq.write_table(pa.table({"id": ["a", "b"], "text": pa.nulls(2)}), nulls)
+    corpus = spec(format="parquet", paths=[str(nulls)])
     batch = next(iter(read_shard(plan_shards(corpus, str(tmp_path / "s"), 10)[0], corpus, 10)))
-    assert batch.column("text").to_pylist() == [3]
+    assert batch.column("text").null_count == 2
 
 
 def test_where_equality_and_membership(tmp_path: Path):
@@ -594,7 +599,8 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     """What preflight (validate, run) reads of a CSV/JSONL file before any work: a UTF-8
     byte-order mark (Excel's "CSV UTF-8") is no part of the first column's name; a JSONL file
     whose first line is broken or huge is read from its first JSON object; a UTF-16 file and a
-    column the corpus reads that the file has twice are refused, naming the file."""
+    column the corpus reads that the file has twice are refused, naming the file; a JSONL line
+    that gives such a column twice is a not_json row."""
     import jobs.preflight as preflight
     from jobs.corpus import Source
     from jobs.preflight import column_names
@@ -658,3 +664,13 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     table = pq.read_table(shard.path)
     assert table["id"].to_pylist() == [1, None, 2]
     assert table["_reason"].to_pylist() == [None, "not_json", None]
+
+    src = tmp_path / "dup.jsonl"  # a key given twice: json.loads would keep the last silently
+    src.write_text('{"id": 1, "text": "a", "text": "b"}\n'
+                   '{"id": 2, "text": "c", "x": 1, "x": 2, "m": {"k": 1, "k": 2}}\n'
+                   '{"id": 3, "id": 4, "text": "d"}\n')  # fmt: skip
+    (shard,) = plan_shards(spec(format="jsonl", paths=[str(src)]), str(tmp_path / "s3"), 9)
+    table = pq.read_table(shard.path)  # twice in a column read: not_json; elsewhere: read
+    assert table["id"].to_pylist() == [None, 2, None]
+    assert table["text"].to_pylist() == [None, "c", None]
+    assert table["_reason"].to_pylist() == ["not_json", None, "not_json"]

@@ -677,10 +677,14 @@ def test_text_in_any_arrow_layout_is_text(tmp_path, model_dir, ray_local):
         assert reasons == [None] * 12 and notes == texts.to_pylist(), layout.type
 
 
-def test_nan_ids_are_null_ids_and_nested_ids_are_refused(tmp_path, model_dir, ray_local):
+def test_nan_and_blank_ids_are_null_ids_and_wrong_column_types_refused(
+    tmp_path, model_dir, ray_local
+):
     """pandas writes an int id column with gaps as float64 with NaN: a NaN id is a null id
-    (an error row, never a written row nor a repeated id); an id column of a nested type is
-    refused before any work, naming the field and the file."""
+    (an error row, never a written row nor a repeated id), as is a text id that is empty or
+    only whitespace (a quoted "" in a CSV); an id column of a nested type, or a text column
+    that holds no text (an int64 column named as corpus.text_column), is refused before any
+    work, naming the field and the file."""
     from jobs.preflight import check_plan
     from jobs.spec import SpecError
     from jobs.verify import verify_output
@@ -715,6 +719,29 @@ def test_nan_ids_are_null_ids_and_nested_ids_are_refused(tmp_path, model_dir, ra
     with pytest.raises((SpecError, ValueError), match=r"\(corpus.id_column\) is struct"):
         run(spec, tmp_path)
     assert not (tmp_path / "nested").exists() or not list((tmp_path / "nested").glob("part-*"))
+
+    pq.write_table(table.set_column(2, "text", table["subject_id"]), tmp_path / "ints.parquet")
+    corpus["paths"] = [str(tmp_path / "ints.parquet")]
+    spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "ints")})
+    (problem,) = check_plan(parse_spec(spec, tmp_path))
+    assert "ints.parquet: its text column 'text' (corpus.text_column) is int64, not text" in problem
+    with pytest.raises((SpecError, ValueError), match=r"\(corpus.text_column\) is int64"):
+        run(spec, tmp_path)
+
+    notes = table["text"].to_pylist()
+    ids = ["n0", '""', "n2", '"  "', "n4", '""', "n6", "n7"]
+    lines = ["note_id,text", *(f'{i},"{t}"' for i, t in zip(ids, notes))]
+    (tmp_path / "blank.csv").write_text("\n".join(lines) + "\n")
+    corpus = {"format": "csv", "paths": [str(tmp_path / "blank.csv")], "id_column": "note_id"}
+    spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "blank")})
+    assert check_plan(parse_spec(spec, tmp_path)) == []  # two "" ids are no repeated id
+    report = run(spec, tmp_path)
+    assert report["rows_out"] == 5 and report["error_rows"] == 3, report
+    written, errs = read_out(tmp_path / "blank")
+    assert sorted(written["id"].to_pylist()) == ["n0", "n2", "n4", "n6", "n7"]
+    assert errs["reason"].to_pylist() == ["null_id"] * 3
+    assert sorted(errs["row_index"].to_pylist()) == [1, 3, 5]
+    assert verify_output(str(tmp_path / "blank")) == []
 
 
 def test_repeated_ids_are_refused_by_name_unless_allowed(tmp_path, model_dir, ray_local):
