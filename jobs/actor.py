@@ -227,7 +227,11 @@ class ShardProcessor:
             raise StaleAttempt(f"shard {shard.id}: attempt {attempt} is not trusted any more")
         t0 = time.perf_counter()
         result = ShardResult(
-            shard_id=shard.id, pool=self.pool.name, actor=self.actor_name, attempt=attempt
+            shard_id=shard.id,
+            pool=self.pool.name,
+            actor=self.actor_name,
+            precision=self.runner.precision,
+            attempt=attempt,
         )
         run = self.spec.run
         reader = read_shard(shard, self.spec.corpus, run.batch_rows, run.batch_bytes)

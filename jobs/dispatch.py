@@ -31,6 +31,7 @@ class ShardResult:
     shard_id: str
     pool: str
     actor: str
+    precision: str = ""  # the precision the actor resolved (runner.precision)
     rows_in: int = 0  # rows read from the shard
     rows_out: int = 0  # notes written (each note once, whatever its window rows)
     output_rows: int = 0  # rows in the part file (windows when not aggregated)

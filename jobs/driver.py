@@ -609,11 +609,14 @@ def build_report(
             "device": p.device, "actors": p.actors, "shards": len(mine),
             "rows": sum(r.rows_in for r in mine), "tokens": tokens, "busy_s": round(busy, 3),
             "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+            "precisions": sorted({r.precision for r in mine}),
         }  # fmt: skip
     for r in results:
         a = per_actor.setdefault(
-            r.actor, {"pool": r.pool, "shards": 0, "rows": 0, "tokens": 0, "busy_s": 0.0}
-        )
+            r.actor,
+            {"pool": r.pool, "precision": r.precision, "shards": 0, "rows": 0, "tokens": 0,
+             "busy_s": 0.0},
+        )  # fmt: skip
         a["shards"] += 1
         a["rows"] += r.rows_in
         a["tokens"] += r.tokens

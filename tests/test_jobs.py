@@ -290,6 +290,33 @@ def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, m
     assert shards["fast"] > 2 * shards["slow"], shards
 
 
+def test_each_actor_records_the_precision_it_ran(tmp_path, model_dir, ray_local):
+    table, corpus = parquet_corpus(tmp_path, 30)
+    pools = [
+        {"name": "f", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
+        {"name": "q", "device": "cpu", "actors": 1, "precision": "auto", "allow_int8": True,
+         "batch_tokens": 1024},
+    ]  # fmt: skip
+    spec = job(tmp_path, model_dir, corpus, device_pool=pools, run={"shard_rows": 5})
+    report = run(spec, tmp_path)
+    want = {"f": "fp32", "q": "int8"}
+    for name, pool in report["per_pool"].items():
+        assert pool["precisions"] == ([want[name]] if pool["shards"] else [])
+    for actor in report["per_actor"].values():
+        assert actor["precision"] == want[actor["pool"]]
+    expected = direct_vectors(model_dir, table["text"].to_pylist())
+    index = {i: k for k, i in enumerate(table["note_id"].to_pylist())}
+    for part in sorted((tmp_path / "out").glob("part-*.parquet")):
+        meta = pq.read_metadata(part).metadata
+        stats = json.loads(meta[b"clinicalbert_shard_stats"])
+        assert meta[b"precision"].decode() == stats["precision"] == want[stats["pool"]]
+        rows = pq.read_table(part)
+        got = np.stack(rows["embedding"].to_numpy(zero_copy_only=False))
+        ref = expected[[index[i] for i in rows["id"].to_pylist()]]
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() > (0.999999 if stats["precision"] == "fp32" else 0.99), cos.min()
+
+
 def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local):
     import ray
 
