@@ -438,10 +438,10 @@ def check_device(name: str) -> torch.device:
     """`name` as a torch device this process can use; a clear error where it cannot."""
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device {name!r} is not a torch device ({exc})") from None
-    if device.type not in DEVICE_TYPES:
-        raise ValueError(f"device must be one of {', '.join(DEVICE_TYPES)}; got {name!r}")
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be cpu, cuda, cuda:<index> or mps; got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA (or ROCm) device")
     if device.type == "mps" and not torch.backends.mps.is_available():

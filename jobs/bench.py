@@ -31,9 +31,16 @@ import torch
 from clinicalbert_core import bert
 from clinicalbert_core.config import EncoderConfig
 from clinicalbert_core.quant import int8_supported
-from clinicalbert_core.runner import DTYPES, ClinicalBertRunner, RunnerOptions, cpu_has_bf16
+from clinicalbert_core.runner import (
+    DTYPES,
+    ClinicalBertRunner,
+    RunnerOptions,
+    check_device,
+    cpu_has_bf16,
+)
 from clinicalbert_core.tokenizer import Specials, Windows
 
+from .bench_memory import at_least
 from .peers import MODULES as PEER_MODULES
 
 BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -572,6 +579,14 @@ def target_figures(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def device_arg(text: str) -> torch.device:
+    """An argparse type: a torch device this process can use (check_device's error otherwise)."""
+    try:
+        return check_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--long-note-memory" in argv:  # a benchmark of its own, with its own options
@@ -579,30 +594,38 @@ def main(argv: list[str] | None = None) -> int:
 
         return memory_main([a for a in argv if a != "--long-note-memory"])
     p = argparse.ArgumentParser(prog="clinicalbert bench", description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--notes", type=int, default=64)
-    p.add_argument("--min-len", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--batch-tokens", type=int, default=0,
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, mps (default: cuda where torch sees one)")  # fmt: skip
+    p.add_argument("--notes", type=at_least(1), default=64, help="notes in the workload (64)")
+    p.add_argument("--min-len", type=at_least(3), default=16,
+                   help="shortest note in tokens, [CLS] and [SEP] included (16)")  # fmt: skip
+    p.add_argument("--max-len", type=at_least(3), default=512, help="longest note in tokens (512)")
+    p.add_argument("--batch-tokens", type=at_least(0), default=0,
                    help="our token budget; default hf-batch x max-len, the tokens of "
                    "transformers' largest batch, so both sides hold the same work at once")  # fmt: skip
-    p.add_argument("--hf-batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--hf-batch", type=at_least(1), default=16,
+                   help="sequences per batch for transformers and the peers (16)")  # fmt: skip
+    p.add_argument("--repeats", type=at_least(1), default=2,
+                   help="interleaved timed rounds after the warm-up; best round per side (2)")  # fmt: skip
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="auto: only where the device has bf16 units (AMX/AVX512-BF16, CUDA)")  # fmt: skip
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--mlm-placement", action="store_true",
                    help="time the MLM head in_graph vs cpu by batch size instead")  # fmt: skip
-    p.add_argument("--mlm-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    p.add_argument("--mlm-batches", type=at_least(1), nargs="+",
+                   default=[1, 2, 4, 8, 16, 32, 64, 128], help="batch sizes for --mlm-placement")  # fmt: skip
     p.add_argument("--job", action="store_true",
                    help="time the full job vs the bare runner loop instead")  # fmt: skip
-    p.add_argument("--job-notes", type=int, default=4000)
-    p.add_argument("--job-hidden", type=int, default=256)
-    p.add_argument("--job-layers", type=int, default=4)
+    p.add_argument("--job-notes", type=at_least(1), default=4000, help="notes for --job (4000)")
+    p.add_argument("--job-hidden", type=at_least(4), default=256,
+                   help="hidden size of --job's random BERT (256; 4 heads, so a multiple of 4)")  # fmt: skip
+    p.add_argument("--job-layers", type=at_least(1), default=4,
+                   help="layers of --job's random BERT (4)")  # fmt: skip
     p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
                    help="modernbert: ModernBERT-base shape, mixed 64-2,048-token notes and single "
                    "notes (--single-lengths) vs transformers' ModernBertModel")  # fmt: skip
-    p.add_argument("--single-lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--single-lengths", type=at_least(3), nargs="+", default=[512, 2048, 8192],
+                   help="--arch modernbert: lengths of the single-note runs")  # fmt: skip
     p.add_argument("--peers", action="store_true",
                    help="also run onnxruntime and CTranslate2, fp32 and int8, on the same batches "
                    "(CPU; needs the bench extra)")  # fmt: skip
@@ -611,7 +634,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(its options: --long-note-memory --help)")  # fmt: skip
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's peak memory
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} is above --max-len {args.max_len}")
+    if args.arch == "bert" and args.max_len > BERT_BASE["max_position_embeddings"]:
+        p.error(f"--max-len {args.max_len} is above BERT's 512 positions (longer notes: --arch "
+                "modernbert)")  # fmt: skip
+    if args.job_hidden % 4:
+        p.error(f"--job-hidden must be a multiple of 4 (its 4 heads), got {args.job_hidden}")
     if args.peers and (args.arch != "bert" or args.job or args.mlm_placement):
         p.error("--peers applies to the BERT run only (not modernbert, --job, --mlm-placement)")
     if args.peers and device.type != "cpu":

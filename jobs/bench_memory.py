@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (a usage error otherwise, not a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clinicalbert bench --long-note-memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -196,13 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                    "truncate on a CPU: hours with windows)")  # fmt: skip
     p.add_argument("--long-notes", choices=("windows", "truncate"), default="windows",
                    help="long-note strategy (default windows, the spec's default)")  # fmt: skip
-    p.add_argument("--notes", type=int, default=40, help="rows in the shard (default 40)")
+    p.add_argument("--notes", type=at_least(1), default=40, help="rows in the shard (default 40)")
     p.add_argument("--match", choices=("auto", "chars", "rows"), default="auto",
                    help="what the normal side matches: chars (default with windows) or rows")  # fmt: skip
-    p.add_argument("--long", type=int, default=3, help="of them very long (default 3)")
-    p.add_argument("--long-chars", type=int, default=2_000_000)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (cpus_per_actor)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--long", type=at_least(1), default=3, help="of them very long (default 3)")
+    p.add_argument("--long-chars", type=at_least(1), default=2_000_000,
+                   help="characters in each very long note (default 2,000,000)")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads (cpus_per_actor)")
+    p.add_argument("--repeats", type=at_least(1), default=1,
+                   help="runs of each side, interleaved; the median is reported (default 1)")  # fmt: skip
     p.add_argument("--no-actor-env", dest="actor_env", action="store_false",
                    help="run the sides without the environment the driver gives a CPU actor")  # fmt: skip
     p.add_argument("--workdir", help="where to build the model and corpora (default a temp dir)")
@@ -212,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.long > args.notes:
+        p.error(
+            f"--long {args.long} is more than --notes {args.notes} (the long ones are among them)"
+        )
     if args.side:
         print(json.dumps(measure(args.corpus, args.model, args.out, args.long_notes, args.threads)))
         return 0

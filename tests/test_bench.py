@@ -32,6 +32,36 @@ def test_missing_transformers_is_one_line(monkeypatch, capsys):
     assert len(err) == 1 and "transformers" in err[0] and "clinicalbert-jobs[bench]" in err[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--notes", "0"], "argument --notes: must be at least 1, got 0"),
+        (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["--hf-batch", "x"], "argument --hf-batch: not an integer: 'x'"),
+        (["--min-len", "600"], "--min-len 600 is above --max-len 512"),
+        (["--max-len", "600"], "--max-len 600 is above BERT's 512 positions"),
+        (["--device", "gpu"], "argument --device: device must be cpu, cuda, cuda:<index> or mps"),
+        (["--job", "--job-hidden", "30"], "--job-hidden must be a multiple of 4"),
+        (["--long-note-memory", "--threads", "0"], "argument --threads: must be at least 1"),
+        (["--long-note-memory", "--long", "9", "--notes", "4"], "--long 9 is more than --notes 4"),
+    ],
+)
+def test_bad_bench_arguments_are_usage_errors(args, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+def test_bench_on_a_device_torch_does_not_see_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "torch sees no CUDA (or ROCm) device" in capsys.readouterr().err
+
+
 def test_padded_batches_sorted_and_padded():
     seqs = [np.arange(n) + 1 for n in (3, 5, 2, 4)]
     batches = bench.padded_batches(seqs, 3, sort=True)

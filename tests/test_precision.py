@@ -190,8 +190,9 @@ def test_mps_resolves_when_forced(monkeypatch):
     assert resolve_mlm_mode("auto", "mps", 4) is MlmExecMode.IN_GRAPH
     assert resolve_mlm_mode("auto", "mps", 64) is MlmExecMode.CPU
     assert not runner.varlen_supported(device, torch.float16)  # padded SDPA on mps
-    with pytest.raises(ValueError, match="device must be one of cpu, cuda, mps"):
-        runner.check_device("xpu")
+    for name in ("xpu", "gpu"):  # a torch device we do not run on, and no torch device at all
+        with pytest.raises(ValueError, match=f"cpu, cuda, cuda:<index> or mps; got '{name}'"):
+            runner.check_device(name)
 
 
 def test_varlen_falls_back_to_padded_sdpa(monkeypatch):
