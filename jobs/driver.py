@@ -681,8 +681,10 @@ def dry_run_summary(
     # per pool of the *spec* (full size): measured tokens per busy second of one actor of the
     # same device, times the spec's actor count
     per_actor_rate: dict[str, list[float]] = {}
+    precisions: dict[str, set[str]] = {}
     for a in report["per_actor"].values():
         per_actor_rate.setdefault(a["pool"], []).append(a["tokens_per_busy_s"])
+        precisions.setdefault(a["pool"], set()).add(a["precision"])
     total_rate = 0.0
     for pool in spec.device_pool:
         rates = per_actor_rate.get(pool.name)
@@ -693,6 +695,7 @@ def dry_run_summary(
         total_rate += rate
         summary["projection"][pool.name] = {
             "measured": True, "tokens_per_s": rate,
+            "precisions": sorted(precisions[pool.name]),
             "hours_alone": corpus_tokens / rate / 3600 if rate else None,
         }  # fmt: skip
     summary["projected_hours_all_measured_pools"] = (
@@ -715,8 +718,8 @@ def print_dry_run(report: dict[str, Any]) -> None:
         if not p["measured"]:
             print(f"  pool {name}: not measured here (its device is not on this machine)")
         else:
-            print(f"  pool {name}: ~{p['tokens_per_s']:,.0f} tokens/s at full size -> "
-                  f"{_hours(p['hours_alone'])} alone")  # fmt: skip
+            print(f"  pool {name} ({'/'.join(p['precisions'])}): ~{p['tokens_per_s']:,.0f} "
+                  f"tokens/s at full size -> {_hours(p['hours_alone'])} alone")  # fmt: skip
     if d["projected_hours_all_measured_pools"] is not None:
         print(f"  measured pools together: {_hours(d['projected_hours_all_measured_pools'])}")
     print("(the sample's scratch output was removed)")

@@ -436,6 +436,7 @@ def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
     assert "full corpus: 40 rows" in printed and "15 notes" in printed
     alone = fmt_duration(d["projection"]["cpu"]["hours_alone"] * 3600)
     assert f"{alone} alone" in printed and "0.00 h" not in printed
+    assert d["projection"]["cpu"]["precisions"] == ["fp32"] and "pool cpu (fp32): ~" in printed
     assert [fmt_duration(s) for s in (42, 1050, 11700)] == ["0m42s", "17m30s", "3h15m"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
