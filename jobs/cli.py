@@ -145,6 +145,11 @@ def _run(args: argparse.Namespace) -> int:
           f"{report['shards']['processed']} shards in {report['wall_s']:.1f}s "
           f"({report['shards']['committed_before']} committed earlier), {len(failed)} failed "
           f"-> {report['output']}")  # fmt: skip
+    mixed = report.get("notes_by_precision", {})
+    if len(mixed) > 1:  # mixed pools, or a resume on other hardware: each part names its own
+        print(f"{'dry run' if args.dry_run else 'job'} {spec.name}: notes by precision "
+              + ", ".join(f"{p or 'unrecorded'} {n:,}" for p, n in sorted(mixed.items()))
+              + " (each part's metadata names its precision)")  # fmt: skip
     for f in failed:  # none of their rows is written; the same command retries them
         print(f"failed: {FailedShard(**f).where()}: {f['error']}", file=sys.stderr)
     if report.get("empty"):

@@ -621,6 +621,9 @@ def build_report(
         a["rows"] += r.rows_in
         a["tokens"] += r.tokens
         a["busy_s"] = round(a["busy_s"] + r.seconds, 3)
+    by_precision: dict[str, int] = {}  # the whole output's notes, earlier runs' parts too
+    for r in everything:
+        by_precision[r.precision] = by_precision.get(r.precision, 0) + r.rows_out
     for a in per_actor.values():
         a["tokens_per_busy_s"] = round(a["tokens"] / a["busy_s"], 1) if a["busy_s"] else 0.0
     rows_in, rows_out, errors, filtered = (
@@ -638,7 +641,7 @@ def build_report(
         },
         "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
         "stalls": stalls or [], "interrupted": stop_reason is not None, "stop_reason": stop_reason,
-        "per_pool": per_pool, "per_actor": per_actor,
+        "per_pool": per_pool, "per_actor": per_actor, "notes_by_precision": by_precision,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(sum(r.tokens for r in results) / wall, 1) if wall else 0.0,
         "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),

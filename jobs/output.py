@@ -415,8 +415,13 @@ class OutputDir:
         return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:")}
 
     def shard_stats(self, shard_id: str) -> dict[str, Any]:
-        """The counts a committed shard's writer recorded ({} if it recorded none)."""
-        return json.loads(self.part_metadata(shard_id).get(STATS_KEY, "{}"))
+        """The counts a committed shard's writer recorded ({} if it recorded none), with the
+        part's precision (parts written before the counts carried it have it as metadata)."""
+        meta = self.part_metadata(shard_id)
+        stats = json.loads(meta.get(STATS_KEY, "{}"))
+        if stats and "precision" in meta:
+            stats.setdefault("precision", meta["precision"])
+        return stats
 
     def read_table(self) -> pa.Table | None:
         """All committed parts as one table (shard id order), or None when none is committed."""
@@ -599,6 +604,9 @@ class Report:
     stop_reason: str | None = None  # absent from reports written before it existed
     # ids on more than one input row (run.allow_duplicate_ids): {"ids": n, "extra_rows": m}
     repeated_ids: dict[str, int] | None = None
+    # the output's notes (earlier runs' parts too) by the precision their part ran in; "" for
+    # a part whose counts did not record it. Absent from reports written before it existed
+    notes_by_precision: dict[str, int] | None = None
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Report:
@@ -627,6 +635,9 @@ class Report:
                 f"errors_by_reason {self.errors_by_reason} do not sum to error_rows "
                 f"{self.error_rows}"
             )
+        by = self.notes_by_precision
+        if by is not None and sum(by.values()) != self.rows_out:
+            problems.append(f"notes_by_precision {by} do not sum to rows_out {self.rows_out}")
         if unknown := sorted(set(self.errors_by_reason) - set(ROW_REASONS)):
             problems.append(f"unknown reason codes {unknown}")
         s = self.shards

@@ -306,6 +306,7 @@ def test_each_actor_records_the_precision_it_ran(tmp_path, model_dir, ray_local)
         assert actor["precision"] == want[actor["pool"]]
     expected = direct_vectors(model_dir, table["text"].to_pylist())
     index = {i: k for k, i in enumerate(table["note_id"].to_pylist())}
+    by_part: dict[str, int] = {}
     for part in sorted((tmp_path / "out").glob("part-*.parquet")):
         meta = pq.read_metadata(part).metadata
         stats = json.loads(meta[b"clinicalbert_shard_stats"])
@@ -315,6 +316,10 @@ def test_each_actor_records_the_precision_it_ran(tmp_path, model_dir, ray_local)
         ref = expected[[index[i] for i in rows["id"].to_pylist()]]
         cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
         assert cos.min() > (0.999999 if stats["precision"] == "fp32" else 0.99), cos.min()
+        by_part[stats["precision"]] = by_part.get(stats["precision"], 0) + rows.num_rows
+    assert report["notes_by_precision"] == by_part and sum(by_part.values()) == 30
+    again = run(spec, tmp_path)  # every shard committed: the earlier parts are counted the same
+    assert again["shards"]["processed"] == 0 and again["notes_by_precision"] == by_part
 
 
 def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local):

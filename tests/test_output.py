@@ -169,7 +169,8 @@ def test_streamed_writer_records_stats(tmp_path: Path):
         w.write(part(["b", "c"]))
         w.commit(None, {"rows_in": 3, "rows_out": 3})
     assert out.read_table().num_rows == 3
-    assert out.shard_stats("s") == {"rows_in": 3, "rows_out": 3}
+    # counts written without the precision (older parts) take it from the part's metadata
+    assert out.shard_stats("s") == {"rows_in": 3, "rows_out": 3, "precision": "bf16"}
     out.write_part("t", part(["d"]), None, META)
     assert out.shard_stats("t") == {}
 
@@ -300,7 +301,7 @@ def report(**over) -> Report:
 
 
 def test_report_counts_add_up_and_round_trip(tmp_path: Path):
-    r = report()
+    r = report(notes_by_precision={"bf16": 4, "fp32": 2})
     r.check()
     out = OutputDir(str(tmp_path))
     out.write_json("_report.json", r.to_json())
@@ -318,6 +319,8 @@ def test_report_counts_add_up_and_round_trip(tmp_path: Path):
         ({"shards": {"total": 4, "committed_before": 1, "processed": 1, "failed": []}},
          "shards total 4 != committed_before 1 \\+ processed 1 \\+ failed 0"),
         ({"shards": {"total": 1}}, "shards lacks"),
+        ({"notes_by_precision": {"fp32": 4, "int8": 1}},
+         "notes_by_precision {'fp32': 4, 'int8': 1} do not sum to rows_out 6"),
     ],
 )  # fmt: skip
 def test_report_check_names_what_does_not_add_up(over, message):
@@ -331,7 +334,7 @@ def test_report_from_json_rejects_unknown_and_missing_keys():
     with pytest.raises(ValueError, match=r"unknown \['walltime'\], missing \['wall_s'\]"):
         Report.from_json({**data, "walltime": 1.0})
     older = report().to_json()  # written before stop_reason existed: still a report
-    del older["stop_reason"]
+    del older["stop_reason"], older["notes_by_precision"]
     assert Report.from_json(older).stop_reason is None
 
 
