@@ -8,128 +8,21 @@ header line, first JSONL record) and, for `where`, a sample of the filtered colu
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import os
-from collections.abc import Iterator
-from itertools import islice
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.fs as pa_fs
-import pyarrow.parquet as pq
 
 from clinicalbert_core.errors import describe
 
-from .corpus import (
-    RepeatedIds,
-    Source,
-    filesystem,
-    list_sources,
-    plan_shards,
-    repeated_column,
-    repeated_ids,
-)
-from .spec import CorpusSpec, CsvOptions, JobSpec, PoolSpec
+from .corpus import FORMATS, RepeatedIds, list_sources, plan_shards, repeated_column, repeated_ids
+from .fs import filesystem
+from .model import model_source
+from .spec import JobSpec, PoolSpec
 
 WHERE_SAMPLE_ROWS = 10_000
-
-
-def column_names(source: Source, corpus: CorpusSpec) -> list[str]:
-    """The columns of one corpus file, read cheaply (no note is parsed): a CSV file's header,
-    the keys of a JSONL file's first line that is a JSON object (broken lines before it are
-    error rows when the job runs, not a reason to refuse the file)."""
-    fs, path = filesystem(source.path)
-    if corpus.format == "parquet":
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).schema_arrow.names
-    with fs.open_input_stream(path, compression="detect") as f:
-        lines = (line for line in _lines(f, source.path) if line.strip())
-        if corpus.format == "csv":
-            header = next(lines, b"")
-            try:
-                text = header.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{source.path}: its header is not UTF-8") from None
-            opts = corpus.csv or CsvOptions()
-            row = next(csv.reader(io.StringIO(text), delimiter=opts.delimiter,
-                                  quotechar=opts.quote_char), [])  # fmt: skip
-            return list(row)
-        seen = 0
-        for line in islice(lines, JSONL_HEAD_LINES):
-            seen += 1
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except ValueError:  # not UTF-8, not JSON: an error row of its own
-                continue
-            if isinstance(record, dict):
-                return list(record)
-    if seen:
-        raise ValueError(
-            f"{source.path}: none of its first {seen:,} lines is a JSON object (JSONL holds "
-            "one object per line: a JSON array or pretty-printed JSON is not JSONL)"
-        )
-    return []
-
-
-JSONL_HEAD_LINES = 1000  # lines preflight reads at most to find a JSONL file's columns
-LINE_BYTES_MAX = 256 << 20  # a longer line (no line end) is refused: not a text file
-_BOMS = {
-    b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
-    b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16",
-}  # fmt: skip
-
-
-# What a file that is no text file starts with (after the decompression its extension asks
-# for), and what to do about it.
-_MAGIC = {
-    b"PK\x03\x04": "a zip archive (an .xlsx workbook is one too): unzip it or export it as CSV",
-    b"\x1f\x8b": "gzip data: name it ...gz so it is decompressed",
-    b"\x28\xb5\x2f\xfd": "zstd data: name it ...zst so it is decompressed",
-    b"BZh": "bzip2 data: name it ...bz2 so it is decompressed",
-    b"\xfd7zXZ\x00": "xz data, which is not read: recompress it as .gz or .zst",
-    b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive: extract it",
-    b"PAR1": "a Parquet file: set corpus.format: parquet",
-    b"\xd0\xcf\x11\xe0": "an old Excel/Office file: export it as CSV",
-}
-
-
-def _lines(stream: Any, path: str) -> Iterator[bytes]:
-    """A text file's lines (without line ends; a UTF-8 byte-order mark dropped), read as they
-    are needed. ValueError for a UTF-16/32 file (named by its byte-order mark), for a file
-    that is an archive, compressed or Parquet (by its first bytes, `_MAGIC`), and for a line
-    longer than LINE_BYTES_MAX."""
-    chunk = b""
-    while len(chunk) < 8 and (more := stream.read(64 << 10)):
-        chunk += more
-    for bom, encoding in _BOMS.items():
-        if chunk.startswith(bom):
-            raise ValueError(
-                f"{path}: the file is {encoding} (its byte-order mark says so), not UTF-8: "
-                f"convert it, e.g. iconv -f {encoding} -t UTF-8"
-            )
-    for magic, what in _MAGIC.items():
-        bzip2 = magic == b"BZh" and chunk[3:4].isdigit()  # "BZh" + block size digit
-        if chunk.startswith(magic) and (magic != b"BZh" or bzip2):
-            raise ValueError(f"{path}: not a text file but {what}")
-    chunk = chunk.removeprefix(b"\xef\xbb\xbf")
-    line = bytearray()
-    while chunk:
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            line += chunk[start:end]
-            yield bytes(line).rstrip(b"\r")
-            line.clear()
-            start = end + 1
-        line += chunk[start:]
-        if len(line) > LINE_BYTES_MAX:
-            raise ValueError(f"{path}: a line longer than {LINE_BYTES_MAX >> 20} MiB")
-        chunk = stream.read(64 << 10)
-    if line:
-        yield bytes(line).rstrip(b"\r")
 
 
 def hint(name: str, available: list[str]) -> str:
@@ -140,23 +33,11 @@ def hint(name: str, available: list[str]) -> str:
     return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
 
 
-def delimiter_hint(corpus: CorpusSpec, names: list[str]) -> str:
-    """' (... set corpus.csv.delimiter ...)' for a CSV header that came out as one column
-    because the file is split by another delimiter (a TSV read as CSV)."""
-    delimiter = (corpus.csv or CsvOptions()).delimiter
-    if corpus.format != "csv" or len(names) != 1:
-        return ""
-    for other in ("\t", ";", "|", ","):
-        if other != delimiter and other in names[0]:
-            shown = "\\t" if other == "\t" else other  # as YAML reads it in double quotes
-            return f' (its header is split by {other!r}: set corpus.csv.delimiter to "{shown}")'
-    return ""
-
-
 def check_corpus(spec: JobSpec) -> list[str]:
     """Every input file has the id, text, keep and where columns; `where` values occur."""
     corpus = spec.corpus
-    if corpus.format == "text":
+    fmt = FORMATS[corpus.format]
+    if fmt.NOTE_PER_FILE:  # each file is one note: no columns to check
         return []
     problems: list[str] = []
     roles = [("id_column", corpus.id_column), ("text_column", corpus.text_column)]
@@ -171,7 +52,7 @@ def check_corpus(spec: JobSpec) -> list[str]:
         if source.size == 0:  # an empty file is zero rows, whatever its format
             continue
         try:
-            names = column_names(source, corpus)
+            names = fmt.columns(source, corpus)
         except (OSError, ValueError, pa.ArrowException) as e:
             problems.append(f"corpus.paths: {source.path}: cannot read its columns: {e}")
             continue
@@ -182,7 +63,7 @@ def check_corpus(spec: JobSpec) -> list[str]:
                 reported.add(role)
                 problems.append(
                     f"corpus.{role}: column {column!r} is not in {source.path}"
-                    f"{hint(column, names) or delimiter_hint(corpus, names)}; its columns: "
+                    f"{hint(column, names) or fmt.columns_hint(corpus, names)}; its columns: "
                     f"{', '.join(map(repr, names))}"
                 )
             elif (times := names.count(column)) > 1:
@@ -244,7 +125,7 @@ def check_plan(spec: JobSpec) -> list[str]:
     """Parquet corpora (nothing to stage): the shards plan (every input gives the id and kept
     columns one type), and every id is on one row unless allowed. `run` checks every format
     once its inputs are staged."""
-    if spec.corpus.format != "parquet":
+    if FORMATS[spec.corpus.format].STAGED:
         return []
     try:
         shards = plan_shards(spec.corpus, spec.staging_dir(), spec.run.shard_rows)
@@ -259,7 +140,7 @@ def where_warnings(spec: JobSpec) -> list[str]:
     among the values that do occur (MIMIC's CATEGORY values carry trailing spaces). Warnings:
     the rest of the corpus may hold them (a job that keeps no row ends non-zero anyway)."""
     corpus = spec.corpus
-    if not corpus.where or corpus.format == "text":
+    if not corpus.where:
         return []
     try:
         source = next(iter(list_sources(corpus, spec.run.shard_rows)), None)
@@ -267,25 +148,9 @@ def where_warnings(spec: JobSpec) -> list[str]:
         return []
     if source is None:
         return []
-    columns = list(corpus.where)
-    fs, path = filesystem(source.path)
+    sample = FORMATS[corpus.format].sample
     try:
-        if corpus.format == "parquet":
-            with fs.open_input_file(path) as f:
-                batch = next(pq.ParquetFile(f).iter_batches(WHERE_SAMPLE_ROWS, columns=columns),
-                             None)  # fmt: skip
-        elif corpus.format == "csv":
-            opts = corpus.csv or CsvOptions()
-            parse = pa_csv.ParseOptions(delimiter=opts.delimiter, quote_char=opts.quote_char,
-                                        newlines_in_values=True)  # fmt: skip
-            with fs.open_input_stream(path, compression="detect") as f:
-                reader = pa_csv.open_csv(
-                    f, parse_options=parse,
-                    convert_options=pa_csv.ConvertOptions(include_columns=columns),
-                )  # fmt: skip
-                batch = next(iter(reader), None)
-        else:
-            return []
+        batch = sample(source, corpus, list(corpus.where), WHERE_SAMPLE_ROWS)
     except (OSError, pa.ArrowException):
         return []  # the job's own reader reports unreadable files, naming them
     if batch is None or batch.num_rows == 0:
@@ -341,8 +206,6 @@ def check_model(spec: JobSpec) -> list[str]:
     complete, every tensor of its shape, finite) and fits the spec. A hub model is checked
     only when it is in the local cache."""
     from clinicalbert_core.hub import open_checkpoint
-
-    from .driver import model_source
 
     source, revision = model_source(spec)
     m = spec.model

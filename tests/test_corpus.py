@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import corpus as corpus_mod
-from jobs.corpus import Shard, plan_shards, read_shard
+from jobs.corpus import FORMATS, Shard, plan_shards, read_shard, textfile
 from jobs.spec import CorpusSpec
 
 TRICKY = [
@@ -181,7 +181,7 @@ def test_jsonl_gz_staged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ]
     # a second plan reuses the staged file without reading the source
     mtime = staged[0].stat().st_mtime_ns
-    monkeypatch.setattr(corpus_mod, "_table_batches", lambda *a: pytest.fail("restaged"))
+    monkeypatch.setattr(FORMATS["jsonl"], "batches", lambda *a: pytest.fail("restaged"))
     assert plan_shards(corpus, str(staging), shard_rows=10) == shards
     assert staged[0].stat().st_mtime_ns == mtime
 
@@ -408,9 +408,7 @@ def test_broken_jsonl_lines_become_error_rows_and_the_rest_is_read(
     an error message; a failed first pass leaves no file and no finalizer noise."""
     import pyarrow.parquet as pq
 
-    import jobs.corpus as corpus_module
-
-    monkeypatch.setattr(corpus_module, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
+    monkeypatch.setattr(textfile, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
     good = "".join(json.dumps({"id": i, "text": f"note {i} " * 8, "hadm": i * 10}) + "\n"
                    for i in range(400))  # fmt: skip
     bad = (
@@ -469,9 +467,7 @@ def test_ragged_csv_rows_become_error_rows_in_their_places(tmp_path: Path, monke
     pyarrow's blocks, quoted newlines and blank lines; no value of a ragged row is kept."""
     import pyarrow.parquet as pq
 
-    import jobs.corpus as corpus_module
-
-    monkeypatch.setattr(corpus_module, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
+    monkeypatch.setattr(textfile, "INFER_BLOCK_BYTES", 4096)  # many blocks, small file
     good = [f'{i},"note {i}\nsecond line, with a comma",{i * 10}\n' for i in range(600)]
     ragged = {0: "900,CANARY,x,y\n", 1: "901\n", 250: "CANARY\n", 599: "9,a,b,c,d\n"}
     lines = []
@@ -579,14 +575,14 @@ def test_one_bad_byte_never_changes_a_column_type(tmp_path: Path):
         path = tmp_path / f"{where}.csv.gz"
         with gzip.open(path, "wb") as f:
             f.write(b"ROW_ID,HADM,TEXT\n" + body)
-        monkey = corpus_mod.INFER_BLOCK_BYTES
-        corpus_mod.INFER_BLOCK_BYTES = 4096  # several blocks: the bad rows in a later one
+        monkey = textfile.INFER_BLOCK_BYTES
+        textfile.INFER_BLOCK_BYTES = 4096  # several blocks: the bad rows in a later one
         try:
             corpus = spec(format="csv", paths=[str(path)], id_column="ROW_ID",
                           text_column="TEXT", keep_columns=["HADM"])  # fmt: skip
             shards = plan_shards(corpus, str(tmp_path / f"staging-{where}"), shard_rows=1000)
         finally:
-            corpus_mod.INFER_BLOCK_BYTES = monkey
+            textfile.INFER_BLOCK_BYTES = monkey
         rows, rows_in, _ = read_all(shards, corpus, batch_rows=500)
         assert rows_in == 3002
         schema = pq.read_schema(shards[0].path)
@@ -601,14 +597,12 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     whose first line is broken or huge is read from its first JSON object; a UTF-16 file and a
     column the corpus reads that the file has twice are refused, naming the file; a JSONL line
     that gives such a column twice is a not_json row."""
-    import jobs.preflight as preflight
     from jobs.corpus import Source
-    from jobs.preflight import column_names
 
     def columns(name: str, data: bytes, fmt: str) -> list[str]:
         (tmp_path / name).write_bytes(data)
         source = Source(str(tmp_path / name), len(data), None, name=name)
-        return column_names(source, spec(format=fmt, paths=[str(tmp_path / name)]))
+        return FORMATS[fmt].columns(source, spec(format=fmt, paths=[str(tmp_path / name)]))
 
     bom = b"\xef\xbb\xbf"
     assert columns("a.csv", bom + b"id,text\r\n1,a\r\n", "csv") == ["id", "text"]
@@ -618,15 +612,15 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     huge = json.dumps({"id": 1, "text": "x" * (3 << 20)}).encode() + b"\n"  # past the 64 KiB reads
     assert columns("c.jsonl", huge, "jsonl") == ["id", "text"]
     assert columns("d.jsonl", b"", "jsonl") == []
-    monkeypatch.setattr(preflight, "JSONL_HEAD_LINES", 3)
+    monkeypatch.setattr(FORMATS["jsonl"], "JSONL_HEAD_LINES", 3)
     with pytest.raises(ValueError, match=r"e\.jsonl: none of its first 3 lines is a JSON object"):
         columns("e.jsonl", b"[1]\nnot json\n\xff\xfe\n" + huge, "jsonl")
     tsv = columns("t.csv", b"id\ttext\n1\ta\n", "csv")  # a TSV read with the default ","
-    hint = preflight.delimiter_hint(spec(format="csv", paths=["t.csv"]), tsv)
+    hint = FORMATS["csv"].columns_hint(spec(format="csv", paths=["t.csv"]), tsv)
     assert tsv == ["id\ttext"] and hint.endswith('set corpus.csv.delimiter to "\\t")')
     semicolons = spec(format="csv", paths=["t.csv"], csv={"delimiter": ";"})
-    assert 'delimiter to ","' in preflight.delimiter_hint(semicolons, ["id,text"])
-    assert preflight.delimiter_hint(semicolons, ["id", "text"]) == ""
+    assert 'delimiter to ","' in FORMATS["csv"].columns_hint(semicolons, ["id,text"])
+    assert FORMATS["csv"].columns_hint(semicolons, ["id", "text"]) == ""
     with pytest.raises(ValueError, match=r"f\.csv: the file is UTF-16 .*iconv -f UTF-16"):
         columns("f.csv", "id,text\n1,a\n".encode("utf-16"), "csv")
     with pytest.raises(ValueError, match=r"g\.csv: its header is not UTF-8"):
@@ -674,3 +668,65 @@ def test_file_headers_as_exports_write_them(tmp_path: Path, monkeypatch):
     assert table["id"].to_pylist() == [None, 2, None]
     assert table["text"].to_pylist() == [None, "c", None]
     assert table["_reason"].to_pylist() == ["not_json", None, "not_json"]
+
+
+def test_every_format_offers_the_same_names(tmp_path: Path):
+    """Each module in FORMATS offers STAGED, NOTE_PER_FILE, columns, batches, sample and
+    columns_hint; on one note in each format, columns() names the file's columns and batches()
+    holds the note. Only parquet is read in place, only text is one note per file."""
+    from jobs.corpus import list_sources
+
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"id": [7], "text": ["a note"]}), tmp_path / "n.parquet")
+    (tmp_path / "n.jsonl").write_text('{"id": 7, "text": "a note"}\n')
+    (tmp_path / "n.csv").write_text("id,text\n7,a note\n")
+    (tmp_path / "t" / "7").write_text("a note")
+    paths = {"parquet": "n.parquet", "jsonl": "n.jsonl", "csv": "n.csv", "text": "t"}
+    assert set(FORMATS) == set(paths)
+    for name, fmt in FORMATS.items():
+        assert isinstance(fmt.STAGED, bool) and isinstance(fmt.NOTE_PER_FILE, bool)
+        corpus = spec(format=name, paths=[str(tmp_path / paths[name])])
+        (source,) = list_sources(corpus, 10)
+        assert fmt.columns(source, corpus) == ["id", "text"], name
+        (batch,) = list(fmt.batches(source, corpus))
+        row = batch.to_pylist()[0]
+        assert (str(row["id"]), row["text"]) in {("7", "a note"), ("7", b"a note")}, name
+        sample = fmt.sample(source, corpus, ["id"], 5)
+        assert sample is None or sample.schema.names == ["id"], name
+        assert fmt.columns_hint(corpus, ["id"]) == "", name
+    assert [n for n, f in FORMATS.items() if not f.STAGED] == ["parquet"]
+    assert [n for n, f in FORMATS.items() if f.NOTE_PER_FILE] == ["text"]
+
+
+def test_staging_writes_under_a_temporary_name_that_clean_staging_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A staged file is written under an `fs.TMP_PREFIX` name and renamed; what a killed run
+    leaves under such a name is removed by clean_staging, complete staged files are kept."""
+    from jobs.corpus import clean_staging
+    from jobs.fs import TMP_PREFIX
+
+    src = tmp_path / "n.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(3)))
+    corpus = spec(format="jsonl", paths=[str(src)])
+    staging = tmp_path / "staging"
+    seen: list[str] = []
+
+    def interrupted(source, corpus):
+        yield pa.RecordBatch.from_pydict({"id": [1], "text": ["t1"]})
+        seen.extend(p.name for p in staging.iterdir())
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(FORMATS["jsonl"], "batches", interrupted)
+        with pytest.raises(RuntimeError, match="killed"):
+            plan_shards(corpus, str(staging), shard_rows=2)
+    assert len(seen) == 1 and seen[0].startswith(f"{TMP_PREFIX}n.jsonl-")
+    assert list(staging.iterdir()) == []  # the temporary file went with the failure
+    shards = plan_shards(corpus, str(staging), shard_rows=2)
+    left = staging / f"{TMP_PREFIX}n.jsonl-0123456789abcdef.parquet-{'0' * 32}"
+    left.write_bytes(b"partial")
+    clean_staging(str(staging))
+    assert not left.exists() and (staging / "_staging").is_file()
+    assert all(Path(s.path).is_file() for s in shards)
+    assert plan_shards(corpus, str(staging), shard_rows=2) == shards
