@@ -19,9 +19,10 @@ import torch
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.packing import DeviceFeed, pack_flat, token_budget_batches
 from clinicalbert_core.tokenizer import NoteTokenizer, wordpiece_from_vocab
-from jobs.actor import GPU_DEPTH, UNIT_BATCHES, Feed, ShardProcessor, prefetch
+from jobs.actor import Feed, ShardProcessor, prefetch
 from jobs.corpus import plan_shards
-from jobs.driver import GPU_CPUS, actor_cpus, actor_env
+from jobs.feed import GPU_DEPTH, UNIT_BATCHES
+from jobs.launch import GPU_CPUS, actor_cpus, actor_env
 from jobs.spec import PoolSpec, parse_spec
 from jobs.synthetic import make_bpe_tokenizer, make_notes, vocab_for
 
@@ -347,7 +348,7 @@ def test_device_feed_on_cuda_copies_pinned_batches_on_a_side_stream():
 
 # ---- the long-note memory bench ------------------------------------------------------------
 def test_memory_bench_builds_like_for_like_sides_and_measures_a_shard(tmp_path):
-    from jobs.bench_memory import build, measure
+    from jobs.bench.memory import build, measure
 
     chars = lambda path: sum(map(len, pq.read_table(path)["text"].to_pylist()))  # noqa: E731
     same = build(tmp_path / "work", "small", notes=8, long=2, long_chars=30_000, same_work=True)

@@ -14,16 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import output
-from jobs.output import (
-    OutputDir,
-    PartWriter,
-    ReasonCode,
-    Report,
-    errors_schema,
-    output_schema,
-    package_version,
-)
+from jobs import output, parts
+from jobs.output import OutputDir, package_version, should_resume
+from jobs.parts import PartWriter
+from jobs.reasons import ReasonCode
+from jobs.report import Report
+from jobs.rows import errors_schema, output_schema
 
 HIDDEN = 4
 META = {
@@ -117,11 +113,6 @@ def test_errors_schema_and_reason_codes():
         "not_json", "not_csv", "undecodable_value",
     }  # fmt: skip
     assert ReasonCode.NULL_ID == "null_id"
-    from jobs import corpus  # its line reader's reasons, kept as plain strings there
-
-    assert {corpus.NOT_JSON, corpus.NOT_CSV, corpus.NOT_TEXT, corpus.UNDECODABLE_LINE} <= {
-        r.value for r in ReasonCode
-    }
 
 
 def test_write_part_commits_atomically_with_metadata(tmp_path: Path):
@@ -178,10 +169,10 @@ def test_streamed_writer_records_stats(tmp_path: Path):
 def test_crashed_writer_is_not_committed_and_is_cleaned(tmp_path: Path):
     out = OutputDir(str(tmp_path))
     out.write_part("done", part(["a"]), None, META)
-    w = PartWriter(out, "crashed", schema(), META)  # the process dies before commit
+    w = PartWriter(out.fs, out.root, "crashed", schema(), META)  # the process dies before commit
     w.write(part(["b"]))
     w._close()
-    leftover = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-crashed-")]
+    leftover = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-part-crashed.")]
     assert len(leftover) == 1 and out.committed() == {"done"}
     out.clean_temp()
     assert files(tmp_path) == ["part-done.parquet"]
@@ -197,13 +188,13 @@ def test_failing_writer_leaves_nothing(tmp_path: Path):
 
 def test_errors_part_is_written_before_the_part(tmp_path: Path, monkeypatch):
     out = OutputDir(str(tmp_path))
-    real = OutputDir._write_atomic
+    real = parts.write_atomic
 
-    def then_crash(self, path, write):
-        real(self, path, write)
+    def then_crash(fs, path, write):
+        real(fs, path, write)
         raise OSError("killed between the errors part and the part")
 
-    monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
+    monkeypatch.setattr(parts, "write_atomic", then_crash)
     with pytest.raises(OSError, match="killed"):
         out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
     assert files(tmp_path) == ["_errors/part-s.parquet"]  # the errors part, no part, no temp
@@ -214,7 +205,7 @@ def test_errors_part_is_written_before_the_part(tmp_path: Path, monkeypatch):
     out.clean_temp()  # as a resumed run starts: the orphan errors part goes, t's stays
     assert files(tmp_path) == ["_errors/part-t.parquet", "part-t.parquet"]
 
-    monkeypatch.setattr(OutputDir, "_write_atomic", then_crash)
+    monkeypatch.setattr(parts, "write_atomic", then_crash)
     with pytest.raises(OSError, match="killed"):
         out.write_part("s", part(["a"]), errors("s", ["b"], ReasonCode.NULL), META)
     monkeypatch.undo()
@@ -268,6 +259,31 @@ def test_check_spec_resume_refuse_overwrite(tmp_path: Path):
     out.write_part("s", part(["a"]), None, META)
     out.check_spec("h2", changed, overwrite=True)  # same spec, new weights: cleared too
     assert out.committed() == set() and out.read_json("_job.json")["spec"] == changed
+
+
+def test_should_resume_decides_without_touching_files():
+    """The resume decision alone: resume, start over, or refuse with the message to act on."""
+    job = {"spec_hash": "h1", "spec": {"model_identity": {"weights_sha256": "w1"}}}
+    decide = lambda job, committed, spec_hash="h1", weights="w1", overwrite=False: should_resume(  # noqa: E731
+        "out", job, committed, spec_hash, weights, overwrite
+    )
+    assert decide(job, {"s"}) is True  # same spec, same weights: resume
+    assert decide(job, {"s"}, weights=None) is True  # weights unknown on one side: resume
+    assert decide(job, {"s"}, overwrite=True) is False  # overwrite: start over
+    assert decide(None, set()) is False and decide(job, set(), "h2") is False  # nothing to keep
+    with pytest.raises(
+        ValueError,
+        match=r"^output dir out holds another job's output \(spec "
+        r"hash h1, 1 part files\); this spec's hash is h2\. Use another",
+    ):
+        decide(job, {"s"}, "h2")
+    with pytest.raises(ValueError, match=r"\(no _job.json, 2 part files\)"):
+        decide(None, {"s", "t"})
+    with pytest.raises(ValueError, match="weights sha256 w1; this run's model has w2"):
+        decide(job, {"s"}, weights="w2")
+    with pytest.raises(ValueError, match=r"^out/_job.json is not a JSON object; use another "):
+        decide([1], set())
+    assert decide([1], {"s"}, overwrite=True) is False
 
 
 def test_check_spec_refuses_parts_without_job_json(tmp_path: Path):
@@ -340,11 +356,11 @@ def test_report_from_json_rejects_unknown_and_missing_keys():
 
 def test_every_output_column_is_reserved_for_keep_columns():
     """keep_columns may not name any column a part file can have, for any heads."""
-    from jobs.output import output_schema
+    from jobs.rows import PART_COLUMNS
     from jobs.spec import RESERVED_COLUMNS
 
     schema = output_schema(pa.int64(), [], 8, "float32", embeddings=True, windows=True, mlm=True)
-    assert set(schema.names) <= set(RESERVED_COLUMNS)
+    assert set(schema.names) <= set(PART_COLUMNS) <= set(RESERVED_COLUMNS)
 
 
 def take_lock_over(out: Path, holder: dict, lock, then=lambda: None, timeout_s=10.0) -> None:
@@ -373,7 +389,8 @@ def test_one_run_per_output_dir_lock(tmp_path: Path):
     import sys
     import time
 
-    from jobs.output import LOCK_FILE, OutputLock
+    from jobs.lock import OutputLock
+    from jobs.output import LOCK_FILE
 
     out = OutputDir(str(tmp_path / "out"))
     a = OutputLock(out, "job-a", lease_s=60)
@@ -420,7 +437,8 @@ def test_a_lock_is_never_seen_half_written(tmp_path: Path):
     written, the lock was found empty 269 times by a reader racing 300 acquisitions."""
     import threading
 
-    from jobs.output import LOCK_FILE, OutputLock
+    from jobs.lock import OutputLock
+    from jobs.output import LOCK_FILE
 
     out = OutputDir(str(tmp_path / "out"))
     path, torn, stop = tmp_path / "out" / LOCK_FILE, [], threading.Event()
@@ -452,7 +470,8 @@ def test_lock_lease_survives_renewals_that_cannot_be_written(tmp_path: Path, mon
     renews again once writing works, instead of dying and letting the lease lapse."""
     import time
 
-    from jobs.output import LOCK_FILE, OutputLock
+    from jobs.lock import OutputLock
+    from jobs.output import LOCK_FILE
 
     out = OutputDir(str(tmp_path / "out"))
     lock = OutputLock(out, "job-f", lease_s=0.3)
@@ -479,7 +498,7 @@ def test_lock_lease_survives_renewals_that_cannot_be_written(tmp_path: Path, mon
 
 
 def test_commit_gate_fences_stale_attempts(tmp_path: Path):
-    from jobs.output import CommitGate, StaleAttempt
+    from jobs.parts import CommitGate, StaleAttempt
 
     gate = CommitGate()
     gate.trust("s", "a1")
