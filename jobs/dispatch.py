@@ -16,40 +16,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from clinicalbert_core.errors import describe, message_line
 
+from .parts import ShardResult
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ShardResult:
-    """What an actor reports for one committed shard (counts only, never text)."""
-
-    shard_id: str
-    pool: str
-    actor: str
-    precision: str = ""  # the precision the actor resolved (runner.precision)
-    rows_in: int = 0  # rows read from the shard
-    rows_out: int = 0  # notes written (each note once, whatever its window rows)
-    output_rows: int = 0  # rows in the part file (windows when not aggregated)
-    error_rows: int = 0
-    filtered_rows: int = 0  # dropped by corpus.where
-    windows: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    nulled: dict[str, int] = field(default_factory=dict)  # kept column -> values nulled
-    token_lengths: list[int] = field(default_factory=list)  # per note; kept for dry runs only
-    seconds: float = 0.0  # busy time in the actor
-    batches: int = 0  # record batches read
-    attempt: str = ""  # the attempt id the driver trusted with this shard
-
-    def stats(self) -> dict[str, Any]:
-        """Counts for the part file's footer (no per-note lists)."""
-        return {k: v for k, v in asdict(self).items() if k != "token_lengths"}
 
 
 @dataclass
@@ -94,10 +68,16 @@ class DispatchOutcome:
     failed: list[FailedShard]
     retries: int
     actor_restarts: int
+    stalls: list[dict[str, Any]] = field(default_factory=list)  # actors killed as stalled
 
 
 class Dispatcher:
-    """Runs shards on actor slots. `submit(handle, shard)` returns a Ray ObjectRef."""
+    """Runs shards on actor slots. `submit(handle, shard)` returns a Ray ObjectRef.
+
+    `ray_api` is what the dispatcher waits, gets and kills through: the `ray` module itself
+    (default), or a fake with the same `wait`, `get` and `kill` (tests drive the scheduling
+    without a cluster). An actor's death is a `ray.exceptions.RayActorError` from `get`, a
+    shard's own error a `RayTaskError`."""
 
     def __init__(
         self,
@@ -109,95 +89,112 @@ class Dispatcher:
         max_restarts: int = 2,
         on_result: Callable[[ShardResult, Slot], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        ray_api: Any = None,
     ):
         self.slots, self.submit, self.restart = slots, submit, restart
         self.max_attempts, self.max_in_flight, self.max_restarts = (
             max_attempts, max_in_flight, max_restarts,
         )  # fmt: skip
         self.on_result, self.on_tick = on_result, on_tick
+        if ray_api is None:
+            import ray as ray_api
+        self.ray = ray_api
         self.in_flight: dict[Any, tuple[Slot, Any, Any, int]] = {}  # ref -> slot, handle, ...
+        self.pending: deque[tuple[Any, int]] = deque()  # (shard, its attempt), next first
         self.outcome = DispatchOutcome([], [], 0, 0)
+        self.death = ""  # how the last actor that died died
 
     def run(self, shards: Sequence[Any]) -> DispatchOutcome:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        pending: deque[tuple[Any, int]] = deque((s, 1) for s in shards)
-        in_flight = self.in_flight  # ref -> slot, handle, shard, try (read by `stop`)
-        outcome = self.outcome = DispatchOutcome([], [], 0, 0)  # so far, also if interrupted
-        results, failed = outcome.results, outcome.failed
-        death = ""  # how the last actor that died died
-
-        def retry_or_fail(shard: Any, attempt: int, error: str) -> None:
-            if attempt < self.max_attempts:
-                outcome.retries += 1
-                log.warning("shard %s of %s attempt %d failed (%s); re-queued",
-                            shard.id, shard.source, attempt, error)  # fmt: skip
-                pending.appendleft((shard, attempt + 1))
-            else:
-                failed.append(FailedShard.of(shard, attempt, error))
-                log.error("%s failed after %d attempts: %s", failed[-1].where(), attempt, error)
-
-        while pending or in_flight:
-            for slot in sorted(self.slots, key=lambda s: s.in_flight):  # fill idle slots first
-                while slot.alive and slot.in_flight < self.max_in_flight and pending:
-                    shard, attempt = pending.popleft()
-                    ref = self.submit(slot.handle, shard)
-                    in_flight[ref] = (slot, slot.handle, shard, attempt)
-                    slot.in_flight += 1
-            if not in_flight:  # shards left but no live actor to run them
-                why = f"no live actor left (the last: {death})" if death else "no live actor left"
-                log.error("%d shards not run: %s", len(pending), why)
-                for shard, attempt in pending:
-                    failed.append(FailedShard.of(shard, attempt - 1, why))
-                pending.clear()
+        """Run every shard (retried up to max_attempts); returns what happened. `outcome`
+        holds the results so far should this raise (Ctrl-C, an on_tick/on_result error)."""
+        self.pending = deque((s, 1) for s in shards)  # `outcome`: so far, also if interrupted
+        while self.pending or self.in_flight:
+            self._fill()
+            if not self.in_flight:  # shards left but no live actor to run them
+                self._fail_pending()
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
-                slot, handle, shard, attempt = in_flight.pop(ref)
-                if handle is slot.handle:  # refs of a replaced handle no longer count
-                    slot.in_flight -= 1
-                try:
-                    result: ShardResult = ray.get(ref)
-                except RayActorError as e:
-                    if getattr(e, "actor_init_failed", False):
-                        # its __init__ raised: the shard never ran and spends no attempt
-                        why = message_line(e, last=True) or type(e).__name__
-                        death = f"actor {slot.name} could not start: {why}"
-                        pending.appendleft((shard, attempt))
-                    else:
-                        death = f"actor {slot.name} died: {type(e).__name__}"
-                        retry_or_fail(shard, attempt, death)
-                    if handle is slot.handle and slot.alive:  # first news of this death
-                        slot.alive, slot.in_flight = False, 0
-                        if slot.restarts < self.max_restarts:
-                            slot.handle, slot.alive = self.restart(slot), True
-                            slot.restarts += 1
-                            outcome.actor_restarts += 1
-                            log.warning("%s; restarted (%d)", death, slot.restarts)
-                        else:
-                            log.error("%s; restarted %d times already: left out", death,
-                                      slot.restarts)  # fmt: skip
-                except RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    retry_or_fail(shard, attempt, describe(cause))
-                else:
-                    results.append(result)
-                    if self.on_result:
-                        self.on_result(result, slot)
+                self._collect(ref)
             if self.on_tick:
                 self.on_tick()
-        return outcome
+        return self.outcome
+
+    def _fill(self) -> None:
+        """Give each live slot shards until it has max_in_flight (idle slots first)."""
+        for slot in sorted(self.slots, key=lambda s: s.in_flight):
+            while slot.alive and slot.in_flight < self.max_in_flight and self.pending:
+                shard, attempt = self.pending.popleft()
+                ref = self.submit(slot.handle, shard)
+                self.in_flight[ref] = (slot, slot.handle, shard, attempt)
+                slot.in_flight += 1
+
+    def _collect(self, ref: Any) -> None:
+        """One finished shard task: its result, its error (retried) or its actor's death."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        slot, handle, shard, attempt = self.in_flight.pop(ref)
+        if handle is slot.handle:  # refs of a replaced handle no longer count
+            slot.in_flight -= 1
+        try:
+            result: ShardResult = self.ray.get(ref)
+        except RayActorError as e:
+            self._actor_died(slot, handle, shard, attempt, e)
+        except RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            self._retry_or_fail(shard, attempt, describe(cause))
+        else:
+            self.outcome.results.append(result)
+            if self.on_result:
+                self.on_result(result, slot)
+
+    def _actor_died(self, slot: Slot, handle: Any, shard: Any, attempt: int, e: Exception) -> None:
+        if getattr(e, "actor_init_failed", False):
+            # its __init__ raised: the shard never ran and spends no attempt
+            why = message_line(e, last=True) or type(e).__name__
+            self.death = f"actor {slot.name} could not start: {why}"
+            self.pending.appendleft((shard, attempt))
+        else:
+            self.death = f"actor {slot.name} died: {type(e).__name__}"
+            self._retry_or_fail(shard, attempt, self.death)
+        if handle is not slot.handle or not slot.alive:  # not the first news of this death
+            return
+        slot.alive, slot.in_flight = False, 0
+        if slot.restarts < self.max_restarts:
+            slot.handle, slot.alive = self.restart(slot), True
+            slot.restarts += 1
+            self.outcome.actor_restarts += 1
+            log.warning("%s; restarted (%d)", self.death, slot.restarts)
+        else:
+            log.error("%s; restarted %d times already: left out", self.death, slot.restarts)
+
+    def _retry_or_fail(self, shard: Any, attempt: int, error: str) -> None:
+        if attempt < self.max_attempts:
+            self.outcome.retries += 1
+            log.warning("shard %s of %s attempt %d failed (%s); re-queued",
+                        shard.id, shard.source, attempt, error)  # fmt: skip
+            self.pending.appendleft((shard, attempt + 1))
+        else:
+            self.outcome.failed.append(FailedShard.of(shard, attempt, error))
+            log.error("%s failed after %d attempts: %s", self.outcome.failed[-1].where(),
+                      attempt, error)  # fmt: skip
+
+    def _fail_pending(self) -> None:
+        """No live actor is left: every pending shard fails with the last death as reason."""
+        death = self.death
+        why = f"no live actor left (the last: {death})" if death else "no live actor left"
+        log.error("%d shards not run: %s", len(self.pending), why)
+        for shard, attempt in self.pending:
+            self.outcome.failed.append(FailedShard.of(shard, attempt - 1, why))
+        self.pending.clear()
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Kill every actor and wait until each in-flight shard's task has ended (its result,
         or the actor's death): once this returns, no actor of this run can still commit."""
-        import ray
-
         for slot in self.slots:
-            ray.kill(slot.handle)
+            self.ray.kill(slot.handle)
         if self.in_flight:
-            ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
+            self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
 
 
 class Progress:

@@ -25,8 +25,8 @@ import pyarrow as pa
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 
-from .actor import classify, non_finite_notes, tokenize_rows
-from .output import ReasonCode
+from .notes import classify, non_finite_notes, tokenize_rows
+from .reasons import ReasonCode
 
 
 class EncoderPredictor:

@@ -1,11 +1,14 @@
-"""Fixtures the job tests share: a small prepared BERT and a local Ray (2 CPUs) per module."""
+"""Fixtures the job tests share: a small prepared BERT, and one local Ray (2 CPUs) for the
+whole session whose workers can be slowed down per test (`slowdown`, see slowdown.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+import slowdown as slowdown_hooks
 
 from clinicalbert_core.hub import prepare
 from jobs.synthetic import make_model
@@ -18,11 +21,36 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare(raw, root / "prepared", variant="custom", lowercase=False)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray this module starts and stops (never `ray stop`: only this process's Ray)."""
+@pytest.fixture(scope="session")
+def slowdown_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slowdown") / "slowdown.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.fixture
+def slowdown(slowdown_file: Path):
+    """slowdown({"<pool>": seconds per record batch, "staging": seconds per input}): what the
+    session's Ray workers sleep from now until the test ends."""
+    yield lambda plan: slowdown_file.write_text(json.dumps(plan))
+    slowdown_file.write_text("{}")
+
+
+@pytest.fixture
+def ray_local(slowdown_file: Path):
+    """The session's local Ray (never `ray stop`: only this process's Ray). Started on first
+    use, and again after a test that shut it down to use a cluster of its own."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING,
+                 runtime_env=slowdown_hooks.runtime_env(slowdown_file))  # fmt: skip
     yield ray
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()

@@ -71,7 +71,8 @@ def test_hung_actor_is_replaced_and_its_late_commit_never_lands(tmp_path, model_
 
 
 def test_second_run_into_the_same_output_is_refused(tmp_path, model_dir, ray_local):
-    from jobs.output import OutputDir, OutputLock
+    from jobs.lock import OutputLock
+    from jobs.output import OutputDir
 
     table, corpus = parquet_corpus(tmp_path, 20)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
@@ -98,7 +99,8 @@ def test_a_run_whose_lock_is_taken_over_stops_and_touches_nothing(
     import pyarrow.parquet as pq
 
     from jobs import driver
-    from jobs.output import LOCK_FILE, OutputLock
+    from jobs.lock import OutputLock
+    from jobs.output import LOCK_FILE
 
     table, corpus = parquet_corpus(tmp_path, 40)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
@@ -274,26 +276,33 @@ class CliDriver:
         import yaml
 
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-        self.cmd = [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml")]
+        # the CLI (python -m jobs run) with its Ray's workers slowed as self.slowdown_file says
+        script = Path(__file__).resolve().parent / "slowdown.py"
+        self.cmd = [sys.executable, str(script), "run", str(tmp_path / "job.yaml")]
+        self.slowdown_file = tmp_path / "slowdown.json"
         self.repo = Path(__file__).resolve().parents[1]
         self.temps: list[str] = []
         self.procs: list = []
         self.tree: dict[int, tuple[str, str]] = {}  # a started driver's processes, once seen
 
-    def env(self, slowdown: str) -> dict:
+    def env(self, slowdown: dict) -> dict:
+        import json
         import tempfile
 
-        self.temps.append(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))
-        return {**os.environ, "RAY_TMPDIR": self.temps[-1], "CLINICALBERT_TEST_SLOWDOWN": slowdown}
+        from slowdown import ENV
 
-    def start(self, slowdown: str = ""):
+        self.temps.append(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))
+        self.slowdown_file.write_text(json.dumps(slowdown))
+        return {**os.environ, "RAY_TMPDIR": self.temps[-1], ENV: str(self.slowdown_file)}
+
+    def start(self, slowdown: dict | None = None):
         """A driver in the background, stdout and stderr piped; SIGINT's default action back
         (a test run started in the background, `make test &`, has it ignored, and an ignored
         SIGINT is inherited across exec)."""
         import subprocess
 
         default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-        proc = subprocess.Popen(self.cmd, env=self.env(slowdown), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.cmd, env=self.env(slowdown or {}), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=self.repo,
                                 preexec_fn=default_sigint)  # fmt: skip
         self.procs.append(proc)
@@ -303,7 +312,7 @@ class CliDriver:
         """A driver to its end: the CompletedProcess."""
         import subprocess
 
-        return subprocess.run(self.cmd, env=self.env(""), capture_output=True, text=True,
+        return subprocess.run(self.cmd, env=self.env({}), capture_output=True, text=True,
                               timeout=300, cwd=self.repo)  # fmt: skip
 
     def raylet(self, proc) -> int:
@@ -352,7 +361,7 @@ def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_loca
                                                  "progress_interval_s": 0.2})  # fmt: skip
     driver = cli(spec)
     out = tmp_path / "out"
-    proc = driver.start("cpu=0.3")
+    proc = driver.start({"cpu": 0.3})
     deadline = time.monotonic() + 120
     while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -491,7 +500,7 @@ def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, 
     driver = cli(spec)
     out = tmp_path / "out"
     # 2 s per shard: 12 shards on 2 actors last far longer than the driver takes to notice
-    proc = driver.start("cpu=2")
+    proc = driver.start({"cpu": 2})
     deadline = time.monotonic() + 180
     while not list(out.glob("part-*.parquet")) and proc.poll() is None:
         assert time.monotonic() < deadline, "the job never committed a shard"
@@ -532,7 +541,7 @@ def test_local_raylet_killed_while_planning(tmp_path, model_dir, ray_local, cli)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
     driver = cli(spec)
     out = tmp_path / "out"
-    proc = driver.start("staging=60")  # the staging task sleeps: the driver waits on it
+    proc = driver.start({"staging": 60})  # the staging task sleeps: the driver waits on it
     deadline = time.monotonic() + 120
     while not _staging_task_running(proc.pid):
         assert proc.poll() is None, proc.communicate()[1][-3000:]

@@ -59,6 +59,12 @@ def run(spec: dict, base: Path, **kw):
     return run_job(parse_spec(spec, base), **kw)
 
 
+def dry_run(spec: dict, base: Path):
+    from jobs.dry_run import dry_run_job
+
+    return dry_run_job(parse_spec(spec, base))
+
+
 def read_out(path: Path) -> tuple[pa.Table, pa.Table | None]:
     parts = sorted(path.glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
@@ -116,7 +122,7 @@ def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
 
 
 def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_local, caplog):
-    caplog.set_level(logging.INFO, logger="jobs.driver")
+    caplog.set_level(logging.INFO, logger="jobs")
     table = notes_table(45)
     pq.write_table(table, tmp_path / "notes.parquet", row_group_size=10)
     corpus = {"format": "parquet", "paths": [str(tmp_path / "notes.parquet")],
@@ -268,26 +274,23 @@ def test_ragged_csv_rows_are_error_rows_and_the_rest_is_the_clean_output(
     assert CANARY not in text + captured.out + captured.err
 
 
-def test_heterogeneous_pools_faster_takes_more(tmp_path, model_dir, ray_local, monkeypatch):
+def test_two_pools_share_the_shards_exactly_once(tmp_path, model_dir, ray_local, slowdown):
+    """Two pools, one slowed down: every shard runs once, on one of them, and both take part.
+    How shards split by speed is tested without Ray (test_dispatch.py), deterministically."""
     table, corpus = parquet_corpus(tmp_path, 80)
     pools = [
         {"name": "fast", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
         {"name": "slow", "device": "cpu", "actors": 1, "precision": "fp32", "batch_tokens": 1024},
     ]
-    monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "slow=0.6")
+    slowdown({"slow": 0.3})
     spec = job(
         tmp_path, model_dir, corpus, device_pool=pools, run={"shard_rows": 5, "batch_rows": 5}
     )
-    import ray
-
-    ray.shutdown()  # actors inherit the env of the Ray started after setenv
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     report = run(spec, tmp_path)
     out, errors = read_out(tmp_path / "out")
     check_exactly_once(table["note_id"].to_pylist(), out, errors)
     shards = {k: v["shards"] for k, v in report["per_pool"].items()}
-    assert shards["fast"] + shards["slow"] == 16
-    assert shards["fast"] > 2 * shards["slow"], shards
+    assert shards["fast"] + shards["slow"] == 16 and shards["fast"] >= 1 and shards["slow"] >= 1
 
 
 def test_each_actor_records_the_precision_it_ran(tmp_path, model_dir, ray_local):
@@ -400,10 +403,10 @@ def test_planning_says_how_far_it_is(ray_local, caplog):
     (here one input of two is done, the other sleeps 2 s)."""
     import time
 
-    from jobs.driver import _ray_map
+    from jobs.launch import ray_map
 
-    with caplog.at_level(logging.INFO, logger="jobs.driver"):
-        assert _ray_map(time.sleep, [0, 2.0], every_s=0.5) == [None, None]
+    with caplog.at_level(logging.INFO, logger="jobs.launch"):
+        assert ray_map(time.sleep, [0, 2.0], every_s=0.5) == [None, None]
     lines = [r.getMessage() for r in caplog.records if r.message.startswith("planning: ")]
     assert lines and all(re.fullmatch(r"planning: [01] of 2 inputs read or staged, elapsed "
                                       r"0m0\ds", line) for line in lines), lines  # fmt: skip
@@ -411,7 +414,7 @@ def test_planning_says_how_far_it_is(ray_local, caplog):
 
 
 def test_dry_run_keeps_the_pools_this_machine_can_run():
-    from jobs.driver import scale_pools
+    from jobs.dry_run import scale_pools
     from jobs.spec import PoolSpec
 
     pools = (PoolSpec(name="gpu", device="cuda", actors=4),
@@ -426,11 +429,11 @@ def test_dry_run_keeps_the_pools_this_machine_can_run():
 
 def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
     from jobs.dispatch import fmt_duration
-    from jobs.driver import print_dry_run
+    from jobs.dry_run import print_dry_run
 
     table, corpus = parquet_corpus(tmp_path, 40, 10)
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
-    report = run(spec, tmp_path, dry_run=True)
+    report = dry_run(spec, tmp_path)
     d = report["dry_run"]
     assert d["sampled_notes"] == 15 and d["corpus_rows"] == 40
     assert d["token_length"]["max"] >= d["token_length"]["p95"] >= d["token_length"]["p50"] > 0
@@ -589,7 +592,7 @@ def test_standard_readers_get_exactly_the_vectors_and_no_text_under_output(
     out_dir = tmp_path / "out"
     staging = tmp_path / "out.staging"
     staging.mkdir()  # a staging run killed earlier left a partial copy of the notes
-    (staging / f".notes-x.parquet.{'0' * 32}.tmp").write_text(CANARY)
+    (staging / f".tmp-notes-x.parquet-{'0' * 32}").write_text(CANARY)
     report = run(job(tmp_path, model_dir, corpus, run={"max_note_chars": 5000}), tmp_path)
     assert report["errors_by_reason"] == {"null": 1, "too_long": 1, "undecodable": 1}
     assert report["rows_out"] == 15 and not staging.exists()  # staged copy removed on success
@@ -881,15 +884,11 @@ def test_id_type_drift_is_refused_by_name_and_added_files_run_alone(
     assert_equals_clean_run(tmp_path / "out", job(tmp_path, model_dir, corpus), tmp_path)
 
 
-def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, monkeypatch, capfd):
+def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, slowdown, capfd):
     import re
 
-    import ray
-
     table, corpus = parquet_corpus(tmp_path, 40, 40)
-    monkeypatch.setenv("CLINICALBERT_TEST_SLOWDOWN", "lag=0.4")  # only this test's pool
-    ray.shutdown()  # actors inherit the env of the Ray started after setenv
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    slowdown({"lag": 0.4})  # only this test's pool
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 40, "batch_rows": 4,
                                                  "progress_interval_s": 0.5})  # fmt: skip
     spec["device_pool"][0] |= {"name": "lag", "actors": 1}

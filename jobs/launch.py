@@ -1,0 +1,166 @@
+"""Starting things on the Ray cluster: the connection, actors (their CPUs, environment and
+options), the commit gate, and parallel planning tasks. The driver decides what runs; this
+module knows how Ray starts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from .dispatch import fmt_duration
+from .preflight import pool_problems
+from .spec import JobSpec, PoolSpec, SpecError
+from .watch import LocalNode
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` (default RAY_ADDRESS, else a cluster `ray start` left
+    on this host, else a new local one); "local" starts a private one (dry runs). A process
+    that is already connected stays as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    log.info("%s", cluster_line())
+
+
+def _apply(fn: Any, item: Any) -> Any:
+    return fn(item)
+
+
+def ray_map(
+    fn: Any, items: Any, node: LocalNode | None = None, every_s: float | None = None
+) -> list[Any]:
+    """map() over Ray tasks, results in order (staging inputs in parallel). With `node`, the
+    driver's own raylet is watched while it waits (NodeLost once it is gone); with `every_s`,
+    a line every `every_s` seconds says how many inputs are done (staging a large CSV takes
+    minutes)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_apply)
+    refs = [task.remote(fn, x) for x in items]
+    pending = refs
+    t0 = last = time.monotonic()
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            ray.get(done)  # an input's error as soon as its task ends
+            if node is not None:
+                node.check()
+            if every_s is not None and pending and time.monotonic() - last >= every_s:
+                last = time.monotonic()
+                log.info("planning: %d of %d inputs read or staged, elapsed %s",
+                         len(refs) - len(pending), len(refs), fmt_duration(last - t0))  # fmt: skip
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
+        raise e.cause from None
+
+
+GPU_CPUS = 4  # CPUs a cuda actor tokenizes on when its pool leaves cpus_per_actor unset
+
+
+def actor_cpus(pool: PoolSpec, nodes: list[dict[str, Any]]) -> int:
+    """CPUs one actor of `pool` asks Ray for: cpus_per_actor when the spec sets it. A cuda
+    pool that leaves it unset gets GPU_CPUS, at most the CPUs per GPU of its smallest alive
+    GPU node (so every GPU there can still get an actor), at least 1."""
+    if pool.device != "cuda" or "cpus_per_actor" in pool.model_fields_set:
+        return pool.cpus_per_actor
+    shares = [
+        int(res.get("CPU", 0) // res["GPU"])
+        for res in (n.get("Resources", {}) for n in nodes if n.get("Alive", True))
+        if res.get("GPU")
+    ]
+    return max(1, min([GPU_CPUS, *shares]))
+
+
+def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
+    """The environment an actor's process starts with (the libraries read it once).
+
+    Threads: torch gets `cpus` (OMP_NUM_THREADS). A cuda actor tokenizes on its `cpus`
+    CPUs (`tokenizers`' pool: TOKENIZERS_PARALLELISM on, RAYON_NUM_THREADS; unset, rayon
+    would take every CPU of the node); a CPU actor's CPUs run torch, and it tokenizes on
+    one thread ahead of the encoder.
+
+    torch's oneDNN caches off (`ops.ONEDNN_CACHE_ENV` explains them): an actor's batches fill
+    its token budget, each with its own token count, so a cached kernel is rarely met again
+    while its buffers (~10 MiB each at BERT-base width) stay; off, memory is flat at the same
+    speed (README: what bounds an actor's memory).
+    """
+    env = {
+        "OMP_NUM_THREADS": str(cpus),
+        "TOKENIZERS_PARALLELISM": "false",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+        "LRU_CACHE_CAPACITY": "1",  # ideep's own cache (torch's oneDNN layer); 0 crashes torch
+    }
+    if pool.device == "cuda":
+        env |= {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
+    if pool.device == "mps":  # an operator MPS lacks runs on the CPU instead of failing
+        env["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
+    return env
+
+
+def start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, spec_hash: str) -> Any:
+    """One EncoderActor of `pool` (its CPUs, GPU, accelerator type and environment), given
+    the shipped model, the spec, its own pool and the spec hash."""
+    import ray
+
+    from .actor import EncoderActor
+
+    cpus = actor_cpus(pool, ray.nodes())
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if pool.device == "cuda":
+        options["num_gpus"] = 1
+        if pool.accelerator_type:
+            options["accelerator_type"] = pool.accelerator_type
+    env = actor_env(pool, cpus)
+    cls = ray.remote(concurrency_groups={"monitor": 1})(EncoderActor)  # progress() answers
+    cls = cls.options(**options, runtime_env={"env_vars": env})  # while process() runs
+    return cls.remote(bundle_ref, spec, pool, f"{pool.name}-{index}", spec_hash, cpus)
+
+
+def start_gate() -> Any:
+    """The run's CommitGate actor, on the driver's node: it lives exactly as long as the
+    driver, whatever node is lost."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .parts import CommitGate
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(CommitGate).options(scheduling_strategy=here).remote()
+
+
+def cluster_line() -> str:
+    """Which Ray cluster this run uses and what it has: without --address or RAY_ADDRESS,
+    Ray joins a cluster `ray start` left running on this host rather than starting one."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return (
+        f"Ray cluster at {ray.get_runtime_context().gcs_address}: {nodes} node(s), "
+        f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+    )
+
+
+def check_resources(pools: tuple[PoolSpec, ...]) -> None:
+    """The pools fit this cluster: GPU pools need GPUs, every actor a node it fits on."""
+    import ray
+
+    res = ray.cluster_resources()
+    need_gpu = sum(p.actors for p in pools if p.device == "cuda")
+    if need_gpu and not res.get("GPU"):
+        raise RuntimeError(
+            f"the spec's GPU pools need {need_gpu} GPU(s) but this Ray cluster has none; "
+            "run on a cluster with GPU workers, or use --dry-run to test on this machine"
+        )
+    if problems := pool_problems(pools, ray.nodes()):
+        raise SpecError(problems)

@@ -1,0 +1,79 @@
+"""Test-only slowdowns inside Ray's worker processes (no knob in the product code).
+
+A Ray cluster started with `runtime_env(path)` runs `install()` in every worker process it
+starts: it wraps the actor's per-unit loop (`ShardProcessor._units`) and the staging task
+(`jobs.corpus.staging.stage_source`) so that they sleep for what the JSON file at `path`
+says at the time of the call: {"<pool name>": seconds after each record batch of that pool's
+actors, "staging": seconds before each input is staged}. Tests write that file (the
+`slowdown` fixture); a missing or empty file slows nothing.
+
+`python tests/slowdown.py run SPEC` is the CLI (`python -m jobs run SPEC`) with its Ray
+started that way (a driver in its own process: SLOWDOWN_FILE names the file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ENV = "SLOWDOWN_FILE"
+HERE = str(Path(__file__).resolve().parent)
+
+
+def runtime_env(path: str | os.PathLike) -> dict[str, Any]:
+    """The job-level runtime env that slows workers down as the file at `path` says."""
+    python_path = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+    return {
+        "worker_process_setup_hook": "slowdown.install",
+        "env_vars": {"PYTHONPATH": python_path, ENV: str(path)},
+    }
+
+
+def seconds(key: str) -> float:
+    try:
+        return float(json.loads(Path(os.environ[ENV]).read_text() or "{}").get(key, 0.0))
+    except (KeyError, FileNotFoundError):
+        return 0.0
+
+
+def install() -> None:
+    """Ray's worker_process_setup_hook: wrap the functions a slowdown applies to."""
+    from jobs import actor
+    from jobs.corpus import staging
+
+    units, stage = actor.ShardProcessor._units, staging.stage_source
+
+    def slow_units(self: Any, reader: Any) -> Any:
+        for unit in units(self, reader):
+            yield unit
+            if unit.last:
+                time.sleep(seconds(self.pool.name))
+
+    def slow_stage(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds("staging"))
+        return stage(*args, **kwargs)
+
+    actor.ShardProcessor._units = slow_units
+    staging.stage_source = slow_stage
+
+
+def main() -> int:
+    import ray
+
+    from jobs.cli import main as cli_main
+
+    init = ray.init
+
+    def slowed_init(*args: Any, **kwargs: Any) -> Any:
+        return init(*args, runtime_env=runtime_env(os.environ[ENV]), **kwargs)
+
+    ray.init = slowed_init
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
