@@ -1,14 +1,35 @@
-"""clinicalbert_core: a padding-free ClinicalBERT runtime (no Ray)."""
+"""clinicalbert_core: a padding-free ClinicalBERT runtime (no Ray).
 
-from .config import EncoderConfig
-from .hub import Checkpoint, ModelBundle, inspect, open_checkpoint, prepare
-from .ops import bound_onednn_caches
-from .placement import MlmExecMode
-from .runner import ClinicalBertRunner, EncodeOutput, MlmPrediction, RunnerOptions, WindowOutput
-from .tokenizer import NoteTokenizer, Specials, Windows
-from .variants import VARIANTS, Variant, get_variant
+Importing it is cheap and changes nothing: each public name (torch, tokenizers and the hub
+client with it) loads on first use. A ClinicalBertRunner bounds torch's oneDNN caches when it
+is created (`ops.bound_onednn_caches`).
+"""
 
-bound_onednn_caches()  # before any oneDNN op of this process: memory flat over many shapes
+from importlib import import_module
+from typing import Any
+
+# public name -> the module it lives in
+_HOMES = {
+    "VARIANTS": "variants",
+    "Checkpoint": "hub",
+    "ClinicalBertRunner": "runner",
+    "EncodeOutput": "runner",
+    "EncoderConfig": "config",
+    "MlmExecMode": "device",
+    "MlmPrediction": "runner",
+    "ModelBundle": "hub",
+    "NoteTokenizer": "tokenizer",
+    "RunnerOptions": "runner",
+    "Specials": "tokenizer",
+    "Variant": "variants",
+    "WindowOutput": "runner",
+    "Windows": "tokenizer",
+    "bound_onednn_caches": "ops",
+    "get_variant": "variants",
+    "inspect": "hub",
+    "open_checkpoint": "hub",
+    "prepare": "hub",
+}
 
 __all__ = [
     "VARIANTS",
@@ -30,3 +51,14 @@ __all__ = [
     "open_checkpoint",
     "prepare",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = globals()[name] = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+        return value
+    raise AttributeError(f"module 'clinicalbert_core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

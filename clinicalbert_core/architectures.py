@@ -1,7 +1,15 @@
-"""model_type -> the module that implements it (config fields, encoder, weight names).
+"""model_type -> the module that implements it, and the contract every such module meets.
 
 The architecture always comes from the checkpoint's config.json (`model_type`; a legacy
 `bert_config.json` has none and is BERT), never from a repo or variant name.
+
+Each architecture module (bert.py, modernbert.py) provides every name in `CONTRACT`, and the
+shared mechanics use only these names: `architectures` reads configs with `Config`,
+`weights` loads tensors with the rename table and shapes, `hub` takes the config's special
+token ids and `inspect` fields from it, `runner` builds `Encoder`, `Pooler` and `mlm_head`
+and falls back to `DEFAULT_POOLING`, and `clinicalbert inspect` prints `inspect_lines`. None
+of them tests a model_type. A new architecture is one new module providing these names,
+added to `ARCHITECTURES` (tests/test_architectures.py checks every module against CONTRACT).
 """
 
 from __future__ import annotations
@@ -14,6 +22,35 @@ from . import bert, modernbert
 from .config import EncoderConfig, read_json_object
 
 ARCHITECTURES: dict[str, ModuleType] = {"bert": bert, "modernbert": modernbert}
+
+# (name, kind, what it is): kind is one of class, class | None, function, str, tuple, dict,
+# pattern (a compiled re)
+CONTRACT: tuple[tuple[str, str, str], ...] = (
+    ("Config", "class", "EncoderConfig subclass; Config.from_dict(raw, source) reads and "
+     "validates a config.json dict (errors name `source`)"),
+    ("Encoder", "class", "nn.Module(config): forward(PackedBatch) -> hidden (N, C); "
+     "place(varlen, ffn_chunk) sets the kernels once; .layers holds the linears to swap"),
+    ("Pooler", "class | None", "nn.Module(config): h_cls (B, C) -> (B, C); None when the "
+     "architecture has no trained pooler"),
+    ("mlm_head", "function", "config -> heads.MlmHead with the architecture's activation, "
+     "norm and biases"),
+    ("DEFAULT_POOLING", "str", "the pooling when neither the options nor the variant name one"),
+    ("KEY_PREFIXES", "tuple", "checkpoint key prefixes stripped before renaming"),
+    ("RENAMES", "dict", "checkpoint key (prefix stripped) -> our parameter name; `{i}` is a "
+     "layer; embed.word.weight and mlm.decoder.weight name the tied pair"),
+    ("IGNORED", "pattern", "checkpoint keys (prefix stripped) skipped without a word"),
+    ("normalise_key", "function", "checkpoint key -> its spelling in RENAMES (legacy names)"),
+    ("expected_shapes", "function", "config -> {our name: shape} of every encoder tensor "
+     "before `finish`"),
+    ("head_shapes", "function", "config -> {'pooler': {name: shape}, 'mlm': {name: shape}}"),
+    ("finish", "function", "(params, config) -> the params Encoder loads (fusing, folding)"),
+    ("special_ids", "function", "config -> {'cls': id | None, 'sep': id | None}: the framing "
+     "token ids the config names, a fallback for the tokenizer files"),
+    ("inspect_fields", "function", "config -> the architecture's own entries of `inspect` "
+     "(JSON types)"),
+    ("inspect_lines", "function", "inspect's dict -> [(label, text)] that `clinicalbert "
+     "inspect` prints after the shape line"),
+)  # fmt: skip
 
 
 def architecture(model_type: str, source: str = "config") -> ModuleType:

@@ -207,3 +207,19 @@ def finish(params: dict[str, torch.Tensor], config: Config) -> dict[str, torch.T
     token_type = params.pop("token_type")
     params["embed.position.weight"] = params["embed.position.weight"] + token_type[0]
     return params
+
+
+# ---- what the tokenizer and `inspect` need from the config -------------------------------------
+def special_ids(config: Config) -> dict[str, int | None]:
+    """The framing token ids the config names: none (BERT's come from the tokenizer files)."""
+    return {"cls": None, "sep": None}
+
+
+def inspect_fields(config: Config) -> dict[str, Any]:
+    """BERT's own entries of `inspect`: none beyond the shape every architecture has."""
+    return {}
+
+
+def inspect_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) lines `clinicalbert inspect` prints after the shape: none."""
+    return []

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save, save_file
 from tokenizers import Tokenizer
 
+from . import architectures
 from . import weights as W
-from .architectures import config_from_file
 from .config import EncoderConfig, read_json_object
 from .tokenizer import (
     Specials,
@@ -234,7 +234,7 @@ def open_checkpoint(
             f"{files.root}: files do not match {MANIFEST} (corrupted or changed since "
             "prepare; prepare it again): " + "; ".join(problems)
         )
-    config = config_from_file(files.config)
+    config = architectures.config_from_file(files.config)
     manifest = files.manifest or {}
     v = get_variant(variant or manifest.get("variant") or "custom")
     check_config(v, config)
@@ -252,7 +252,7 @@ def open_checkpoint(
     if "specials" in manifest:
         specials = Specials(**manifest["specials"])
     else:
-        config_ids = {r: getattr(config, f"{r}_token_id", None) for r in ("cls", "sep")}
+        config_ids = architectures.of(config).special_ids(config)
         specials = find_specials(tok, files.tokenizer_config(), config_ids)
     return Checkpoint(files, provenance, v, config, casing, tok, specials, tuple(notes))
 
@@ -286,7 +286,7 @@ class ModelBundle:
         if ck.files.weights.suffix == ".safetensors":
             blob = ck.files.weights.read_bytes()
         else:
-            blob = save(_dedupe(state))
+            blob = save(W.dedupe(state, ck.config))
         del state
         return cls(
             config=ck.config.to_dict(),
@@ -309,22 +309,6 @@ class ModelBundle:
             "tokenizer": self.tokenizer_kind, "weights_sha256": self.weights_sha256,
             "lowercase": self.lowercase, "source": self.source,
         }  # fmt: skip
-
-
-def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: drop a decoder tied to the embeddings, copy others."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    embeddings = [
-        e for e in state if e.endswith(("word_embeddings.weight", "tok_embeddings.weight"))
-    ]
-    for k, t in state.items():
-        if k.endswith("decoder.weight") and any(torch.equal(t, state[e]) for e in embeddings):
-            continue  # re-tied at load
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone().contiguous() if ptr in seen else t.contiguous()
-        seen.add(ptr)
-    return out
 
 
 def prepare(
@@ -356,7 +340,7 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(_dedupe(state), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(W.dedupe(state, ck.config), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(ck.config.to_dict(), indent=2) + "\n")
         ck.tokenizer.save(str(tmp / "tokenizer.json"))
         if ck.files.vocab is not None:
@@ -369,7 +353,7 @@ def prepare(
             "tokenizer_notes": list(ck.tokenizer_notes),
             "specials": ck.specials.to_dict(),
             "heads": heads,
-            "parameters": sum(t.numel() for t in _dedupe(state).values()),
+            "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -412,35 +396,16 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "hidden": c.hidden_size,
         "attention_heads": c.num_attention_heads,
         "max_positions": c.max_position_embeddings,
-        **(
-            {
-                "local_window": c.local_attention,
-                "global_every": _global_every(c),
-                "rope_theta": {"global": c.global_rope_theta, "local": c.local_rope_theta},
-            }
-            if c.model_type == "modernbert"
-            else {}
-        ),  # fmt: skip
+        **architectures.of(c).inspect_fields(c),
         "tokenizer": ck.tokenizer_kind,
         "lowercase": ck.lowercase,
         "specials": ck.specials.to_dict(),
         "tokenizer_notes": list(ck.tokenizer_notes),
         "heads": W.heads_present(state, c),
-        "parameters": sum(t.numel() for t in _dedupe(state).values()),
+        "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
         "config": c.to_dict(),
         "source": (ck.files.manifest or {}).get("source"),
         "prepared": ck.files.manifest is not None,
         "integrity": integrity_problems(ck.files.root, ck.files.manifest, digests),
         "sha256": digests,
     }
-
-
-def _global_every(config: Any) -> int | None:
-    """The period of global layers when they are evenly spaced from layer 0, else None."""
-    types = config.layer_types
-    globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
-    if len(globals_) > 1 and globals_[0] == 0:
-        step = globals_[1]
-        expect = [i for i in range(len(types)) if i % step == 0]
-        return step if globals_ == expect else None
-    return None

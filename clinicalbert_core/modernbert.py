@@ -256,3 +256,41 @@ def head_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
 
 def finish(params: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     return params  # Wqkv is fused already; no position table
+
+
+# ---- what the tokenizer and `inspect` need from the config -------------------------------------
+def special_ids(config: Config) -> dict[str, int | None]:
+    """The framing token ids the config names (`cls_token_id`, `sep_token_id`), a fallback for
+    tokenizer files that do not say."""
+    return {"cls": config.cls_token_id, "sep": config.sep_token_id}
+
+
+def inspect_fields(config: Config) -> dict[str, Any]:
+    """ModernBERT's own entries of `inspect`: local window, global layer period, rope thetas."""
+    return {
+        "local_window": config.local_attention,
+        "global_every": _global_every(config),
+        "rope_theta": {"global": config.global_rope_theta, "local": config.local_rope_theta},
+    }
+
+
+def inspect_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) lines `clinicalbert inspect` prints after the shape, from `inspect`'s dict."""
+    every, window = info["global_every"], info["local_window"]
+    layers = every if every else "layer in " + str(info["config"]["layer_types"])
+    theta = info["rope_theta"]
+    return [
+        ("attention", f"local window {window} (|i-j| <= {window // 2}), global every {layers}"),
+        ("rope theta", f"global {theta['global']:g}, local {theta['local']:g}"),
+    ]
+
+
+def _global_every(config: Config) -> int | None:
+    """The period of global layers when they are evenly spaced from layer 0, else None."""
+    types = config.layer_types
+    globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
+    if len(globals_) > 1 and globals_[0] == 0:
+        step = globals_[1]
+        expect = [i for i in range(len(types)) if i % step == 0]
+        return step if globals_ == expect else None
+    return None

@@ -44,14 +44,15 @@ def place(layers: nn.ModuleList, varlen: bool, ffn_chunk: int) -> None:
 # batch. 16 entries keep memory bounded and still hold every kernel of one forward pass, which
 # its layers reuse (caches off, a single short note takes ~1.8x as long: each layer rebuilds
 # its kernels). oneDNN reads them at its first op. Job actors turn them off instead
-# (driver.actor_env: their batches are large, a rebuild is noise there, memory is not).
+# (jobs.launch.actor_env: their batches are large, a rebuild is noise there, memory is not).
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
 
 
 def bound_onednn_caches() -> None:
     """Bound torch's oneDNN caches in this process (ONEDNN_CACHE_ENV) unless the environment
-    already sets them; effective when called before torch's first oneDNN op (clinicalbert_core
-    calls it on import)."""
+    already sets them; effective when called before torch's first oneDNN op (a
+    ClinicalBertRunner calls it first thing when it is created; calling it again changes
+    nothing)."""
     for name, value in ONEDNN_CACHE_ENV.items():
         os.environ.setdefault(name, value)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,31 @@ from tokenizers import Tokenizer
 from . import architectures
 from . import weights as W
 from .config import EncoderConfig
+from .device import (
+    DTYPES,
+    MlmExecMode,
+    check_device,
+    resolve_mlm_mode,
+    resolve_precision,
+    varlen_supported,
+)
 from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
 from .hub import ModelBundle, open_checkpoint
-from .ops import FFN_CHUNK, PackedLinear, packed_linear_supported, reuse_freed_memory, swap_linears
+from .limits import batch_tokens_problem, body_tokens, max_seq_problem
+from .ops import (
+    FFN_CHUNK,
+    PackedLinear,
+    bound_onednn_caches,
+    packed_linear_supported,
+    reuse_freed_memory,
+    swap_linears,
+)
 from .packing import DeviceFeed, PackedBatch, token_budget_batches
-from .placement import MlmExecMode, resolve_mlm_mode
-from .quant import Int8Linear, int8_supported
+from .quant import Int8Linear
 from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
 from .variants import get_variant
 
 log = logging.getLogger(__name__)
-
-# precision -> the dtype activations (and non-int8 weights) are held in
-DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "int8": torch.float32,
-}
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -73,40 +79,9 @@ class RunnerOptions:
             raise ValueError(
                 f"long_notes must be one of {LONG_NOTE_POLICIES}, got {self.long_notes!r}"
             )
-        if self.batch_tokens < self.max_seq:
-            raise ValueError(
-                f"batch_tokens {self.batch_tokens} must be at least max_seq {self.max_seq}"
-            )
+        if problem := batch_tokens_problem(self.batch_tokens, self.max_seq):
+            raise ValueError(problem)
         MlmExecMode(self.mlm_mode)  # ValueError on an unknown mode
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU has bf16 matrix units (AMX or AVX512-BF16); else bf16 is emulated."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def resolve_precision(precision: str, device: torch.device, allow_int8: bool = False) -> str:
-    """`auto` -> int8 on CPU only when `allow_int8`; else bf16 where the device computes it
-    natively, fp16 on GPUs without bf16, fp32 on Apple's mps (its dry runs favour exact
-    vectors over speed) and on CPUs without bf16 units."""
-    if precision not in (*DTYPES, "auto"):
-        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, auto; got {precision!r}")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision fp16 is not supported on cpu; use fp32, bf16 or int8")
-        if precision == "int8" and device.type != "cpu":
-            raise ValueError(
-                f"precision int8 runs on cpu only; on {device.type} use bf16, fp16 or fp32"
-            )
-        if precision == "int8" and not int8_supported():
-            raise ValueError("precision int8: this torch build has no int8 GEMM on this CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and allow_int8 and int8_supported():
-        return "int8"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 @dataclass
@@ -162,12 +137,10 @@ class ClinicalBertRunner:
         weights_sha256: str | None = None,
         source: str = "checkpoint",
     ):
+        bound_onednn_caches()  # before this process's first oneDNN op (see ops.ONEDNN_CACHE_ENV)
         o = self.options = options
-        if o.max_seq > config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq {o.max_seq} exceeds the model's max_position_embeddings "
-                f"{config.max_position_embeddings}"
-            )
+        if problem := max_seq_problem(o.max_seq, config.max_position_embeddings):
+            raise ValueError(problem)
         arch = architectures.of(config)
         self.config, self.variant, self.lowercase = config, variant, lowercase
         self.architecture, self.tokenizer_kind = config.model_type, tokenizer_kind(tokenizer)
@@ -320,7 +293,7 @@ class ClinicalBertRunner:
         runner's `normalize` is set."""
         if self.aggregate != "none":
             vectors = aggregate_windows(
-                vectors, windows.note, windows.window_index, windows.lengths - 2,
+                vectors, windows.note, windows.window_index, body_tokens(windows.lengths),
                 windows.num_notes, self.aggregate,
             )  # fmt: skip
         if self.options.normalize:
@@ -432,40 +405,6 @@ def _build(
     }
     module.load_state_dict(own, strict=True, assign=True)
     return module.to(device=device, dtype=dtype).eval()
-
-
-def check_device(name: str) -> torch.device:
-    """`name` as a torch device this process can use; a clear error where it cannot."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise ValueError(f"device must be cpu, cuda, cuda:<index> or mps; got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA (or ROCm) device")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device 'mps' was asked for but torch sees no Apple GPU (mps)")
-    return device
-
-
-@cache
-def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when the varlen flash kernel runs here: CUDA, half precision, and a kernel this
-    build and GPU have (not every ROCm build or pre-Ampere GPU does). Probed once on a tiny
-    input; elsewhere attention takes the padded SDPA path."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        q = torch.zeros(4, 1, 64, device=device, dtype=dtype)
-        cu = torch.tensor([0, 4], device=device, dtype=torch.int32)
-        varlen_attn(q, q, q, cu, cu, 4, 4)
-    except Exception as exc:  # ImportError, or a RuntimeError from a missing kernel
-        log.info("varlen attention unavailable on %s (%s): padded SDPA", device, type(exc).__name__)
-        return False
-    return True
 
 
 def _concat_mlm(parts: list[MlmRows]) -> MlmRows:

@@ -21,19 +21,11 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 from .errors import message_line
+from .limits import FRAMING_TOKENS, body_tokens, default_stride, stride_problem
 
 LONG_NOTE_POLICIES = ("truncate", "windows")
 MAX_NOTE_CHARS = 2**31 - 1  # token char offsets are int32 (a job's run.max_note_chars is lower)
 CHUNK_CHARS = 20_000  # longer notes are tokenized in pieces (see NoteTokenizer._pieces)
-STRIDE = 128  # tokens shared by consecutive windows, where a window has room for twice that
-
-
-def default_stride(max_seq: int) -> int:
-    """The stride when none is given: 128 tokens, or half a window's body for short windows
-    (so that a window always moves on by at least as much as it shares)."""
-    return min(STRIDE, max(max_seq - 2, 0) // 2)
-
-
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -284,15 +276,11 @@ class NoteTokenizer:
             raise ValueError(
                 f"long-note policy must be one of {LONG_NOTE_POLICIES}, got {policy!r}"
             )
-        if max_seq < 3:
-            raise ValueError(f"max_seq must be at least 3, got {max_seq}")
-        body = max_seq - 2  # room for [CLS] and [SEP]
+        if max_seq <= FRAMING_TOKENS:  # a window holds its framing and one token at least
+            raise ValueError(f"max_seq must be at least {FRAMING_TOKENS + 1}, got {max_seq}")
         stride = default_stride(max_seq) if stride is None else stride
-        if policy == "windows" and not 0 <= stride < body:
-            raise ValueError(
-                f"stride (tokens shared by consecutive windows) must be in [0, {body}) "
-                f"for max_seq {max_seq}, got {stride}"
-            )
+        if policy == "windows" and (problem := stride_problem(stride, max_seq)):
+            raise ValueError(problem)
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         # the runtime owns truncation and windows: a tokenizer.json's own are switched off
@@ -356,7 +344,8 @@ class NoteTokenizer:
     def _windows(self, notes: Sequence[str], drop_empty: bool) -> tuple[np.ndarray, Windows]:
         """Windows made as the pieces come: a note's tokens are kept only from its next
         window's start on, so a long note costs its windows, not its tokens once more."""
-        body, step = self.max_seq - 2, self.max_seq - 2 - self.stride
+        body = body_tokens(self.max_seq)  # room for [CLS] and [SEP]
+        step = body - self.stride
         ids, chars, bounds, note, widx, cstart, cend = [], [], [0], [], [], [], []
         kept: list[int] = []  # notes done (and kept), in order
         counts: list[int] = []  # their tokens
@@ -370,7 +359,7 @@ class NoteTokenizer:
             note.append(len(kept))
             ids.append(np.concatenate(([self.cls_id], body_ids, [self.sep_id])).astype(np.int32))
             chars.append(np.concatenate(([-1], body_offs[:, 0], [-1])).astype(np.int32))
-            bounds.append(bounds[-1] + size + 2)
+            bounds.append(bounds[-1] + size + FRAMING_TOKENS)
             cstart.append(body_offs[0, 0] if size else 0)  # empty note: [CLS][SEP], (0, 0)
             cend.append(body_offs[-1, 1] if size else 0)
 

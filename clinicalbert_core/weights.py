@@ -140,18 +140,7 @@ def convert(
     """
     arch = architectures.of(config)
     ours, unexpected = rename(state, arch)
-    present = _heads(ours)
-    if pooler and not present["pooler"]:
-        raise ValueError(
-            f"{source}: pooling='pooler' needs the pooler head, but the checkpoint has no "
-            "pooler weights (a trained pooler.dense.*); use pooling='cls' or 'mean'"
-        )
-    if mlm and not present["mlm"]:
-        raise ValueError(
-            f"{source}: the MLM head was requested but the checkpoint has no MLM head weights "
-            "(cls.predictions.* for BERT, head.*/decoder.* for ModernBERT): it is not a "
-            "masked-LM checkpoint"
-        )
+    _check_heads(_heads(ours), pooler, mlm, source)
     shapes = arch.expected_shapes(config)
     heads = arch.head_shapes(config)
     for name, wanted_head in (("pooler", pooler), ("mlm", mlm)):
@@ -190,6 +179,38 @@ def convert(
     if mlm and "mlm.decoder.weight" not in params:  # tied to the token embeddings
         params["mlm.decoder.weight"] = params["embed.word.weight"]
     return params
+
+
+def _check_heads(present: dict[str, bool], pooler: bool, mlm: bool, source: str) -> None:
+    """The heads asked for are in the checkpoint (`present`: `_heads` of its tensors)."""
+    if pooler and not present["pooler"]:
+        raise ValueError(
+            f"{source}: pooling='pooler' needs the pooler head, but the checkpoint has no "
+            "pooler weights (a trained pooler.dense.*); use pooling='cls' or 'mean'"
+        )
+    if mlm and not present["mlm"]:
+        raise ValueError(
+            f"{source}: the MLM head was requested but the checkpoint has no MLM head weights "
+            "(cls.predictions.* for BERT, head.*/decoder.* for ModernBERT): it is not a "
+            "masked-LM checkpoint"
+        )
+
+
+def dedupe(state: dict[str, torch.Tensor], config: EncoderConfig) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: drop a decoder tied to the embeddings, copy others."""
+    arch = architectures.of(config)
+    named = {ours: hf for hf, ours in arch.RENAMES.items()}  # the checkpoint's names
+    word, decoder = named["embed.word.weight"], named["mlm.decoder.weight"]
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    embeddings = [e for e in state if e.endswith(word)]
+    for k, t in state.items():
+        if k.endswith(decoder) and any(torch.equal(t, state[e]) for e in embeddings):
+            continue  # re-tied at load
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone().contiguous() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def _count_non_finite(t: torch.Tensor) -> int:

@@ -11,13 +11,19 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from clinicalbert_core import bert, runner
+from clinicalbert_core import bert
+from clinicalbert_core.device import (
+    MlmExecMode,
+    check_device,
+    resolve_mlm_mode,
+    resolve_precision,
+    varlen_supported,
+)
 from clinicalbert_core.ops import PackedLinear, packed_linear_supported
-from clinicalbert_core.placement import MlmExecMode, resolve_mlm_mode
 from clinicalbert_core.quant import Int8Linear, int8_supported
-from clinicalbert_core.runner import ClinicalBertRunner, RunnerOptions, resolve_precision
+from clinicalbert_core.runner import ClinicalBertRunner, RunnerOptions
 from clinicalbert_core.tokenizer import Specials
-from jobs.bench import windows_of, workload
+from jobs.bench.workload import windows_of, workload
 from jobs.predictor import EncoderPredictor
 from jobs.spec import PoolSpec
 
@@ -181,30 +187,30 @@ def test_spec_precision_and_device_fields():
 def test_mps_resolves_when_forced(monkeypatch):
     """No Apple GPU here: force torch to report one and check what the runner would pick."""
     with pytest.raises(RuntimeError, match="no Apple GPU"):
-        runner.check_device("mps")
+        check_device("mps")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    device = runner.check_device("mps")
+    device = check_device("mps")
     assert device.type == "mps"
     assert resolve_precision("auto", device) == "fp32"
     assert resolve_precision("fp16", device) == "fp16"
     assert resolve_mlm_mode("auto", "mps", 4) is MlmExecMode.IN_GRAPH
     assert resolve_mlm_mode("auto", "mps", 64) is MlmExecMode.CPU
-    assert not runner.varlen_supported(device, torch.float16)  # padded SDPA on mps
+    assert not varlen_supported(device, torch.float16)  # padded SDPA on mps
     for name in ("xpu", "gpu"):  # a torch device we do not run on, and no torch device at all
         with pytest.raises(ValueError, match=f"cpu, cuda, cuda:<index> or mps; got '{name}'"):
-            runner.check_device(name)
+            check_device(name)
 
 
 def test_varlen_falls_back_to_padded_sdpa(monkeypatch):
     """ROCm builds and pre-Ampere GPUs lack the varlen flash kernel: the probe must say so
     (import missing, or the kernel raising) rather than fail mid-job."""
     cuda = torch.device("cuda")
-    runner.varlen_supported.cache_clear()
+    varlen_supported.cache_clear()
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # import fails
-    assert not runner.varlen_supported(cuda, torch.bfloat16)
-    runner.varlen_supported.cache_clear()
+    assert not varlen_supported(cuda, torch.bfloat16)
+    varlen_supported.cache_clear()
     monkeypatch.delitem(sys.modules, "torch.nn.attention.varlen")
     # the kernel exists in this build but no GPU can run it: the probe's call raises
-    assert not runner.varlen_supported(cuda, torch.bfloat16)
-    assert not runner.varlen_supported(cuda, torch.float32)  # fp32 never takes varlen
-    runner.varlen_supported.cache_clear()
+    assert not varlen_supported(cuda, torch.bfloat16)
+    assert not varlen_supported(cuda, torch.float32)  # fp32 never takes varlen
+    varlen_supported.cache_clear()

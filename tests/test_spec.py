@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from clinicalbert_core.tokenizer import default_stride
+from clinicalbert_core import limits
+from clinicalbert_core.limits import default_stride
 from jobs import spec as spec_mod
 from jobs.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
 
@@ -74,7 +76,7 @@ def test_stride_left_out_follows_max_seq(tmp_path: Path, max_seq, long_notes, st
     spec = parse_spec(data, tmp_path)
     assert spec.model.long_notes.stride == stride
     assert spec.resolved_json()["model"]["long_notes"]["stride"] == stride  # hashed as resolved
-    # the runtime's own default is the same rule
+    # the runtime's own default is the same rule (clinicalbert_core.limits)
     assert long_notes or default_stride(max_seq) == stride
 
 
@@ -346,16 +348,75 @@ def test_json_schema():
     assert all(p.get("description") for p in defs["CorpusSpec"]["properties"].values())
 
 
-def test_variant_names_without_the_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_variant_names_come_from_the_runtime_without_torch(tmp_path: Path):
+    """The spec reads the variant presets from clinicalbert_core.variants, which imports no
+    torch: validating a spec never loads the model runtime."""
     from clinicalbert_core.variants import VARIANTS
 
-    assert {n: v.hub_id for n, v in VARIANTS.items()} == spec_mod._FALLBACK_VARIANTS
-    monkeypatch.setitem(sys.modules, "clinicalbert_core.variants", None)  # import fails
+    assert json_schema()["$defs"]["ModelSpec"]["properties"]["variant"]["enum"] == list(VARIANTS)
     data = base(tmp_path)
     data["model"] = {"variant": "bio_clinicalbert"}
     assert parse_spec(data, tmp_path).model.variant == "bio_clinicalbert"
     data["model"] = {"variant": "nope", "path": "model"}
-    assert "model.variant: unknown variant" in errors(data, tmp_path)
+    assert f"model.variant: unknown variant; expected one of {', '.join(VARIANTS)}" in errors(
+        data, tmp_path
+    )
+    data["model"] = {"variant": "huang_clinicalbert"}
+    assert "variant 'huang_clinicalbert' has no hub id: give path or hub" in errors(data, tmp_path)
+    code = "import sys, jobs.spec; print(sorted({'torch', 'tokenizers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_spec_and_runtime_rules_share_one_home(tmp_path: Path):
+    """Stride, token budget and precision are checked by clinicalbert_core.limits for the spec
+    (its wording: the field path before, `auto` among the alternatives) and the runtime."""
+    from jobs.fs import is_uri
+
+    assert spec_mod.is_uri is is_uri  # one is_uri, still importable from jobs.spec
+    data = base(tmp_path)
+    data["model"].update(max_seq=128, long_notes={"stride": 126})
+    data["device_pool"] = [
+        {"name": "a", "device": "cpu", "batch_tokens": 100},
+        {"name": "b", "device": "cpu", "precision": "fp16"},
+        {"name": "c", "device": "cuda", "precision": "int8"},
+    ]
+    lines = errors(data, tmp_path).splitlines()
+    assert "job.yaml: model.long_notes.stride: must be < max_seq - 2 = 126 (got 126)" in lines
+    assert (
+        "job.yaml: device_pool[1].precision: fp16 is not supported on cpu; use fp32, bf16, "
+        "int8 or auto (got 'fp16')" in lines
+    )
+    assert (
+        "job.yaml: device_pool[2].precision: int8 runs on cpu only; on cuda use auto, bf16, "
+        "fp16 or fp32 (got 'int8')" in lines
+    )
+    data["device_pool"] = data["device_pool"][:1]
+    data["model"]["long_notes"] = {}
+    (line,) = errors(data, tmp_path).splitlines()
+    assert line == "job.yaml: device_pool[0].batch_tokens: must be >= model.max_seq (128) (got 100)"
+    # the runtime's wording of the same rules
+    assert limits.stride_problem(126, 128) == (
+        "stride (tokens shared by consecutive windows) must be in [0, 126) for max_seq 128, got 126"
+    )
+    assert limits.stride_problem(-1, 128) is not None and limits.stride_problem(125, 128) is None
+    assert limits.batch_tokens_problem(100, 128) == "batch_tokens 100 must be at least max_seq 128"
+    assert limits.batch_tokens_problem(128, 128) is None
+    assert limits.precision_problem("cpu", "fp16") == (
+        "precision fp16 is not supported on cpu; use fp32, bf16 or int8"
+    )
+    assert limits.precision_problem("mps", "int8") == (
+        "precision int8 runs on cpu only; on mps use bf16, fp16 or fp32"
+    )
+    assert limits.precision_problem("mps", "fp16") is None
+    assert limits.max_seq_problem(1024, 512) == (
+        "max_seq 1024 exceeds the model's max_position_embeddings 512"
+    )
+    assert limits.max_seq_problem(1024, 512, variant="custom") == (
+        "model.max_seq: 1024 exceeds the model's max_position_embeddings 512 (config.json of custom)"
+    )
+    assert limits.max_seq_problem(512, 512) is None
+    assert limits.body_tokens(512) == 510 and limits.FRAMING_TOKENS == 2
 
 
 def test_set_overrides_and_staging_outside_the_output(tmp_path: Path):
