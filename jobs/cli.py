@@ -26,6 +26,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from clinicalbert_core.architectures import architecture
     from clinicalbert_core.hub import inspect
 
     info = inspect(args.path)
@@ -42,13 +43,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"  shape       vocab {c['vocab_size']}, hidden {c['hidden_size']}, layers "
           f"{c['num_hidden_layers']}, heads {c['num_attention_heads']}, ffn {c['intermediate_size']}, "
           f"positions {c['max_position_embeddings']}")  # fmt: skip
-    if info["architecture"] == "modernbert":
-        every = info["global_every"]
-        print(f"  attention   local window {info['local_window']} (|i-j| <= "
-              f"{info['local_window'] // 2}), global every "
-              f"{every if every else 'layer in ' + str(c['layer_types'])}")  # fmt: skip
-        print(f"  rope theta  global {info['rope_theta']['global']:g}, "
-              f"local {info['rope_theta']['local']:g}")  # fmt: skip
+    for label, text in architecture(info["architecture"]).inspect_lines(info):
+        print(f"  {label:<12}{text}")
     print(f"  tokenizer   {info['tokenizer']}, specials {info['specials']}")
     for note in info["tokenizer_notes"]:
         print(f"              {note}")
@@ -116,14 +112,18 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .dispatch import FailedShard
-    from .driver import NodeLost, print_dry_run, run_job
+    from .driver import run_job
+    from .dry_run import dry_run_job, print_dry_run
     from .spec import load_spec
+    from .watch import NodeLost
 
     spec = load_spec(args.spec, overrides=args.set)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: actors first, partial report
     try:
-        report = run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite,
-                         address=args.address)  # fmt: skip
+        if args.dry_run:
+            report = dry_run_job(spec)
+        else:
+            report = run_job(spec, overwrite=args.overwrite, address=args.address)
     except NodeLost as e:  # stopped like an interrupt: actors gone, partial report written
         assert e.shards is not None  # counted by the driver once its run has stopped
         committed, total = e.shards
@@ -197,10 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clinicalbert", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"clinicalbert {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _job_commands(sub)
+    _model_commands(sub)
+    return p
+
+
+def _job_commands(sub: Any) -> None:
+    """run, validate, verify, schema: the commands about a job spec and its output."""
     set_help = ("override a spec field, value as YAML (repeatable): --set model.max_seq=256, "
                 "--set device_pool[0].actors=8")  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True)
-
     s = sub.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)")
     s.add_argument("spec", help="job spec YAML")
     s.add_argument("--dry-run", action="store_true",
@@ -231,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the job spec's JSON Schema")
     s.set_defaults(func=_schema)
 
+
+def _model_commands(sub: Any) -> None:
+    """prepare, inspect, demo-data, bench: models, demo data and benchmarks."""
     s = sub.add_parser("prepare", help="make a self-contained model dir from a local dir or hub id")
     s.add_argument("source", help="local dir, model.safetensors, or hub repo id (org/name)")
     s.add_argument("--variant", default=None, help="variant preset (default: custom)")
@@ -258,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="encoder vs transformers benchmark (see --help)", add_help=False
     )
     s.set_defaults(func=_bench)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

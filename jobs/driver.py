@@ -129,9 +129,12 @@ def check_model_fit(spec: JobSpec, bundle: ModelBundle) -> None:
         raise SpecError(problems)
 
 
-def plan_job(job: Job, pools: tuple[PoolSpec, ...]) -> Plan:
+def plan_job(
+    job: Job, pools: tuple[PoolSpec, ...], limit: Callable[[list[Shard]], list[Shard]] | None = None
+) -> Plan:
     """The job's shards (inputs staged in parallel tasks), checked for repeated ids, less
-    those earlier runs committed. Needs a Ray connection."""
+    those earlier runs committed; `limit` picks the shards to run from the whole corpus's
+    (a dry run's sample). Needs a Ray connection."""
     import ray
 
     spec = job.spec
@@ -147,6 +150,7 @@ def plan_job(job: Job, pools: tuple[PoolSpec, ...]) -> Plan:
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
+    shards = limit(shards) if limit is not None else shards
     plan = Plan(job, pools, shards, committed, refuse_repeated_ids(spec, shards), node)
     log.info("%d shards (%d rows), %d already committed, %d to run", len(shards),
              sum(s.num_rows for s in shards), len(shards) - len(plan.todo), len(plan.todo))  # fmt: skip

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 
 from clinicalbert_core.limits import body_tokens
 
-from .corpus import Shard, plan_shards
+from .corpus import Shard, limit_shards
 from .dispatch import fmt_duration
 from .driver import Plan, execute, open_job, plan_job, report_of
-from .launch import connect, ray_map
+from .launch import connect
 from .output import OutputDir
 from .spec import JobSpec, PoolSpec
 
@@ -34,19 +34,20 @@ def dry_run_job(spec: JobSpec, on_result: Any = None) -> dict[str, Any]:
     rates, token lengths and projections (see `summary`). Nothing is left of the scratch
     output; staged inputs stay for the real run."""
     scratch = tempfile.mkdtemp(prefix=f"clinicalbert-dry-run-{spec.name}-")
-    sample = spec.model_copy(
-        update={
-            "output": spec.output.model_copy(update={"path": scratch}),
-            "corpus": spec.corpus.model_copy(update={"limit": spec.run.dry_run_notes}),
-        }
-    )
+    sample = spec.model_copy(update={"output": spec.output.model_copy(update={"path": scratch})})
+    sampled = spec.corpus.model_copy(update={"limit": spec.run.dry_run_notes})
+    full: list[Shard] = []
+
+    def pick_sample(shards: list[Shard]) -> list[Shard]:  # the corpus is planned once
+        full.extend(shards)
+        return limit_shards(shards, sampled)
+
     try:
         with open_job(sample, staging=spec.staging_dir()) as job:
             connect("local")
-            plan = plan_job(job, pools_here(spec.device_pool))
+            plan = plan_job(job, pools_here(spec.device_pool), limit=pick_sample)
             outcome = execute(plan, on_result)
             report = report_of(plan, outcome)
-            full = plan_shards(spec.corpus, job.staging, spec.run.shard_rows, map_fn=ray_map)
             report.dry_run = summary(spec, full, report.to_json(), _note_tokens(plan))
         return report.to_json()
     finally:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pa_fs
 
 from clinicalbert_core.errors import describe
+from clinicalbert_core.limits import max_seq_problem
 
 from .corpus import FORMATS, RepeatedIds, list_sources, plan_shards, repeated_column, repeated_ids
 from .fs import filesystem
@@ -180,11 +181,8 @@ def model_fit_problems(
 ) -> list[str]:
     """What the spec asks of the model that the checkpoint cannot give."""
     problems = []
-    if spec.model.max_seq > max_positions:
-        problems.append(
-            f"model.max_seq: {spec.model.max_seq} exceeds the model's max_position_embeddings "
-            f"{max_positions} (config.json of {variant})"
-        )
+    if problem := max_seq_problem(spec.model.max_seq, max_positions, variant=variant):
+        problems.append(problem)
     if spec.heads.embeddings and spec.heads.pooling == "pooler" and not heads["pooler"]:
         problems.append(
             "heads.pooling: 'pooler' needs trained pooler weights and this checkpoint has none; "

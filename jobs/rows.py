@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from clinicalbert_core.limits import body_tokens
+
 if TYPE_CHECKING:
     from clinicalbert_core.tokenizer import Windows
 
@@ -137,7 +139,7 @@ def base_columns(
     for c in keep_columns:
         cols[c] = batch[c].take(pa.array(take))
     if per_window:
-        cols["n_tokens"] = pa.array(windows.lengths - 2, pa.int64())  # FRAMING
+        cols["n_tokens"] = pa.array(body_tokens(windows.lengths), pa.int64())
         cols["n_windows"] = pa.array(windows.windows_per_note()[windows.note], pa.int32())
         cols["truncated"] = pa.array(windows.truncated[windows.note])
         cols["window_index"] = pa.array(windows.window_index, pa.int32())

@@ -364,7 +364,8 @@ def test_memory_bench_builds_like_for_like_sides_and_measures_a_shard(tmp_path):
 
 _MANY_SHAPES = """
 import sys, torch, torch.nn.functional as F
-from clinicalbert_core.ops import PackedLinear
+from clinicalbert_core.ops import PackedLinear, bound_onednn_caches
+bound_onednn_caches()  # as a runner does when it is created
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
 torch.set_num_threads(1)
@@ -379,7 +380,7 @@ print((rss() - start) / 1024)
 
 
 def test_runtime_memory_stays_flat_over_many_batch_shapes():
-    """Importing clinicalbert_core bounds torch's oneDNN caches (a value the user sets wins):
+    """A runner (or `bound_onednn_caches()`) bounds torch's oneDNN caches (a value the user sets wins):
     400 shapes of a packed linear + GELU grow the process far less than with the default
     1,024 entries (each a kernel with its buffers)."""
     import os

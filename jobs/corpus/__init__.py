@@ -22,7 +22,7 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
 from .formats import FORMATS
 from .ids import RepeatedIds, repeated_ids
 from .listing import OWN_DIR_MARKERS, list_sources
-from .shards import ShardReader, plan_shards, read_shard
+from .shards import ShardReader, limit_shards, plan_shards, read_shard
 from .staging import STAGING_MARKER, clean_staging, remove_staged, stage_source
 from .units import ParquetInput, Shard, Source
 from .values import (
@@ -55,6 +55,7 @@ __all__ = [
     "list_sources",
     "missing_ids",
     "plain_type",
+    "limit_shards",
     "plan_shards",
     "read_shard",
     "remove_staged",

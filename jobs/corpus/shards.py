@@ -130,7 +130,7 @@ def plan_shards(
     inputs = list(map_fn(fn, sources))
     check_column_types(inputs)
     shards = [s for parquet in inputs for s in _split(parquet, shard_rows)]
-    return shards if corpus.limit is None else _apply_limit(shards, corpus)
+    return shards if corpus.limit is None else limit_shards(shards, corpus)
 
 
 def _split(parquet: ParquetInput, shard_rows: int) -> list[Shard]:
@@ -162,7 +162,7 @@ def _shard(
     return Shard(shard_id, path, row_groups, num_rows, source, row_limit)
 
 
-def _apply_limit(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
+def limit_shards(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
     """Keep shards in order until `corpus.limit` rows pass `where`; cut the crossing shard."""
     assert corpus.limit is not None
     remaining, kept = corpus.limit, []
