@@ -1,17 +1,23 @@
 """`clinicalbert bench`: the one-line message for a missing bench extra, the timing and batching
-helpers, and each peer engine (onnxruntime, CTranslate2; fp32 and int8) agreeing with
-transformers on a tiny BERT before it may be timed."""
+helpers, each peer engine (onnxruntime, CTranslate2; fp32 and int8) agreeing with
+transformers on a tiny BERT before it may be timed, the `python -m jobs.bench` entry point the
+benches re-run themselves through, and that no product module imports the bench."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import jobs
 from clinicalbert_core.quant import int8_supported
-from jobs import bench, cli, peers
+from jobs import bench, cli
+from jobs.bench import encoder, meter, peers, probes, workload
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "ctranslate2", "onnx"])
@@ -64,38 +70,38 @@ def test_bench_on_a_device_torch_does_not_see_says_so(capsys):
 
 def test_padded_batches_sorted_and_padded():
     seqs = [np.arange(n) + 1 for n in (3, 5, 2, 4)]
-    batches = bench.padded_batches(seqs, 3, sort=True)
+    batches = workload.padded_batches(seqs, 3, sort=True)
     assert [ids.shape for ids, _ in batches] == [(3, 5), (1, 2)]
     ids, mask = batches[0]
     assert mask.sum(axis=1).tolist() == [5, 4, 3]
     assert ids[2].tolist() == [1, 2, 3, 0, 0] and ids.dtype == np.int64
-    unsorted = bench.padded_batches(seqs, 3, sort=False)
+    unsorted = workload.padded_batches(seqs, 3, sort=False)
     assert unsorted[0][1].sum(axis=1).tolist() == [3, 5, 2]
 
 
 def test_timed_rounds_interleaves():
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    best = bench.timed_rounds(runs, torch.device("cpu"), repeats=2)
+    best = meter.timed_rounds(runs, torch.device("cpu"), repeats=2)
     assert calls == list("abc") * 3  # warm-up round, then two timed rounds in turn
     assert set(best) == set("abc") and all(t >= 0 for t in best.values())
 
 
 def test_gemm_peak_names_its_kernel():
     cpu = torch.device("cpu")
-    rate, kernel = bench.gemm_peak(cpu, "fp32", seconds=0.01)
+    rate, kernel = probes.gemm_peak(cpu, "fp32", seconds=0.01)
     assert rate > 0 and kernel in ("torch.matmul", "onednn linear")
     if int8_supported():
-        rate, kernel = bench.gemm_peak(cpu, "int8", seconds=0.01)
+        rate, kernel = probes.gemm_peak(cpu, "int8", seconds=0.01)
         assert rate > 0 and kernel in ("torch._int_mm", "onednn qlinear")
 
 
 def test_int8_bound_counts_attention_at_fp32():
     peaks = {"fp32": 100.0, "int8": 400.0}
     # 400 linear ops at 400/s + 100 attention ops at 100/s = 2 s allowed, 4 s taken
-    assert bench.bound_fraction("int8", 400.0, 100.0, peaks, 4.0) == pytest.approx(0.5)
-    assert bench.bound_fraction("fp32", 400.0, 100.0, peaks, 10.0) == pytest.approx(0.5)
-    assert bench.bound_fraction("bf16", 400.0, 100.0, peaks, 1.0) == 0.0  # not probed
+    assert probes.bound_fraction("int8", 400.0, 100.0, peaks, 4.0) == pytest.approx(0.5)
+    assert probes.bound_fraction("fp32", 400.0, 100.0, peaks, 10.0) == pytest.approx(0.5)
+    assert probes.bound_fraction("bf16", 400.0, 100.0, peaks, 1.0) == 0.0  # not probed
 
 
 def test_target_figures():
@@ -106,7 +112,7 @@ def test_target_figures():
         "onnxruntime fp32": {"precision": "fp32", "tok_s": 250.0, "of_bound": 0.6},
         "onnxruntime int8": {"precision": "int8", "tok_s": 400.0, "of_bound": 0.1},
     }
-    t = bench.target_figures(rows)
+    t = encoder.target_figures(rows)
     best_int8 = {"ratio": 1.5, "sides": ["ours int8", "onnxruntime int8"]}
     assert t["ours int8 / best int8 peer"] == best_int8
     assert t["ours fp32 / best fp32 peer"]["sides"] == ["ours fp32", "onnxruntime fp32"]
@@ -144,7 +150,7 @@ def tiny_peers():
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(5, 1000, n) for n in (40, 7, 23, 3, 31, 12, 18)]
-    return make_hf, bench.padded_batches(seqs, 3, sort=True)
+    return make_hf, workload.padded_batches(seqs, 3, sort=True)
 
 
 @pytest.mark.parametrize(
@@ -162,3 +168,28 @@ def test_peer_agrees_with_transformers(side, module, tiny_peers):
     assert precision == side.split()[1]
     run = factory()  # raises unless it agrees with transformers fp32 (cosine >= 0.99)
     run()
+
+
+def test_python_m_jobs_bench_is_the_command():
+    """The benches measure sides in fresh `python -m jobs.bench` processes (--memory-of,
+    --long-note-memory --side): that entry point takes the command's options."""
+    cmd = [sys.executable, "-m", "jobs.bench", "--long-note-memory", "--help"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "usage: clinicalbert bench --long-note-memory" in done.stdout
+
+
+def test_no_product_module_imports_the_bench():
+    """Benchmarks sit beside the product: only jobs/cli.py imports jobs.bench."""
+    root = Path(jobs.__file__).parent
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if parts[0] == "bench" or parts == ("cli.py",):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = (node.module or "").split(".") + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [part for a in node.names for part in a.name.split(".")]
+            else:
+                continue
+            assert "bench" not in names, f"{path} imports the bench (line {node.lineno})"

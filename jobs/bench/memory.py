@@ -14,9 +14,9 @@ one shard:
 Reported per side: the process's RSS before the shard, its high-water mark (VmHWM) while the
 shard runs (reset just before, so model loading's transient peak is not counted), the peak
 above the starting level, and the ratio long / normal of the peaks. Each side runs in the
-environment the driver gives a CPU actor (`driver.actor_env`; `--no-actor-env`: without).
-Run it as `python -m jobs.bench_memory` (see --help); the model is random, built in a temp
-dir (or `--workdir`).
+environment the driver gives a CPU actor (`launch.actor_env`; `--no-actor-env`: without).
+Run it as `clinicalbert bench --long-note-memory` (see --help); the model is random, built in
+a temp dir (or `--workdir`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .meter import reset_peak_rss, status_kib
+from .options import at_least
 
 # model shapes: `base` is BERT-base (what an actor really holds), `small` a narrow one whose
 # encoder is cheap enough to run every window of 3 x 2M-char notes in minutes on 2 cores
@@ -44,7 +46,7 @@ SHAPES = {
 def long_note(chars: int, seed: int) -> str:
     """A synthetic note of exactly `chars` characters (sections repeated, as in a long
     record that concatenates many notes)."""
-    from .synthetic import make_note
+    from ..synthetic import make_note
 
     rng, parts, size = random.Random(seed), [], 0
     while size < chars:
@@ -68,7 +70,7 @@ def build(
 
     from clinicalbert_core.hub import prepare
 
-    from .synthetic import make_model, make_notes
+    from ..synthetic import make_model, make_notes
 
     dims = SHAPES[shape]
     raw = make_model(root / "raw", max_positions=512, seed=3, **dims)
@@ -99,10 +101,9 @@ def measure(corpus: str, model: str, out: str, long_notes: str, threads: int) ->
 
     from clinicalbert_core.hub import ModelBundle
 
-    from .actor import ShardProcessor
-    from .bench import _status_kib
-    from .corpus import plan_shards
-    from .spec import parse_spec
+    from ..actor import ShardProcessor
+    from ..corpus import plan_shards
+    from ..spec import parse_spec
 
     spec = parse_spec(
         {
@@ -119,13 +120,12 @@ def measure(corpus: str, model: str, out: str, long_notes: str, threads: int) ->
     (shard,) = plan_shards(spec.corpus, out + ".staging", spec.run.shard_rows)
     torch.set_num_threads(threads)  # as EncoderActor does for a CPU pool
     processor = ShardProcessor(ModelBundle.load(model), spec, spec.device_pool[0])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS now: model loading's transient peak is not the shard's
-    before = _status_kib("VmRSS")
+    reset_peak_rss()  # VmHWM := VmRSS now: model loading's transient peak is not the shard's
+    before = status_kib("VmRSS")
     t0 = time.perf_counter()
     result = processor.process(shard)
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {
         "rss_before_mib": before / 1024, "peak_mib": peak / 1024,
         "peak_above_start_mib": (peak - before) / 1024, "seconds": seconds,
@@ -134,15 +134,17 @@ def measure(corpus: str, model: str, out: str, long_notes: str, threads: int) ->
 
 
 def _side(args: argparse.Namespace, paths: dict[str, str], side: str, root: Path) -> dict:
+    """measure() of one side in a fresh `python -m jobs.bench --long-note-memory --side` run."""
     cmd = [
-        sys.executable, "-m", "jobs.bench_memory", "--side", side, "--corpus", paths[side],
-        "--model", paths["model"], "--out", str(root / f"out-{side}-{time.monotonic_ns()}"),
+        sys.executable, "-m", "jobs.bench", "--long-note-memory", "--side", side,
+        "--corpus", paths[side], "--model", paths["model"],
+        "--out", str(root / f"out-{side}-{time.monotonic_ns()}"),
         "--long-notes", args.long_notes, "--threads", str(args.threads),
     ]  # fmt: skip
     env = dict(os.environ)
     if args.actor_env:  # what the driver gives an actor of this pool (threads, oneDNN caches)
-        from .driver import actor_env
-        from .spec import PoolSpec
+        from ..launch import actor_env
+        from ..spec import PoolSpec
 
         env |= actor_env(PoolSpec(name="cpu", device="cpu"), args.threads)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -188,23 +190,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `low` (a usage error otherwise, not a traceback)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """`clinicalbert bench --long-note-memory`'s options (its own, apart from the encoder
+    bench's)."""
     p = argparse.ArgumentParser(prog="clinicalbert bench --long-note-memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shape", choices=sorted(SHAPES), default="small",
@@ -230,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.long > args.notes:
         p.error(
@@ -243,7 +236,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
