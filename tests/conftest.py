@@ -49,6 +49,18 @@ def ray_local(slowdown_file: Path):
     yield ray
 
 
+@pytest.fixture
+def own_ray():
+    """For a test whose Ray clusters are its own (a `ray start` head, CLI drivers each with
+    their own local Ray): the session's Ray is shut down first, so the 2 cores are theirs
+    (`ray_local` starts it again for a later test that asks)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     import sys
 

@@ -348,7 +348,7 @@ def cli(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, ray_local, cli, sig):
+def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, own_ray, cli, sig):
     """The CLI driver in its own process (its own local Ray): SIGINT stops its actors and
     writes a partial report (exit 130); SIGKILL leaves a stale lock the next run takes over.
     Either way the resumed output equals a clean run."""
@@ -486,7 +486,7 @@ def _kill_raylet_and_wait(driver: CliDriver, proc) -> tuple[str, str, float]:
     return stdout, err, took
 
 
-def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, ray_local, cli):
+def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, own_ray, cli):
     """The CLI driver in its own process and local Ray; once a shard is committed, that Ray's
     raylet (and only it) is SIGKILLed. The driver must end within seconds with one error line
     (exit 3), no traceback, a partial report, no _SUCCESS, and none of its Ray processes left
@@ -533,7 +533,7 @@ def test_local_raylet_killed_under_the_driver_then_resumed(tmp_path, model_dir, 
     print(f"raylet killed: the driver ended {took:.1f}s later; {len(parts)} of 12 shards kept")
 
 
-def test_local_raylet_killed_while_planning(tmp_path, model_dir, ray_local, cli):
+def test_local_raylet_killed_while_planning(tmp_path, model_dir, own_ray, cli):
     """The raylet dies while the driver waits on its staging tasks (before any shard runs):
     the same one line (exit 3), no traceback, nothing left running or written; the same
     command then runs to a clean run's output."""

@@ -107,11 +107,19 @@ def interrupt_after(n: int):
 
 
 def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
-    """Run `spec` again into a fresh output dir: `out` must hold the same ids (each once) and
-    vectors as that uninterrupted run. Returns `out`'s rows sorted by id."""
+    """Run `spec` again into a fresh output dir, in this process and without Ray (every shard
+    through the actor's own ShardProcessor, nothing interrupted): `out` must hold the same ids
+    (each once) and vectors as that clean run. Returns `out`'s rows sorted by id."""
+    from jobs.actor import ShardProcessor
+    from jobs.corpus import plan_shards
+    from jobs.model import load_bundle
+
     fresh = tmp / "fresh"
     fresh.mkdir()
-    run({**spec, "output": {**spec["output"], "path": str(fresh / "out")}}, fresh)
+    clean = parse_spec({**spec, "output": {**spec["output"], "path": str(fresh / "out")}}, fresh)
+    processor = ShardProcessor(load_bundle(clean), clean, clean.device_pool[0])
+    for shard in plan_shards(clean.corpus, clean.staging_dir(), clean.run.shard_rows):
+        processor.process(shard)
     a, _ = read_out(out)
     b, _ = read_out(fresh / "out")
     a, b = a.sort_by("id"), b.sort_by("id")

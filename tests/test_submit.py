@@ -66,7 +66,7 @@ def stop_head(temp: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"Ray processes of {temp} still running: {pids_using(temp)}")
 
 
-def test_ray_job_submit_on_loopback(tmp_path: Path):
+def test_ray_job_submit_on_loopback(tmp_path: Path, own_ray):
     raw = make_model(tmp_path / "raw", hidden=32, layers=2, heads=4, max_positions=128)
     model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
     write_corpus(tmp_path / "corpus" / "notes.parquet", 60, seed=2, max_words=120)
