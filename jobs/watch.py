@@ -40,17 +40,23 @@ class Monitor:
         self.last = 0.0
         self.stalls: list[dict[str, Any]] = []
         self.ready: dict[str, tuple[Any, Any]] = {}  # slot -> (handle, its describe() ref)
+        for slot in slots:  # asked as the actors start: answered once each has constructed,
+            self._probe(slot)  # whatever happens to it later (a hang right after included)
+
+    def _probe(self, slot: Slot) -> Any:
+        """The describe() ref of this slot's current actor, asked once per actor."""
+        handle, ref = self.ready.get(slot.name, (None, None))
+        if handle is not slot.handle:
+            ref = slot.handle.describe.options(concurrency_group="monitor").remote()
+            self.ready[slot.name] = (slot.handle, ref)
+        return ref
 
     def _ready(self, slot: Slot) -> bool:
         """Whether this slot's current actor finished constructing (model loaded): only then
         does its silence count as a stall."""
         import ray
 
-        handle, ref = self.ready.get(slot.name, (None, None))
-        if handle is not slot.handle:
-            ref = slot.handle.describe.options(concurrency_group="monitor").remote()
-            self.ready[slot.name] = (slot.handle, ref)
-        done, _ = ray.wait([ref], timeout=0)
+        done, _ = ray.wait([self._probe(slot)], timeout=0)
         if not done:
             self.changed[slot.name] = time.monotonic()  # loading: the clock starts after
         return bool(done)

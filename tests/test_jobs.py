@@ -117,7 +117,8 @@ def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
     fresh = tmp / "fresh"
     fresh.mkdir()
     clean = parse_spec({**spec, "output": {**spec["output"], "path": str(fresh / "out")}}, fresh)
-    processor = ShardProcessor(load_bundle(clean), clean, clean.device_pool[0])
+    pool = next(p for p in clean.device_pool if p.device == "cpu")  # runs on this machine
+    processor = ShardProcessor(load_bundle(clean), clean, pool)
     for shard in plan_shards(clean.corpus, clean.staging_dir(), clean.run.shard_rows):
         processor.process(shard)
     a, _ = read_out(out)
