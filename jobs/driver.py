@@ -161,8 +161,11 @@ def refuse_repeated_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | Non
     """The input's ids, each on one row: an id on several rows is refused (SpecError), unless
     run.allow_duplicate_ids, which logs and returns them for the report."""
     t0 = time.monotonic()
-    repeated = repeated_ids(shards, spec.corpus)
+    unreadable: list[str] = []
+    repeated = repeated_ids(shards, spec.corpus, unreadable)
     log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
+    for line in unreadable:
+        log.warning("corpus: %s", line)
     if repeated is None:
         return None
     if not spec.run.allow_duplicate_ids:

@@ -8,7 +8,6 @@ header line, first JSONL record) and, for `where`, a sample of the filtered colu
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -22,16 +21,9 @@ from .corpus import FORMATS, RepeatedIds, list_sources, plan_shards, repeated_co
 from .fs import filesystem
 from .model import model_source
 from .spec import JobSpec, PoolSpec
+from .spec.fields import hint
 
 WHERE_SAMPLE_ROWS = 10_000
-
-
-def hint(name: str, available: list[str]) -> str:
-    """' (did you mean ...?)' for a near miss: case, surrounding spaces, or a close spelling."""
-    key = name.strip().casefold()
-    near = [a for a in available if a.strip().casefold() == key]
-    near = near or difflib.get_close_matches(name, available, n=2, cutoff=0.75)
-    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
 
 
 def check_corpus(spec: JobSpec) -> list[str]:
@@ -128,12 +120,15 @@ def check_plan(spec: JobSpec) -> list[str]:
     once its inputs are staged."""
     if FORMATS[spec.corpus.format].STAGED:
         return []
+    unreadable: list[str] = []
     try:
         shards = plan_shards(spec.corpus, spec.staging_dir(), spec.run.shard_rows)
-        repeated = None if spec.run.allow_duplicate_ids else repeated_ids(shards, spec.corpus)
+        repeated = (None if spec.run.allow_duplicate_ids
+                    else repeated_ids(shards, spec.corpus, unreadable))  # fmt: skip
     except (OSError, ValueError, pa.ArrowException) as e:
         return [f"corpus: {e}"]
-    return [repeated_ids_problem(spec, repeated)] if repeated else []
+    problems = [f"corpus: {line}" for line in unreadable]
+    return problems + ([repeated_ids_problem(spec, repeated)] if repeated else [])
 
 
 def where_warnings(spec: JobSpec) -> list[str]:

@@ -61,6 +61,12 @@ def own_ray():
     yield
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests with Ray clusters of their own run last, so the session's Ray starts once
+    (each of them shuts it down: a session Ray started after one is a second start-up)."""
+    items.sort(key=lambda item: "own_ray" in getattr(item, "fixturenames", ()))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     import sys
 

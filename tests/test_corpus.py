@@ -730,3 +730,72 @@ def test_staging_writes_under_a_temporary_name_that_clean_staging_removes(
     assert not left.exists() and (staging / "_staging").is_file()
     assert all(Path(s.path).is_file() for s in shards)
     assert plan_shards(corpus, str(staging), shard_rows=2) == shards
+
+
+@pytest.mark.parametrize("at", [0, 70, 99])
+def test_a_repeated_id_anywhere_is_named_with_its_file(tmp_path: Path, at: int):
+    """A repeated id after the first batches (merged archives) is found and named, with the
+    input that holds it, whatever batch it is in."""
+    from jobs.corpus import repeated_ids
+
+    ids = list(range(100))
+    ids[at] = 60 if at != 60 else 61
+    table = pa.table({"id": ids, "text": [f"n{i}" for i in range(100)]})
+    pq.write_table(table.slice(0, 50), tmp_path / "a.parquet", row_group_size=10)
+    pq.write_table(table.slice(50), tmp_path / "b.parquet", row_group_size=10)
+    corpus = spec(format="parquet", paths=[str(tmp_path / f) for f in ("a.parquet", "b.parquet")])
+    found = repeated_ids(plan_shards(corpus, str(tmp_path / "staging"), 20), corpus)
+    assert (found.ids, found.extra_rows, found.example) == (1, 1, 60)
+    assert found.source.endswith("a.parquet" if at < 50 else "b.parquet")  # the first holding it
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_bytes_that_are_not_utf8_in_a_string_column_are_error_rows(tmp_path: Path, fmt: str):
+    """pyarrow's JSON and Parquet readers take a string with bytes that are not UTF-8 as it is:
+    such a note is one `undecodable` error row, such an id makes its row one, such a kept value
+    is nulled and named; every other row reads as written."""
+    from jobs.notes import classify_batch
+
+    rows = [{"id": f"n{i}", "text": f"note {i}", "ward": "w"} for i in range(12)]
+    raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    raw = raw.replace(b"note 3", b"caf\xe9 3").replace(b'"n7"', b'"n\xff7"')
+    raw = raw.replace(
+        b'"id": "n9", "text": "note 9", "ward": "w"',
+        b'"id": "n9", "text": "note 9", "ward": "\xfe"',
+    )
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(raw)
+    if fmt == "parquet":  # the same values, written by a tool that does not check them
+        table = pa.Table.from_batches(list(read_all_jsonl(path)))
+        path = tmp_path / "in.parquet"
+        pq.write_table(table, path)
+    corpus = spec(format=fmt, paths=[str(path)], keep_columns=["ward"])
+    notes, reasons, marks = [], [], []
+    for shard in plan_shards(corpus, str(tmp_path / "s"), 100):
+        for batch in read_shard(shard, corpus, 5):
+            n, r, m = classify_batch(batch, 10_000, "id")
+            notes, reasons, marks = notes + n, reasons + r, marks + m
+            assert batch.to_pylist()  # every value reads
+    assert reasons == [None] * 3 + ["undecodable"] + [None] * 3 + ["undecodable"] + [None] * 4
+    assert marks[7] == ["id"] and marks[9] == ["ward"] and notes[9] == "note 9"
+    assert notes[:3] == ["note 0", "note 1", "note 2"] and notes[3] is None
+
+
+def read_all_jsonl(path: Path):
+    import pyarrow.json as pa_json
+
+    yield from pa_json.open_json(path)
+
+
+def test_a_lone_cr_in_a_csv_header_ends_it_as_pyarrow_reads_it(tmp_path: Path):
+    """A CR alone inside the header line ends the header (as pyarrow ends a row there): the
+    columns before it are the file's columns, what follows is a ragged row (an error row)."""
+    from jobs.corpus import list_sources
+
+    path = tmp_path / "cr.csv"
+    path.write_bytes(b"id,text\rward\n1,hello\n2,there\n")
+    corpus = spec(format="csv", paths=[str(path)])
+    assert FORMATS["csv"].columns(list_sources(corpus, 100)[0], corpus) == ["id", "text"]
+    rows, rows_in, _ = read_all(plan_shards(corpus, str(tmp_path / "s"), 100), corpus)
+    assert rows_in == 3 and [r["id"] for r in rows] == [None, 1, 2]
+    assert rows[0]["_reason"] is not None and rows[1]["text"] == b"hello"

@@ -24,6 +24,7 @@ from test_jobs import (
 )
 from test_output import take_lock_over
 
+from jobs.spec import parse_spec
 from jobs.synthetic import make_notes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -169,14 +170,19 @@ def test_corrupt_inputs_are_named_and_empty_files_are_zero_rows(tmp_path, model_
         run(job(tmp_path, model_dir, pcorpus, output={"path": str(tmp_path / "out3")}), tmp_path)
 
 
+@pytest.mark.parametrize("column", [0, 2], ids=["id", "text"])
 def test_a_corrupt_data_page_behind_a_good_footer_fails_its_shard_by_name(
-    tmp_path, model_dir, ray_local
+    tmp_path, model_dir, ray_local, column
 ):
-    """Only reading the data finds this: its shard fails (named: file, row group, rows), the
-    rest completes exactly as a clean run of the good file, and nothing is written for it."""
+    """Only reading the data finds this, in the text column or in the ids the planning reads
+    (one rule: the page fails only its shard): that shard fails (named: file, row group,
+    rows), the rest completes exactly as a clean run of the good file, nothing is written
+    for it, and `validate` names the file and row group of a corrupt id page."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from test_jobs import notes_table
+
+    from jobs.preflight import check_plan
 
     good, bad = notes_table(10), notes_table(10, seed=1)
     bad = bad.set_column(0, "note_id", pa.array(range(500, 510), pa.int64()))
@@ -184,12 +190,19 @@ def test_a_corrupt_data_page_behind_a_good_footer_fails_its_shard_by_name(
     pq.write_table(good, tmp_path / "in" / "a.parquet")
     pq.write_table(bad, tmp_path / "in" / "b.parquet", compression="snappy")
     data = bytearray((tmp_path / "in" / "b.parquet").read_bytes())
-    footer = pq.ParquetFile(tmp_path / "in" / "b.parquet").metadata.row_group(0).column(2)
-    start = footer.data_page_offset + 64  # inside the text column's first data page
-    data[start : start + 256] = bytes(b ^ 0x5A for b in data[start : start + 256])
+    footer = pq.ParquetFile(tmp_path / "in" / "b.parquet").metadata.row_group(0).column(column)
+    start = footer.data_page_offset + min(64, footer.total_compressed_size // 2)
+    size = min(256, footer.total_compressed_size // 2)  # inside the column's first data page
+    data[start : start + size] = bytes(b ^ 0x5A for b in data[start : start + size])
     (tmp_path / "in" / "b.parquet").write_bytes(bytes(data))
     corpus = {"format": "parquet", "paths": [str(tmp_path / "in")], "id_column": "note_id"}
     spec = job(tmp_path, model_dir, corpus, run={"max_shard_attempts": 2})
+    planned = check_plan(parse_spec(spec, tmp_path))
+    if column == 0:
+        (line,) = planned
+        assert line.startswith(f"corpus: {tmp_path / 'in' / 'b.parquet'}: row groups 0: cannot")
+    else:
+        assert planned == []
     report = run(spec, tmp_path)
     (failed,) = report["shards"]["failed"]
     assert failed["source"].endswith("b.parquet") and failed["rows"] == 10
@@ -201,14 +214,12 @@ def test_a_corrupt_data_page_behind_a_good_footer_fails_its_shard_by_name(
     assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
 
 
-def test_a_lost_worker_node_and_the_job_completes_exactly_once(tmp_path, model_dir):
+def test_a_lost_worker_node_and_the_job_completes_exactly_once(tmp_path, model_dir, own_ray):
     """A 3-node cluster on this machine (Ray's cluster_utils); a worker node is removed while
     its actor works: the shards re-run on the other nodes, nothing lost or written twice."""
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # actors on workers
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     extra = cluster.add_node(num_cpus=1)  # room for a replacement actor
@@ -347,11 +358,11 @@ def cli(tmp_path):
         d.close()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, own_ray, cli, sig):
-    """The CLI driver in its own process (its own local Ray): SIGINT stops its actors and
-    writes a partial report (exit 130); SIGKILL leaves a stale lock the next run takes over.
-    Either way the resumed output equals a clean run."""
+def test_driver_interrupted_then_killed_then_resumed(tmp_path, model_dir, own_ray, cli):
+    """The CLI driver in its own process (its own local Ray), stopped twice on one output:
+    SIGINT stops its actors and writes a partial report (exit 130, no lock left); the resumed
+    run, SIGKILLed, leaves a stale lock the next run takes over. That run completes and its
+    output equals a clean run, each row written once."""
     import json
 
     from test_submit import stop_head
@@ -361,28 +372,44 @@ def test_driver_interrupted_or_killed_then_resumed(tmp_path, model_dir, own_ray,
                                                  "progress_interval_s": 0.2})  # fmt: skip
     driver = cli(spec)
     out = tmp_path / "out"
-    proc = driver.start({"cpu": 0.3})
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(out.glob("part-*.parquet")), "the job never committed a shard"
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1]
-        partial = json.loads((out / "_report.json").read_text())
-        assert partial["interrupted"] is True and partial["stop_reason"] == "interrupted (Ctrl-C)"
-        assert not (out / "_lock.json").exists()
-    else:
-        assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()
-        stop_head(driver.temps[-1])  # what the killed driver's own Ray left running
-    assert not (out / "_SUCCESS").exists()
+
+    def stop_after_parts(count: int, sig: signal.Signals) -> tuple[int, str]:
+        proc = driver.start({"cpu": 0.3})
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < count and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        assert len(list(out.glob("part-*.parquet"))) >= count, "no new shard was committed"
+        driver.tree.update(_tree(proc.pid))  # its Ray's processes, actors included
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
+    code, err = stop_after_parts(2, signal.SIGINT)
+    assert code == 130 and "interrupted" in err.splitlines()[-1]
+    partial = json.loads((out / "_report.json").read_text())
+    assert partial["interrupted"] is True and partial["stop_reason"] == "interrupted (Ctrl-C)"
+    assert not (out / "_lock.json").exists() and not (out / "_SUCCESS").exists()
+    after_sigint = len(list(out.glob("part-*.parquet")))
+
+    code, _ = stop_after_parts(after_sigint + 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL and (out / "_lock.json").exists()
+    deadline = time.monotonic() + 30  # a machine that went down with its driver: its actors
+    while (left := _still_running(driver.tree)) and time.monotonic() < deadline:  # too
+        for pid in left:  # (they outlive their raylet a while, committing shards)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    stop_head(driver.temps[-1])
+    assert not _still_running(driver.tree) and not (out / "_SUCCESS").exists()
+    kept = len(list(out.glob("part-*.parquet")))
+
     done = driver.run()
     assert done.returncode == 0, done.stderr[-2000:]
     assert not list(out.glob(".tmp-*"))  # what the stopped attempts left is gone
     report = json.loads((out / "_report.json").read_text())
-    assert report["shards"]["committed_before"] >= 1 and report["rows_out"] == 60
-    assert report["stop_reason"] is None
+    assert report["shards"]["committed_before"] == kept > after_sigint >= 2
+    assert report["rows_out"] == 60 and report["stop_reason"] is None
     result = assert_equals_clean_run(out, spec, tmp_path)
     check_exactly_once(table["note_id"].to_pylist(), result, None)
 

@@ -106,27 +106,33 @@ def interrupt_after(n: int):
     return hook
 
 
-def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
-    """Run `spec` again into a fresh output dir, in this process and without Ray (every shard
-    through the actor's own ShardProcessor, nothing interrupted): `out` must hold the same ids
-    (each once) and vectors as that clean run. Returns `out`'s rows sorted by id."""
+def clean_run(spec: dict, tmp: Path, name: str = "fresh") -> pa.Table:
+    """`spec` run into a fresh output dir under tmp/name, in this process and without Ray
+    (every shard through the actor's own ShardProcessor, nothing interrupted): its rows."""
     from jobs.actor import ShardProcessor
     from jobs.corpus import plan_shards
     from jobs.model import load_bundle
 
-    fresh = tmp / "fresh"
+    fresh = tmp / name
     fresh.mkdir()
     clean = parse_spec({**spec, "output": {**spec["output"], "path": str(fresh / "out")}}, fresh)
     pool = next(p for p in clean.device_pool if p.device == "cpu")  # runs on this machine
     processor = ShardProcessor(load_bundle(clean), clean, pool)
     for shard in plan_shards(clean.corpus, clean.staging_dir(), clean.run.shard_rows):
         processor.process(shard)
-    a, _ = read_out(out)
-    b, _ = read_out(fresh / "out")
-    a, b = a.sort_by("id"), b.sort_by("id")
+    return read_out(fresh / "out")[0]
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    return np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+
+
+def assert_equals_clean_run(out: Path, spec: dict, tmp: Path) -> pa.Table:
+    """`out` must hold the same ids (each once) and vectors as a clean run of `spec`
+    (`clean_run`). Returns `out`'s rows sorted by id."""
+    a, b = read_out(out)[0].sort_by("id"), clean_run(spec, tmp).sort_by("id")
     assert a["id"].equals(b["id"])
-    vectors = lambda t: np.stack(t["embedding"].to_numpy(zero_copy_only=False))  # noqa: E731
-    np.testing.assert_allclose(vectors(a), vectors(b), atol=1e-6)
+    np.testing.assert_allclose(embeddings(a), embeddings(b), atol=1e-6)
     return a
 
 
@@ -698,23 +704,21 @@ def test_text_in_any_arrow_layout_is_text(tmp_path, model_dir, ray_local):
     coded = coded.set_column(1, "subject_id", coded["subject_id"].dictionary_encode())
     pq.write_table(coded, tmp_path / "coded.parquet")
     assert pa.types.is_dictionary(pq.read_schema(tmp_path / "coded.parquet").field("text").type)
-    outs = {}
-    for name in ("plain", "coded"):
-        corpus = {"format": "parquet", "paths": [str(tmp_path / f"{name}.parquet")],
-                  "id_column": "note_id", "keep_columns": ["subject_id"]}  # fmt: skip
-        spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / name)})
-        report = run(spec, tmp_path)
-        assert report["rows_out"] == 12 and report["error_rows"] == 0, (name, report)
-        written = read_out(tmp_path / name)[0].sort_by("id")
-        assert written.schema.field("subject_id").type == pa.int64()  # its values' type
-        outs[name] = np.stack(written["embedding"].to_numpy(zero_copy_only=False))
-    np.testing.assert_array_equal(outs["coded"], outs["plain"])
+    corpus = {"format": "parquet", "paths": [str(tmp_path / "plain.parquet")],
+              "id_column": "note_id", "keep_columns": ["subject_id"]}  # fmt: skip
+    plain = clean_run(job(tmp_path, model_dir, corpus), tmp_path, "plain").sort_by("id")
+    corpus["paths"] = [str(tmp_path / "coded.parquet")]
+    coded = clean_run(job(tmp_path, model_dir, corpus), tmp_path, "coded").sort_by("id")
+    assert coded.schema.field("subject_id").type == pa.int64()  # its values' type
+    assert coded["id"].equals(plain["id"]) and coded.num_rows == 12
+    np.testing.assert_array_equal(embeddings(coded), embeddings(plain))
     more = notes_table(12, seed=1).set_column(0, "note_id", pa.array(range(300, 312)))
     pq.write_table(more, tmp_path / "more.parquet")  # plain, beside the coded file: one type
     corpus["paths"] = [str(tmp_path / "coded.parquet"), str(tmp_path / "more.parquet")]
-    report = run(job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "both")}),
-                 tmp_path)  # fmt: skip
-    assert report["rows_out"] == 24 and not report["shards"]["failed"]
+    spec = job(tmp_path, model_dir, corpus, output={"path": str(tmp_path / "both")})
+    report = run(spec, tmp_path)  # and through Ray, the coded file beside a plain one
+    assert report["rows_out"] == 24 and report["error_rows"] == 0
+    assert_equals_clean_run(tmp_path / "both", spec, tmp_path)
     texts = table["text"].combine_chunks()
     for layout in (texts.dictionary_encode(), texts.cast(pa.string_view()),
                    texts.cast(pa.large_string()), texts.cast(pa.binary_view())):  # fmt: skip

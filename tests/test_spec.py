@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +282,64 @@ def test_missing_directory_or_binary_spec_file(tmp_path: Path):
     (tmp_path / "job.yaml").write_bytes(b"name: x\n\x8a\xff\x00binary")
     with pytest.raises(SpecError, match=r"job.yaml: not a YAML text file \(byte 8 is not UTF-8\)"):
         load_spec(tmp_path / "job.yaml")
+
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)  # a 1 KB spec that stands for 9**9 strings
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("? [a, b]\n: 1\n", r"line 1, column 3: invalid YAML: a key must be a name, not a list"),
+    ("? {a: 1}\n: 1\n", r"invalid YAML: a key must be a name"),
+    (LAUGHS, r"job.yaml: more than 100,000 values once YAML aliases are expanded"),
+    ("a: &x [1, *x]\n", r"job.yaml: a\[1\]: a value that contains itself"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", r"invalid YAML: .*nest"),
+    ("name: " + "x" * 50_000 + "\n", r"job.yaml: name: a string of 50,000 characters; at most"),
+    ("name: x\n? " + "w" * 5000 + "\n: 1\n", r"job.yaml: \(top level\): a string of 5,000 char"),
+])  # fmt: skip
+def test_hostile_yaml_is_one_line_in_well_under_a_second(tmp_path: Path, text, expect):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, text))
+    assert time.monotonic() - start < 2
+    assert len(e.value.problems) == 1 and len(str(e.value)) < 300, str(e.value)[:300]
+    assert re.search(expect, str(e.value)), str(e.value)[:300]
+
+
+def test_a_spec_file_over_the_size_cap_is_not_read(tmp_path: Path):
+    path = write(tmp_path, "name: " + "x" * (2 << 20) + "\n")
+    with pytest.raises(SpecError, match=r"the spec is 2,097,159 bytes; at most 1,048,576"):
+        load_spec(path)
+
+
+def test_many_problems_are_capped_with_a_count(tmp_path: Path):
+    data = base(tmp_path) | {f"k{i}": i for i in range(5000)}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, tmp_path, source="job.yaml")
+    assert len(e.value.problems) == 21 and e.value.problems[-1] == "... and 4,980 more problems"
+    big = base(tmp_path) | {"name": [list(range(20_000))] * 4}  # shown short, never whole
+    assert (
+        errors(big, tmp_path)
+        == "job.yaml: name: Input should be a valid string (got [[0, 1, 2, 3, ...], [0, 1, 2, 3, ...], [0, 1, 2, 3, ...], [0, 1, 2, 3, ...]])"
+    )
+
+
+@pytest.mark.parametrize("key, section, near", [
+    ("modle", "", "model"), ("formt", "corpus.", "format"), ("max_sq", "model.", "max_seq"),
+    ("actor", "device_pool[0].", "actors"), ("strategy_", "model.long_notes.", "strategy"),
+])  # fmt: skip
+def test_unknown_keys_suggest_the_near_name(tmp_path: Path, key, section, near):
+    data = base(tmp_path)
+    node = data
+    for part in re.findall(r"[^.\[\]]+", section):
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[key] = 1
+    assert f"job.yaml: {section}{key}: unknown key (did you mean {near!r}?)" in errors(
+        data, tmp_path
+    )
 
 
 def test_load_spec_resolves_against_the_file_dir(tmp_path: Path):

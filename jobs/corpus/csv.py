@@ -45,8 +45,11 @@ def columns(source: Source, corpus: CorpusSpec) -> list[str]:
         except UnicodeDecodeError:
             raise ValueError(f"{source.path}: its header is not UTF-8") from None
         opts = corpus.csv or CsvOptions()
-        row = next(csv.reader(io.StringIO(text), delimiter=opts.delimiter,
-                              quotechar=opts.quote_char), [])  # fmt: skip
+        try:  # newline="": a lone CR ends the header line, as it ends a row for pyarrow
+            row = next(csv.reader(io.StringIO(text, newline=""), delimiter=opts.delimiter,
+                                  quotechar=opts.quote_char), [])  # fmt: skip
+        except csv.Error as e:
+            raise ValueError(f"{source.path}: cannot read its header line: {e}") from None
         return list(row)
 
 

@@ -26,6 +26,7 @@ from .values import (
     as_plain_text,
     check_column_types,
     check_columns,
+    checked_utf8,
     cut_by_bytes,
     plain_values,
     where_mask,
@@ -95,6 +96,7 @@ class ShardReader(Iterator[pa.RecordBatch]):
                     out = out.filter(keep_rows)
                     self.rows_filtered += n - out.num_rows
                 if out.num_rows:
+                    out = checked_utf8(out, {"id": corpus.id_column})
                     yield from cut_by_bytes(out, "text", self.batch_bytes)
 
 

@@ -79,6 +79,7 @@ def _in_place(source: Source, corpus: CorpusSpec) -> ParquetInput:
     try:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
+            footer = _footer(meta, f)
     except (OSError, *ARROW_ERRORS) as e:
         raise ValueError(f"{source.path}: not a readable Parquet file: {redact(e)}") from None
     schema = meta.schema.to_arrow_schema()
@@ -86,10 +87,19 @@ def _in_place(source: Source, corpus: CorpusSpec) -> ParquetInput:
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     # name, size and footer (row groups, their statistics, writer): the same file gets the
     # same shard ids wherever it is mounted, a rewritten one new ids
-    footer = json.dumps(meta.to_dict(), sort_keys=True, default=str)
     identity = digest(["parquet", source.name, source.size, footer])
     types = _types(schema, corpus, source.path)
     return ParquetInput(source.path, identity, rows, source.path, types)
+
+
+def _footer(meta: pq.FileMetaData, f: pa.NativeFile) -> str:
+    """What identifies a Parquet file's content: its footer as JSON or, where statistics hold
+    bytes that are not UTF-8 (a writer that did not check its strings), its raw bytes."""
+    try:
+        return json.dumps(meta.to_dict(), sort_keys=True, default=str)
+    except UnicodeDecodeError:
+        f.seek(f.size() - 8 - meta.serialized_size)
+        return hashlib.sha256(f.read(meta.serialized_size)).hexdigest()
 
 
 def _types(schema: pa.Schema, corpus: CorpusSpec, source: str) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -76,6 +77,59 @@ def is_text(kind: pa.DataType) -> bool:
             pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view,
         )
     )  # fmt: skip
+
+
+_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+
+def _bad_utf8_rows(values: pa.Array) -> np.ndarray:
+    """Positions of the non-null values of a string column that are not UTF-8 (an empty
+    array, cheaply, when the whole column is)."""
+    try:
+        values.validate(full=True)
+        return np.arange(0)
+    except pa.ArrowInvalid:
+        pass
+
+    def decodes(raw: bytes | None) -> bool:
+        try:
+            raw is None or raw.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    raw = values.view(_AS_BYTES[values.type]).to_pylist()
+    return np.flatnonzero([not decodes(v) for v in raw])
+
+
+def checked_utf8(batch: pa.RecordBatch, names: dict[str, str]) -> pa.RecordBatch:
+    """A batch whose string columns all hold UTF-8. pyarrow's JSON and Parquet readers do not
+    check: bytes that are not UTF-8 in a `text` string column turn it to binary (such a row
+    becomes an `undecodable` error row); in another column of `names` (batch column -> the
+    input's name for it) the value becomes null and the column is named in that row's
+    `_undecodable` mark, as CSV staging marks it."""
+    columns = dict(zip(batch.schema.names, batch.columns))
+    marked: dict[int, list[str]] = {}
+    for name, arr in columns.items():
+        if arr.type not in _AS_BYTES or not len(bad := _bad_utf8_rows(arr)):
+            continue
+        if name == "text":
+            columns[name] = arr.view(_AS_BYTES[arr.type])
+            continue
+        mask = np.zeros(len(arr), bool)
+        mask[bad] = True
+        raw = pc.if_else(pa.array(mask), pa.scalar(None, _AS_BYTES[arr.type]),
+                         arr.view(_AS_BYTES[arr.type]))  # fmt: skip
+        columns[name] = raw.view(arr.type)
+        for i in bad:
+            marked.setdefault(int(i), []).append(names.get(name, name))
+    if marked:
+        old = columns.get(UNDECODABLE, pa.nulls(batch.num_rows, pa.string())).to_pylist()
+        columns[UNDECODABLE] = pa.array(
+            [",".join(filter(None, [old[i], *marked.get(i, [])])) or None for i in range(len(old))],
+            pa.string(),
+        )
+    return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
 def plain_type(kind: pa.DataType) -> pa.DataType:

@@ -4,8 +4,10 @@ spec's directory, checked to exist where asked)."""
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
+import reprlib
 from typing import Annotated, Any
 
 from pydantic import (
@@ -26,12 +28,47 @@ RESERVED_COLUMNS = (PART_COLUMNS[0], "text", "row_index", *PART_COLUMNS[1:])
 _VALUE_CHARS = 80
 
 
-class SpecError(ValueError):
-    """An invalid job spec; `problems` holds one line per problem."""
+class _Repr(reprlib.Repr):
+    def repr_dict(self, x: dict, level: int) -> str:  # keys in the spec's order, not sorted
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in list(x.items())[: self.maxdict]]  # fmt: skip
+        return "{" + ", ".join(items + ["..."] * (len(x) > self.maxdict)) + "}"
 
-    def __init__(self, problems: list[str]):
+
+_REPR = _Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, _VALUE_CHARS, _VALUE_CHARS, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 4
+MAX_PROBLEMS = 20  # lines one error lists; the rest are counted
+
+
+class SpecError(ValueError):
+    """An invalid job spec; `problems` holds one line per problem (at most MAX_PROBLEMS, then
+    one line counting the rest)."""
+
+    def __init__(self, problems: list[str], more: int = 0):
+        more += max(len(problems) - MAX_PROBLEMS, 0)
+        problems = problems[:MAX_PROBLEMS] + [f"... and {more:,} more problems"] * bool(more)
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def short(value: Any, chars: int = _VALUE_CHARS) -> str:
+    """A bounded repr of a spec value: never builds more than a few hundred characters, however
+    big or deeply nested the value is."""
+    text = repr(value[:chars]) if isinstance(value, str) else _REPR.repr(value)
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
+def hint(name: str, available: list[str]) -> str:
+    """' (did you mean ...?)' for a near miss: case, surrounding spaces, or a close spelling."""
+    key = name.strip().casefold()
+    near = [a for a in available if a.strip().casefold() == key]
+    near = near or difflib.get_close_matches(name, available, n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
 
 
 def _fail(reason: str, sub: str = "", value: Any = ...) -> PydanticCustomError:

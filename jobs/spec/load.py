@@ -6,20 +6,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
-from .fields import _VALUE_CHARS, SpecError
+from .fields import MAX_PROBLEMS, SpecError, hint, short
 from .job import JobSpec
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."
+MAX_SPEC_BYTES = 1 << 20  # a spec file; list many inputs with a glob or a directory instead
+MAX_SPEC_VALUES = 100_000  # values in the spec, YAML aliases expanded
+MAX_STRING_CHARS = 4096  # one string value (a path is at most 4,096 bytes on Linux)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed
 
 
 def _field_path(loc: tuple[int | str, ...], sub: str = "") -> str:
@@ -34,16 +32,44 @@ def _field_path(loc: tuple[int | str, ...], sub: str = "") -> str:
 _MESSAGES = {"extra_forbidden": "unknown key", "missing": "required field is missing"}
 
 
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The spec section (a pydantic model) at a field path, or None."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        model = next(_models(field.annotation), None)
+    return model
+
+
+def _models(annotation: Any):
+    """The pydantic models an annotation names (through Optional, list, dict, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models(arg)
+
+
+def _unknown_key_hint(loc: tuple[int | str, ...]) -> str:
+    section = _section_at(loc[:-1])
+    return hint(str(loc[-1]), list(section.model_fields)) if section else ""
+
+
 def _problems(error: ValidationError, source: str) -> list[str]:
     lines = []
-    for e in error.errors():
+    for e in error.errors(include_url=False)[:MAX_PROBLEMS]:
         ctx = e.get("ctx") or {}
         path = _field_path(e["loc"], ctx.get("sub", "") if e["type"] == "spec" else "")
         msg = _MESSAGES.get(e["type"], e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg += _unknown_key_hint(e["loc"])
         line = f"{source}: {path}: {msg}"
         if e["type"] != "missing":  # the input of a missing field is its parent mapping
             bad = ctx.get("value", e["input"]) if e["type"] == "spec" else e["input"]
-            line += f" (got {_short(bad)})"
+            line += f" (got {short(bad)})"
         lines.append(line)
     return lines
 
@@ -56,23 +82,67 @@ def parse_spec(
     check_paths: also require local corpus paths (globs: at least one match) and a local
     model.path to exist. URIs are never checked here.
     """
+    _check_bounded(data, source)
     if not isinstance(data, dict):
         raise SpecError(
-            [f"{source}: the top level must be a mapping of sections, got {_short(data)}"]
+            [f"{source}: the top level must be a mapping of sections, got {short(data)}"]
         )
     context = {"base_dir": os.path.abspath(base_dir), "check_paths": check_paths}
     try:
         return JobSpec.model_validate(data, context=context)
     except ValidationError as e:
-        raise SpecError(_problems(e, source)) from None
+        problems = _problems(e, source)
+        raise SpecError(problems, more=e.error_count() - len(problems)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (a silent override otherwise)."""
+def _check_bounded(data: Any, source: str) -> None:
+    """Refuse a spec too big to be one: a string over MAX_STRING_CHARS, more than
+    MAX_SPEC_VALUES values once YAML aliases are expanded (a few nested aliases can stand for
+    billions), or a value that contains itself. Each container is visited once."""
+    sizes: dict[int, int] = {}  # id of a list or mapping -> its values, aliases expanded
+    open_ids: set[int] = set()
+    stack: list[tuple[Any, str, bool]] = [(data, "", False)]
+    while stack:
+        node, path, closing = stack.pop()
+        if isinstance(node, str) and len(node) > MAX_STRING_CHARS:
+            raise SpecError([f"{source}: {path or '(top level)'}: a string of {len(node):,} "
+                             f"characters; at most {MAX_STRING_CHARS:,}"])  # fmt: skip
+        if not isinstance(node, dict | list):
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if closing:
+            open_ids.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > MAX_SPEC_VALUES:
+                raise SpecError([f"{source}: more than {MAX_SPEC_VALUES:,} values once YAML "
+                                 "aliases are expanded"])  # fmt: skip
+        elif id(node) in open_ids:
+            raise SpecError([f"{source}: {path or '(top level)'}: a value that contains itself "
+                             "(a recursive YAML alias)"])  # fmt: skip
+        elif id(node) not in sizes:
+            open_ids.add(id(node))
+            stack.append((node, path, True))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                stack.append((key, path, False))
+                stack.append((child, _field_path((*_loc(path), key)), False))
+
+
+def _loc(path: str) -> tuple[str, ...]:
+    return (path,) if path else ()
+
+
+class _UniqueKeyLoader(_Loader):
+    """A safe loader that rejects a key given twice in one mapping (a silent override
+    otherwise) and a key that is a list or mapping (YAML's complex keys)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or mapping", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -119,6 +189,9 @@ def load_spec(
     """Read and validate a YAML job spec (see `parse_spec`), after `--set` overrides."""
     path = Path(path)
     try:
+        if (size := path.stat().st_size) > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: the spec is {size:,} bytes; at most {MAX_SPEC_BYTES:,} "
+                             "(list many inputs with a glob or a directory)"])  # fmt: skip
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"{path}: cannot read the spec: {e.strerror or e}"]) from e
@@ -131,6 +204,8 @@ def load_spec(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError([f"{path}: {where}invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{path}: invalid YAML: nested too deeply"]) from None
     if overrides:
         data = apply_overrides(data if data is not None else {}, overrides, str(path))
     return parse_spec(data, path.resolve().parent, check_paths=check_paths, source=str(path))
