@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from . import bert, modernbert
+from .checkpoint_limits import check_config_sizes, shown
 from .config import EncoderConfig, read_json_object
 
 ARCHITECTURES: dict[str, ModuleType] = {"bert": bert, "modernbert": modernbert}
@@ -56,17 +57,19 @@ CONTRACT: tuple[tuple[str, str, str], ...] = (
 def architecture(model_type: str, source: str = "config") -> ModuleType:
     try:
         return ARCHITECTURES[model_type]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: not a string (a list, an object)
         raise ValueError(
-            f"{source}: model_type {model_type!r} is not supported "
+            f"{source}: model_type {shown(model_type)} is not supported "
             f"(supported: {', '.join(ARCHITECTURES)})"
         ) from None
 
 
 def load_config(raw: dict[str, Any], source: str = "config") -> EncoderConfig:
-    """A config dict -> the architecture's config (validated; errors name `source`)."""
+    """A config dict -> the architecture's config (validated; errors name `source`). Its
+    sizes are bounded first (checkpoint_limits), before anything is built from them."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    check_config_sizes(raw, source)
     if "vocab_size" not in raw:
         raise ValueError(f"{source}: missing required field 'vocab_size'")
     model_type = raw.get("model_type", "bert")  # legacy bert_config.json has none

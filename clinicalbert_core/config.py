@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_limits import MAX_JSON_BYTES, check_file_size, shown
+
 _POSITIVE = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "intermediate_size", "max_position_embeddings",
@@ -45,7 +47,7 @@ class EncoderConfig:
         for name in self.POSITIVE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{source}: {name} must be a positive integer, got {shown(value)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"{source}: hidden_size {self.hidden_size} is not divisible by "
@@ -60,16 +62,20 @@ class EncoderConfig:
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A checkpoint's JSON file (config, tokenizer config, manifest) as a dict; ValueError
-    naming the file when it is missing, not UTF-8 text, not JSON or not an object."""
+    naming the file when it is missing, over MAX_JSON_BYTES, not UTF-8 text, not JSON (or
+    nested too deep, or a number too long to read) or not an object."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    check_file_size(path, MAX_JSON_BYTES, "a checkpoint's JSON file")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except (RecursionError, ValueError) as e:  # nested too deep; an int of too many digits
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
@@ -78,5 +84,5 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
 def check_activation(name: str, value: str, supported: tuple[str, ...], source: str) -> None:
     if value not in supported:
         raise ValueError(
-            f"{source}: {name} {value!r} is not supported (supported: {', '.join(supported)})"
+            f"{source}: {name} {shown(value)} is not supported (supported: {', '.join(supported)})"
         )

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from . import architectures
 from . import weights as W
+from .checkpoint_limits import capped, check_inside, check_manifest_files, shown
 from .config import EncoderConfig, read_json_object
 from .tokenizer import (
     Specials,
@@ -64,6 +65,7 @@ class ModelFiles:
         for name in reversed(TOKENIZER_CONFIGS):
             path = self.root / name
             if path.is_file():
+                check_inside(path, self.root)
                 merged |= read_json_object(path)
         return merged
 
@@ -86,7 +88,7 @@ def find_files(source: str | Path, config_path: str | Path | None = None) -> Mod
         found = [path / n for n in WEIGHT_NAMES if (path / n).is_file()]
         if not found:
             sharded = sorted(p.name for p in path.glob("*.index.json"))
-            hint = f" (sharded checkpoints {sharded} are not supported)" if sharded else ""
+            hint = f" (sharded checkpoints are not supported: {capped(sharded)})" if sharded else ""
             raise ValueError(f"{path}: no weights file; expected one of {WEIGHT_NAMES}{hint}")
         weights = found[0]
     else:
@@ -104,6 +106,10 @@ def find_files(source: str | Path, config_path: str | Path | None = None) -> Mod
     vocab = root / "vocab.txt" if (root / "vocab.txt").is_file() else None
     if tokenizer is None and vocab is None:
         raise ValueError(f"{root}: no tokenizer; expected tokenizer.json or vocab.txt")
+    own = [weights, tokenizer, vocab, root / MANIFEST] + ([config] if config_path is None else [])
+    for found in own:  # symlinks stay inside (a config named apart, config_path, may be anywhere)
+        if found is not None and found.exists():
+            check_inside(found, root)
     manifest = read_json_object(root / MANIFEST) if (root / MANIFEST).is_file() else None
     return ModelFiles(root, config, weights, tokenizer, vocab, manifest)
 
@@ -232,7 +238,7 @@ def open_checkpoint(
     if verify and (problems := integrity_problems(files.root, files.manifest)):
         raise ValueError(
             f"{files.root}: files do not match {MANIFEST} (corrupted or changed since "
-            "prepare; prepare it again): " + "; ".join(problems)
+            "prepare; prepare it again): " + capped(problems, "; ")
         )
     config = architectures.config_from_file(files.config)
     manifest = files.manifest or {}
@@ -241,7 +247,7 @@ def open_checkpoint(
     own = read_tokenizer(files.tokenizer) if files.tokenizer else None
     unknown = not casing_required and own is None and lowercase is v.lowercase is None
     casing = None if unknown else resolve_casing(v, lowercase, own)
-    notes = list(manifest.get("tokenizer_notes", []))
+    notes, specials = _from_manifest(manifest, files.root / MANIFEST)
     if own is not None:
         tok, removed = without_padding_and_truncation(own)
         notes += removed
@@ -249,12 +255,24 @@ def open_checkpoint(
     else:
         assert files.vocab is not None
         tok = wordpiece_from_vocab(files.vocab, bool(casing))
-    if "specials" in manifest:
-        specials = Specials(**manifest["specials"])
-    else:
+    if specials is None:
         config_ids = architectures.of(config).special_ids(config)
         specials = find_specials(tok, files.tokenizer_config(), config_ids)
     return Checkpoint(files, provenance, v, config, casing, tok, specials, tuple(notes))
+
+
+def _from_manifest(manifest: dict[str, Any], path: Path) -> tuple[list[str], Specials | None]:
+    """A prepared dir's tokenizer notes and special token ids (None: not recorded)."""
+    notes, specials = manifest.get("tokenizer_notes", []), manifest.get("specials")
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ValueError(f"{path}: tokenizer_notes must be a list of strings, got {shown(notes)}")
+    try:
+        return list(notes), None if specials is None else Specials(**specials)
+    except TypeError:
+        raise ValueError(
+            f"{path}: specials must be {{'cls': id, 'sep': id, 'mask': id | null}}, "
+            f"got {shown(specials)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -370,23 +388,33 @@ def integrity_problems(
     root: Path, manifest: dict[str, Any] | None, digests: dict[str, str] | None = None
 ) -> list[str]:
     """One line per file the manifest lists that is missing or has another sha256
-    (`digests`: the files' sha256s when the caller has them already)."""
+    (`digests`: the files' sha256s when the caller has them already). A listed name that is
+    not a plain relative path, or a file that links outside `root`, is a ValueError naming it."""
+    files = (manifest or {}).get("files") or {}
+    check_manifest_files(files, root / MANIFEST)
     problems = []
-    for name, digest in ((manifest or {}).get("files") or {}).items():
+    for name, digest in files.items():
         path = root / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif (actual := (digests or {}).get(name) or sha256_file(path)) != digest:
-            problems.append(f"{name}: sha256 {actual}, the manifest expects {digest}")
+            continue
+        check_inside(path, root)
+        if (actual := (digests or {}).get(name) or sha256_file(path)) != digest:
+            expected = digest if isinstance(digest, str) and len(digest) == 64 else shown(digest)
+            problems.append(f"{name}: sha256 {actual}, the manifest expects {expected}")
     return problems
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
     """What a model dir holds: architecture, config, tokenizer, casing, heads, parameters,
-    sha256 per file."""
+    sha256 per file, and where the config and the weights disagree (`contradictions`: the
+    layer count, missing, unexpected and mis-shaped tensors; empty when they agree)."""
     ck = open_checkpoint(path, casing_required=False, verify=False)
     state = ck.state()
-    digests = {p.name: sha256_file(p) for p in sorted(ck.files.root.iterdir()) if p.is_file()}
+    files = [p for p in sorted(ck.files.root.iterdir()) if p.is_file()]
+    for p in files:
+        check_inside(p, ck.files.root)
+    digests = {p.name: sha256_file(p) for p in files}
     c = ck.config
     return {
         "path": str(ck.files.root),
@@ -403,6 +431,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "tokenizer_notes": list(ck.tokenizer_notes),
         "heads": W.heads_present(state, c),
         "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
+        "contradictions": W.contradictions(state, c),
         "config": c.to_dict(),
         "source": (ck.files.manifest or {}).get("source"),
         "prepared": ck.files.manifest is not None,

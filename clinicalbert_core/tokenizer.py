@@ -20,6 +20,12 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .checkpoint_limits import (
+    MAX_CONFIG_SIZES,
+    MAX_TOKENIZER_JSON_BYTES,
+    MAX_VOCAB_TXT_BYTES,
+    check_file_size,
+)
 from .errors import message_line
 from .limits import FRAMING_TOKENS, body_tokens, default_stride, stride_problem
 
@@ -30,7 +36,9 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def read_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json; ValueError naming the file when `tokenizers` cannot read it."""
+    """A tokenizer.json; ValueError naming the file when it is over MAX_TOKENIZER_JSON_BYTES
+    (checked before it is read) or `tokenizers` cannot read it."""
+    check_file_size(Path(path), MAX_TOKENIZER_JSON_BYTES, "a tokenizer.json")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
@@ -40,7 +48,16 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
+    """A vocab.txt, one token a line; at most MAX_VOCAB_TXT_BYTES (checked before it is read)
+    and MAX_CONFIG_SIZES["vocab_size"] lines."""
+    check_file_size(Path(path), MAX_VOCAB_TXT_BYTES, "a vocab.txt")
     data = Path(path).read_bytes()
+    count, limit = data.count(b"\n") + (not data.endswith(b"\n")), MAX_CONFIG_SIZES["vocab_size"]
+    if count > limit:
+        raise ValueError(
+            f"{path}: {count:,} tokens, over the limit of {limit:,} "
+            "(clinicalbert_core.checkpoint_limits)"
+        )
     try:
         lines = data.decode("utf-8").split("\n")
     except UnicodeDecodeError as e:

@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
 from . import architectures
+from .checkpoint_limits import capped, check_safetensors_header, check_tensor_count, shown
 from .config import EncoderConfig
 
 
@@ -51,25 +52,47 @@ def read_state_dict(source: str | Path | bytes) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
-            raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint: {e}") from e
+            raise ValueError(
+                f"{path}: cannot read as a weights-only torch checkpoint: {_torch_reason(e)}"
+            ) from e
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     raise ValueError(f"{path}: unknown weights format (expected .safetensors or .bin)")
 
 
+def _torch_reason(e: Exception) -> str:
+    """One line of what torch.load said: a weights-only refusal is paragraphs (a preamble, the
+    reason, a pointer to the docs); keep the reason, never the advice to unpickle freely."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 2 and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:-1]
+    return " ".join(lines)[:300] or type(e).__name__
+
+
 def _safetensors_header(head: bytes, read: Any, size: int, name: str) -> list[str]:
     """The tensor names of a safetensors header; the file must be complete: its header's last
-    tensor ends at the file's end (a truncated or padded copy is an error naming it)."""
+    tensor ends at the file's end (a truncated or padded copy is an error naming it). The
+    header's length and entry count are bounded (checkpoint_limits) before it is read and
+    before safetensors makes tensors of it."""
+    n = int.from_bytes(head, "little")
+    if len(head) != 8 or n > size - 8:
+        raise ValueError(f"{name}: not a valid safetensors file (header length past the end)")
+    check_safetensors_header(n, name)
     try:
-        n = int.from_bytes(head, "little")
-        if len(head) != 8 or n > size - 8:
-            raise ValueError("header length past the end of the file")
         header = json.loads(read(n))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{name}: not a valid safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{name}: not a valid safetensors file (its header is not an object)")
+    check_tensor_count(len(header) - ("__metadata__" in header), name)
+    try:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
                   default=0)  # fmt: skip
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{name}: not a valid safetensors file ({e})") from None
+        if not isinstance(end, int):
+            raise TypeError(f"data_offsets end {shown(end)} is not an integer")
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{name}: not a valid safetensors file ({shown(e)})") from None
     if 8 + n + end != size:
         raise ValueError(
             f"{name}: truncated or padded safetensors file: the header needs "
@@ -136,11 +159,50 @@ def convert(
 ) -> dict[str, torch.Tensor]:
     """Checkpoint state dict -> parameters for the Encoder (+ `pooler.*`, `mlm.*` when asked).
 
-    Strict: one ValueError lists every missing, unexpected, mis-shaped and non-finite tensor.
+    Strict: one ValueError lists every missing, unexpected, mis-shaped and non-finite tensor
+    (each list cut at checkpoint_limits.MAX_LISTED names, with a count of the rest).
     """
     arch = architectures.of(config)
     ours, unexpected = rename(state, arch)
     _check_heads(_heads(ours), pooler, mlm, source)
+    wanted, problems = _against_config(state, ours, unexpected, config, pooler, mlm)
+    named = {id(t): k for k, t in state.items()}  # non-finite: by the file's names
+    non_finite = [
+        f"{named[id(t)]} ({n} of {t.numel()})"
+        for k in sorted(wanted)
+        if (t := ours[k]).is_floating_point() and (n := _count_non_finite(t))
+    ]
+    if non_finite:
+        problems.append(f"tensors holding NaN or inf (corrupt): {capped(non_finite, '; ')}")
+    if problems:
+        raise ValueError(f"{source} cannot be loaded: " + " | ".join(problems))
+
+    params = arch.finish({k: ours[k] for k in wanted}, config)
+    if mlm and "mlm.decoder.weight" not in params:  # tied to the token embeddings
+        params["mlm.decoder.weight"] = params["embed.word.weight"]
+    return params
+
+
+def contradictions(state: dict[str, torch.Tensor], config: EncoderConfig) -> list[str]:
+    """How a config and its weights disagree, one entry per kind (none when they agree): the
+    layer count, then missing, unexpected and mis-shaped tensors as `convert` names them
+    (the heads the weights carry are checked too). Reads shapes only, never tensor data."""
+    ours, unexpected = rename(state, architectures.of(config))
+    heads = _heads(ours)
+    return _against_config(state, ours, unexpected, config, heads["pooler"], heads["mlm"])[1]
+
+
+def _against_config(
+    state: dict[str, torch.Tensor],
+    ours: dict[str, torch.Tensor],
+    unexpected: list[str],
+    config: EncoderConfig,
+    pooler: bool,
+    mlm: bool,
+) -> tuple[set[str], list[str]]:
+    """(our names to load, problems): `ours` (`rename` of `state`) against the tensors and
+    shapes the config implies, plus the heads asked for; lists capped at MAX_LISTED."""
+    arch = architectures.of(config)
     shapes = arch.expected_shapes(config)
     heads = arch.head_shapes(config)
     for name, wanted_head in (("pooler", pooler), ("mlm", mlm)):
@@ -152,33 +214,32 @@ def convert(
     wanted = {k for k in ours if k in shapes or k in optional}
     missing = [_checkpoint_name(k, arch) for k in sorted(set(shapes) - set(ours))]
     extra = sorted(set(ours) - wanted - head_keys)
-    named = {id(t): k for k, t in state.items()}  # mis-shaped, non-finite: by the file's names
+    named = {id(t): k for k, t in state.items()}  # mis-shaped: by the file's names
     bad_shapes = [
         f"{named[id(ours[k])]}: expected {want}, got {tuple(ours[k].shape)}"
         for k in sorted(wanted)
         if tuple(ours[k].shape) != (want := shapes.get(k) or optional[k])
     ]
-    non_finite = [
-        f"{named[id(t)]} ({n} of {t.numel()})"
-        for k in sorted(wanted)
-        if (t := ours[k]).is_floating_point() and (n := _count_non_finite(t))
-    ]
     problems = []
+    layers = {k.split(".")[1] for k in ours if k.startswith("layers.")}
+    if len(layers) != config.num_hidden_layers:
+        problems.append(
+            f"the config has num_hidden_layers {config.num_hidden_layers}, "
+            f"the weights {len(layers)} layers"
+        )
+    word, size = ours.get("embed.word.weight"), (config.vocab_size, config.hidden_size)
+    if word is not None and tuple(word.shape) != size:
+        problems.append(
+            f"the config has vocab_size {size[0]} and hidden_size {size[1]}, the word "
+            f"embeddings are {tuple(word.shape)}"
+        )
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {capped(missing)}")
     if unexpected or extra:
-        problems.append(f"unexpected tensors: {', '.join(unexpected + extra)}")
+        problems.append(f"unexpected tensors: {capped(unexpected + extra)}")
     if bad_shapes:
-        problems.append(f"mis-shaped tensors: {'; '.join(bad_shapes)}")
-    if non_finite:
-        problems.append(f"tensors holding NaN or inf (corrupt): {'; '.join(non_finite)}")
-    if problems:
-        raise ValueError(f"{source} cannot be loaded: " + " | ".join(problems))
-
-    params = arch.finish({k: ours[k] for k in wanted}, config)
-    if mlm and "mlm.decoder.weight" not in params:  # tied to the token embeddings
-        params["mlm.decoder.weight"] = params["embed.word.weight"]
-    return params
+        problems.append(f"mis-shaped tensors: {capped(bad_shapes, '; ')}")
+    return wanted, problems
 
 
 def _check_heads(present: dict[str, bool], pooler: bool, mlm: bool, source: str) -> None:

@@ -30,9 +30,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from clinicalbert_core.hub import inspect
 
     info = inspect(args.path)
+    failed = 1 if info["integrity"] or info["contradictions"] else 0
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return failed
     c = info["config"]
     casing = {True: "uncased (lowercase)", False: "cased", None: "unknown"}[info["lowercase"]]
     heads = ", ".join(k for k, v in info["heads"].items() if v) or "none"
@@ -59,7 +60,9 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  CORRUPT     {problem}")
     if not info["integrity"] and info["prepared"]:
         print("  integrity   every file matches the manifest")
-    return 1 if info["integrity"] else 0
+    for problem in info["contradictions"]:  # the config says one model, the weights another
+        print(f"  MISMATCH    config vs weights: {problem}")
+    return failed
 
 
 def _validate(args: argparse.Namespace) -> int:
