@@ -274,6 +274,7 @@ class EncoderActor:
         import torch
 
         cpus = cpus or pool.cpus_per_actor
+        os.umask(0o777 & ~spec.output.dir_mode)  # this process is the job's: see private_files
         if pool.device == "cpu":
             torch.set_num_threads(cpus)
         feed = Feed.for_pool(pool, cpus)

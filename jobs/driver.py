@@ -27,6 +27,7 @@ from clinicalbert_core.hub import ModelBundle
 
 from .corpus import RepeatedIds, Shard, clean_staging, plan_shards, remove_staged, repeated_ids
 from .dispatch import Dispatcher, DispatchOutcome, Progress, Slot
+from .fs import private_files
 from .launch import check_resources, connect, ray_map, start_actor, start_gate
 from .lock import OutputLock
 from .model import load_bundle
@@ -99,6 +100,11 @@ def open_job(spec: JobSpec, overwrite: bool = False, staging: str | None = None)
     one line per problem), then hold the output dir (one run per dir; released when the
     run ends, however it ends) and claim it: resume, refuse another spec's output, or with
     `overwrite` start over. `staging`: where inputs are staged (default the spec's)."""
+    with private_files(spec.output.dir_mode):
+        yield from _open_job(spec, overwrite, staging)
+
+
+def _open_job(spec: JobSpec, overwrite: bool, staging: str | None) -> Iterator[Job]:
     if problems := check_corpus(spec) + check_output(spec):
         raise SpecError(problems)
     for warning in where_warnings(spec):

@@ -11,14 +11,33 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pa_fs
 
 TMP_PREFIX = ".tmp-"  # a writer's temporary file: hidden from dataset discovery, cleaned later
+
+
+@contextmanager
+def private_files(dir_mode: int) -> Iterator[None]:
+    """Everything this process creates meanwhile on local disk gets `dir_mode` (dirs) or it
+    without the x bits (files): 0o700 keeps note-derived data (parts, errors, reports, staged
+    copies of the notes) to the owner. Object stores have their own access rules."""
+    old = os.umask(0o777 & ~dir_mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def current_umask() -> int:
+    """This process's umask (to give Ray tasks the driver's)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def is_uri(path: str) -> bool:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .dispatch import fmt_duration
+from .fs import current_umask
 from .preflight import pool_problems
 from .spec import JobSpec, PoolSpec, SpecError
 from .watch import LocalNode
@@ -32,8 +33,12 @@ def connect(address: str | None) -> None:
     log.info("%s", cluster_line())
 
 
-def _apply(fn: Any, item: Any) -> Any:
-    return fn(item)
+def _apply(fn: Any, item: Any, umask: int) -> Any:
+    old = os.umask(umask)  # the files a task writes get the driver's modes (private_files)
+    try:
+        return fn(item)
+    finally:
+        os.umask(old)
 
 
 def ray_map(
@@ -46,7 +51,8 @@ def ray_map(
     import ray
 
     task = ray.remote(num_cpus=1)(_apply)
-    refs = [task.remote(fn, x) for x in items]
+    umask = current_umask()
+    refs = [task.remote(fn, x, umask) for x in items]
     pending = refs
     t0 = last = time.monotonic()
     try:

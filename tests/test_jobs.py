@@ -106,6 +106,16 @@ def interrupt_after(n: int):
     return hook
 
 
+def assert_private(root: Path) -> None:
+    """What a job wrote under `root` (the default output.mode): dirs 0700, files 0600."""
+    import stat
+
+    found = [root, *root.rglob("*")]
+    modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in found}
+    assert len(found) > 1 and all(m == (0o700 if (root / p).is_dir() else 0o600)
+                                  for p, m in modes.items()), modes  # fmt: skip
+
+
 def clean_run(spec: dict, tmp: Path, name: str = "fresh") -> pa.Table:
     """`spec` run into a fresh output dir under tmp/name, in this process and without Ray
     (every shard through the actor's own ShardProcessor, nothing interrupted): its rows."""
@@ -201,6 +211,7 @@ def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, ca
         assert set(errors.column_names) == {"id", "shard", "row_index", "reason", "column"}
         text = json.dumps(report) + (root / "out" / "_job.json").read_text()
         assert CANARY not in text
+        assert_private(root / "out")
     if "csv" in cases:  # the csv notes equal the runner's vectors on the same text
         out, _ = read_out(tmp_path / "csv" / "out")
         got = dict(zip(out["id"].to_pylist(), out["embedding"].to_pylist()))
@@ -912,3 +923,26 @@ def test_progress_moves_inside_a_long_shard(tmp_path, model_dir, ray_local, slow
     counts = [int(re.match(r"progress: (\d+)/", ln).group(1)) for ln in inside]
     assert any(0 < c < 40 for c in counts), lines  # rows counted before the shard committed
     assert all("notes written" in ln and "error rows" in ln for ln in lines)
+
+
+def test_staging_tasks_write_with_the_drivers_modes(tmp_path, ray_local):
+    """Staged copies of the notes are written by Ray tasks (other processes): they get the
+    modes of the driver's output.mode too (the default 0700; 0750 widened on purpose)."""
+    from functools import partial
+
+    from jobs.corpus import plan_shards
+    from jobs.fs import private_files
+    from jobs.launch import ray_map
+    from jobs.spec import CorpusSpec
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}, "text": "n"}}\n' for i in range(3)))
+    corpus = CorpusSpec.model_validate({"format": "jsonl", "paths": [str(tmp_path / "in.jsonl")]})
+    for mode in (0o700, 0o750):
+        staging = tmp_path / f"staging{mode:o}"
+        with private_files(mode):
+            (shard,) = plan_shards(corpus, str(staging), 100, map_fn=partial(ray_map))
+        assert Path(shard.path).is_relative_to(staging)
+        if mode == 0o700:
+            assert_private(staging)
+        else:
+            assert {p.stat().st_mode & 0o777 for p in staging.rglob("*") if p.is_file()} == {0o640}

@@ -26,6 +26,7 @@ from .sections import HeadsSpec, ModelSpec, OutputSpec, PoolSpec, RunSpec
 HASH_EXCLUDED = (
     ("device_pool",),
     ("output", "path"),
+    ("output", "mode"),
     ("run", "max_shard_attempts"),
     ("run", "batch_rows"),
     ("run", "batch_bytes"),

@@ -218,6 +218,16 @@ class OutputSpec(_Section):
     vector_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Embedding element type (default float32)."
     )
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = Field(
+        "0700",
+        description="Permissions of the dirs the job creates on local disk (output, staging, "
+        "_errors); files get the same without x. Default 0700: the output is derived from notes "
+        "(PHI), owner only. Widen on purpose, e.g. 0750 for a group.",
+    )
+
+    @property
+    def dir_mode(self) -> int:
+        return int(self.mode, 8)
 
 
 class RunSpec(_Section):
