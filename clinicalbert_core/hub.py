@@ -179,7 +179,8 @@ def resolve_casing(variant: Variant, lowercase: bool | None, tokenizer: Tokenize
     if tokenizer is None:
         raise ValueError(
             f"casing unknown for variant {variant.name!r}: the checkpoint has no tokenizer.json; "
-            "say lowercase=True/False (CLI: --lowercase or --cased)"
+            "say which: in a job spec model.lowercase: true/false; in Python lowercase=True/False; "
+            "for `clinicalbert prepare`, --lowercase or --cased"
         )
     return tokenizer_casing(tokenizer)
 

@@ -402,3 +402,17 @@ def test_normalize_and_numpy_embed(ckpts):
     assert isinstance(b, np.ndarray) and b.dtype == np.float32 and b.shape == (len(NOTES), 32)
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(b, a / np.linalg.norm(a, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_unknown_casing_says_how_to_give_it_in_each_interface(tmp_path):
+    """A vocab-only checkpoint of a custom variant: the casing must be given, and the error
+    names the spec field (model.lowercase) as well as the Python and CLI spellings."""
+    from clinicalbert_core.hub import prepare
+    from jobs.synthetic import make_model
+
+    raw = make_model(tmp_path / "raw", hidden=32, layers=1, heads=2, max_positions=64)
+    with pytest.raises(ValueError) as e:
+        prepare(raw, tmp_path / "out", variant="custom")
+    message = str(e.value)
+    assert "model.lowercase: true/false" in message and "lowercase=True/False" in message
+    assert "--lowercase or --cased" in message and "\n" not in message
