@@ -27,11 +27,7 @@ def attention(
 ) -> torch.Tensor:
     """q, k, v [N, H, D] -> [N, H, D]; full attention per sequence, or |i-j| <= window."""
     if varlen:  # CUDA flash kernel on packed tokens: no padding at all
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu, m = batch.cu_seqlens, batch.max_seqlen
-        size = (window, window) if window is not None else (-1, -1)
-        return varlen_attn(q, k, v, cu, cu, m, m, window_size=size)
+        return varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window)
     if window is not None and batch.max_seqlen > window + 1:
         return banded_attention(q, k, v, batch.seq_ids, window)
     if batch.key_mask is None:  # every sequence has the same length: no padding at all
@@ -44,6 +40,25 @@ def attention(
     q, k, v = (pad(t, batch, pad_value).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, L, D)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.key_mask)  # (B, H, L, D)
     return unpad(out.transpose(1, 2), batch)  # (N, H, D)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q, k, v [N, H, D] packed, cu_seqlens int32[B+1] -> [N, H, D] by torch's varlen flash
+    kernel, |i-j| <= window where one is given. The one varlen call: the encoder's attention
+    and the startup probe (`device.varlen_supported`) both make it, window_size included."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    size = (window, window) if window is not None else (-1, -1)
+    return varlen_attn(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=size
+    )  # (N, H, D)
 
 
 def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch):

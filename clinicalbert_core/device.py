@@ -75,18 +75,31 @@ def resolve_precision(precision: str, device: torch.device, allow_int8: bool = F
 @cache
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """True when the varlen flash kernel runs here: CUDA, half precision, and a kernel this
-    build and GPU have (not every ROCm build or pre-Ampere GPU does). Probed once on a tiny
-    input; elsewhere attention takes the padded SDPA path."""
+    build and GPU have (not every ROCm build or pre-Ampere GPU does, and a torch whose
+    `varlen_attn` lacks `window_size` cannot run it as the encoder calls it). Probed once
+    (`varlen_probe`); elsewhere attention takes the padded SDPA path."""
     if device.type != "cuda" or dtype == torch.float32:
         return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn
+    return varlen_probe(device, dtype)
 
-        q = torch.zeros(4, 1, 64, device=device, dtype=dtype)
+
+def varlen_probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """Make the encoder's varlen call (`attention.varlen_attention`, the same function and
+    keyword arguments) on a tiny input on `device`: once with full attention, once with a
+    local window as ModernBERT's local layers pass it. False, with the reason logged, when
+    either raises (no module, no kernel, an argument this torch does not take)."""
+    from .attention import varlen_attention
+
+    try:
+        q = torch.zeros(4, 1, 64, device=device, dtype=dtype)  # (N, H, D)
         cu = torch.tensor([0, 4], device=device, dtype=torch.int32)
-        varlen_attn(q, q, q, cu, cu, 4, 4)
-    except Exception as exc:  # ImportError, or a RuntimeError from a missing kernel
-        log.info("varlen attention unavailable on %s (%s): padded SDPA", device, type(exc).__name__)
+        for window in (None, 1):
+            varlen_attention(q, q, q, cu, 4, window)
+    except Exception as exc:  # ImportError, TypeError (old signature), RuntimeError (no kernel)
+        log.warning(
+            "varlen attention unavailable on %s (%s: %s): attention runs as padded SDPA",
+            device, type(exc).__name__, exc,
+        )  # fmt: skip
         return False
     return True
 

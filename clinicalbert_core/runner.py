@@ -21,6 +21,14 @@ from tokenizers import Tokenizer
 
 from . import architectures
 from . import weights as W
+from .aggregate import (
+    aggregate_rows,
+    empty_notes,
+    empty_problem,
+    fill_hidden,
+    fill_rows,
+    select_notes,
+)
 from .config import EncoderConfig
 from .device import (
     DTYPES,
@@ -30,9 +38,9 @@ from .device import (
     resolve_precision,
     varlen_supported,
 )
-from .heads import AGGREGATES, POOLINGS, aggregate_windows, pool
+from .heads import AGGREGATES, POOLINGS, pool
 from .hub import ModelBundle, open_checkpoint
-from .limits import batch_tokens_problem, body_tokens, max_seq_problem
+from .limits import batch_tokens_problem, max_seq_problem
 from .ops import (
     FFN_CHUNK,
     PackedLinear,
@@ -106,9 +114,12 @@ class WindowOutput:
 
 @dataclass
 class EncodeOutput:
-    pooled: torch.Tensor  # float32[notes, C] (or [windows, C] with aggregate 'none')
+    pooled: torch.Tensor  # float32[notes, C] ([windows, C] with aggregate 'none'; [0, C]
+    # when the runner computes no embeddings)
     windows: Windows
-    hidden: torch.Tensor | None = None  # float32[N, C] packed over windows
+    empty: np.ndarray  # bool[rows of pooled]: an empty note (or its window), not encoded; the
+    # row is zeros (see aggregate.empty_notes)
+    hidden: torch.Tensor | None = None  # float32[N, C] packed over windows (zeros for empty)
     cu_seqlens: torch.Tensor | None = None  # int32[W+1]
 
 
@@ -290,40 +301,53 @@ class ClinicalBertRunner:
     def aggregate_vectors(self, windows: Windows, vectors: np.ndarray) -> np.ndarray:
         """Per-window vectors [W, C] (window order) -> per note [notes, C] by the runner's
         aggregate (with aggregate 'none' the windows are the rows), L2-normalized when the
-        runner's `normalize` is set."""
-        if self.aggregate != "none":
-            vectors = aggregate_windows(
-                vectors, windows.note, windows.window_index, body_tokens(windows.lengths),
-                windows.num_notes, self.aggregate,
-            )  # fmt: skip
-        if self.options.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-        return vectors
+        runner's `normalize` is set. A note without tokens (`windows.note_tokens == 0`) gets
+        a zero row (never NaN)."""
+        return aggregate_rows(windows, vectors, self.aggregate, self.options.normalize)
 
-    # ---- conveniences --------------------------------------------------------------------
+    # ---- conveniences: notes in memory; empty notes (aggregate.empty_notes) are not encoded --
     def encode(self, notes: Sequence[str], return_hidden: bool = True) -> EncodeOutput:
+        """Pooled vectors (and hidden states) of `notes`. An empty note is not encoded: its
+        row of `pooled` (its window's, with aggregate 'none') is zeros and `empty` flags it;
+        the other notes' rows are exactly those of encoding them alone."""
         windows = self.tokenize(notes)
-        out = self.encode_windows(windows, return_hidden=return_hidden)
+        empty = empty_notes(notes, windows)
+        kept = ~empty[windows.note]  # (W,) the windows encoded
+        sub = select_notes(windows, ~empty)
+        out = self.encode_windows(sub, return_hidden=return_hidden)
+        rows = kept if self.aggregate == "none" else ~empty
+        hidden = cu = None
+        if return_hidden:
+            hidden, cu = fill_hidden(windows, kept, out.hidden)
+        pooled = out.vectors  # [0, C]: the runner computes no embeddings
+        if self.options.embeddings:
+            pooled = fill_rows(rows, self.aggregate_vectors(sub, out.vectors))
         return EncodeOutput(
-            pooled=torch.from_numpy(self.aggregate_vectors(windows, out.vectors)),
+            pooled=torch.from_numpy(pooled),
             windows=windows,
-            hidden=out.hidden,
-            cu_seqlens=out.cu_seqlens,
+            empty=~rows,
+            hidden=hidden,
+            cu_seqlens=cu,
         )
 
     def embed(self, notes: Sequence[str]) -> np.ndarray:
-        """One float32 vector per note (per window with aggregate 'none') as numpy."""
+        """One float32 vector per note (per window with aggregate 'none') as numpy. An empty
+        note has no vector: ValueError naming it (`encode` flags it in `empty` instead)."""
         windows = self.tokenize(notes)
+        if problem := empty_problem(empty_notes(notes, windows)):
+            raise ValueError(problem)
         return self.aggregate_vectors(windows, self.encode_windows(windows).vectors)
 
     def mlm(
         self, notes: Sequence[str], top_k: int = 5, positions: str = "mask"
     ) -> list[list[MlmPrediction]]:
-        """Top-k predictions per note at its [MASK] tokens (or at every token: positions='all')."""
+        """Top-k predictions per note at its [MASK] tokens (or at every token: positions='all');
+        none for an empty note."""
         if self.mlm_head is None:
             raise ValueError("this runner was loaded without the MLM head: pass mlm=True")
         windows = self.tokenize(notes)
+        keep = ~empty_notes(notes, windows)  # an empty note is not encoded: no predictions
+        kept, windows = np.flatnonzero(keep), select_notes(windows, keep)
         rows = self.encode_windows(windows, mlm_positions=positions, top_k=top_k).mlm
         result: list[list[MlmPrediction]] = [[] for _ in notes]
         if rows is None:
@@ -331,10 +355,10 @@ class ClinicalBertRunner:
         vocab = self.tokenizer.tokenizer
         for m in range(len(rows.window)):
             w, p = int(rows.window[m]), int(rows.position[m])
-            ids = rows.top_ids[m].tolist()
-            result[int(windows.note[w])].append(
+            ids, note = rows.top_ids[m].tolist(), int(kept[windows.note[w]])
+            result[note].append(
                 MlmPrediction(
-                    note=int(windows.note[w]),
+                    note=note,
                     window=int(windows.window_index[w]),
                     position=p,
                     char_start=int(windows.token_char[windows.bounds[w] + p]),
