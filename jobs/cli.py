@@ -71,15 +71,17 @@ def _validate(args: argparse.Namespace) -> int:
         check_model,
         check_output,
         check_plan,
+        corpus_warnings,
+        output_state_problems,
         pool_problems,
-        where_warnings,
     )
     from .spec import load_spec
 
     spec = load_spec(args.spec, check_paths=not args.no_check_paths, overrides=args.set)
     problems = []
     if not args.no_check_paths:
-        problems = check_corpus(spec) + check_output(spec) + check_model(spec)
+        problems = check_corpus(spec) + (check_output(spec) or output_state_problems(spec))
+        problems += check_model(spec)
         problems += [] if problems else check_plan(spec)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster to check the pools against
@@ -93,7 +95,7 @@ def _validate(args: argparse.Namespace) -> int:
     notes = [p for p in problems if p.startswith("model: not checked")]
     problems = [p for p in problems if p not in notes]
     if not args.no_check_paths and not problems:
-        notes += [f"warning: {w}" for w in where_warnings(spec)]
+        notes += [f"warning: {w}" for w in corpus_warnings(spec)]
     for line in problems:
         print(f"{args.spec}: {line}", file=sys.stderr)
     for line in notes:

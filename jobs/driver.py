@@ -36,9 +36,9 @@ from .parts import ShardResult
 from .preflight import (
     check_corpus,
     check_output,
+    corpus_warnings,
     model_fit_problems,
     repeated_ids_problem,
-    where_warnings,
 )
 from .report import Report, RunFacts, build_report, empty_reason, stop_reason
 from .spec import JobSpec, PoolSpec, SpecError
@@ -107,7 +107,7 @@ def open_job(spec: JobSpec, overwrite: bool = False, staging: str | None = None)
 def _open_job(spec: JobSpec, overwrite: bool, staging: str | None) -> Iterator[Job]:
     if problems := check_corpus(spec) + check_output(spec):
         raise SpecError(problems)
-    for warning in where_warnings(spec):
+    for warning in corpus_warnings(spec):
         log.warning("%s", warning)
     log.info("resolving model %s", spec.model.variant)
     bundle = load_bundle(spec)

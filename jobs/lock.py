@@ -82,6 +82,11 @@ class OutputLock:
             else:
                 failing = False
 
+    def busy(self) -> str | None:
+        """Why a run could not take the lock now (another run holds it), or None. Reads only."""
+        holder = self._read()
+        return self._busy(holder) if holder and not self._stale(holder) else None
+
     def _read(self) -> dict[str, Any] | None:
         try:
             holder = self.out.read_json(LOCK_FILE)

@@ -31,6 +31,16 @@ from .parts import ERRORS_DIR, PART_PREFIX, PartWriter
 
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
 LOCK_FILE = "_lock.json"
+
+
+def foreign_problem(uri: str, foreign: list[str]) -> str:
+    """The one line refusing an output dir that holds files no job of ours wrote."""
+    return (f"output dir {uri} holds {len(foreign):,} file(s) no job of clinicalbert wrote "
+            f"(e.g. {foreign[0]!r}): a reader of the dir (pd.read_parquet) would mix them with "
+            "the output. Use an empty or new output.path (--overwrite deletes only a job's own "
+            "files)")  # fmt: skip
+
+
 DISTRIBUTION = "clinicalbert-jobs"
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 _OTHER_PATH = "use another output.path, or --overwrite"
@@ -113,12 +123,21 @@ class OutputDir:
         """Shard ids whose part file is present under its final name (temp files ignored)."""
         return {s for s in map(parts.shard_of, self._names()) if s is not None}
 
+    def foreign(self) -> list[str]:
+        """Names in the dir that no job of ours writes and that readers of the dir take as
+        data (names starting with '_' or '.' are skipped by Parquet dataset readers)."""
+        return sorted(
+            n for n in self._names() if parts.shard_of(n) is None and not n.startswith(("_", "."))
+        )
+
     def check_spec(self, spec_hash: str, resolved: dict[str, Any], overwrite: bool) -> None:
         """Resume (same spec hash: nothing deleted), refuse (another spec's committed output:
         ValueError), or with `overwrite` delete the output and start over (same spec too).
         A dir whose earlier run committed no part is simply taken over. Writes `_job.json`.
         The decision is `should_resume`'s."""
         self.fs.create_dir(self.root, recursive=True)
+        if foreign := self.foreign():
+            raise ValueError(foreign_problem(self.uri, foreign))
         try:
             job = self.read_json("_job.json")
         except ValueError as e:

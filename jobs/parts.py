@@ -14,6 +14,7 @@ system. No Ray here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -40,11 +41,14 @@ def part_name(shard_id: str) -> str:
     return f"{PART_PREFIX}{shard_id}.parquet"
 
 
+_PART_NAME = re.compile(rf"{PART_PREFIX}([0-9A-Za-z]{{1,64}})\.parquet")  # ids: 16 hex digits
+
+
 def shard_of(name: str) -> str | None:
-    """The shard id a part file's base name names, or None for any other name."""
-    if name.startswith(PART_PREFIX) and name.endswith(".parquet"):
-        return name[len(PART_PREFIX) : -len(".parquet")]
-    return None
+    """The shard id a part file's base name names, or None for any other name (another
+    tool's `part-00000-....parquet` included)."""
+    match = _PART_NAME.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def part_path(root: str, shard_id: str) -> str:

@@ -8,22 +8,36 @@ header line, first JSONL record) and, for `where`, a sample of the filtered colu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 
 from clinicalbert_core.errors import describe
 from clinicalbert_core.limits import max_seq_problem
 
-from .corpus import FORMATS, RepeatedIds, list_sources, plan_shards, repeated_column, repeated_ids
+from .corpus import (
+    FORMATS,
+    RepeatedIds,
+    as_plain_text,
+    list_sources,
+    plan_shards,
+    repeated_column,
+    repeated_ids,
+)
+from .corpus.values import is_text
 from .fs import filesystem
+from .lock import OutputLock
 from .model import model_source
+from .output import OutputDir, foreign_problem, should_resume
 from .spec import JobSpec, PoolSpec
 from .spec.fields import hint
 
-WHERE_SAMPLE_ROWS = 10_000
+SAMPLE_ROWS = 10_000  # rows of the first file preflight looks at for warnings
+MASK_TEXT = "[MASK]"  # the mask token of every BERT and ModernBERT tokenizer here
 
 
 def check_corpus(spec: JobSpec) -> list[str]:
@@ -97,7 +111,36 @@ def check_output(spec: JobSpec) -> list[str]:
             if not parent or parent == here:
                 break
             here = parent
-    return problems
+    return problems or _foreign_files(spec.output.path)
+
+
+def output_state_problems(spec: JobSpec) -> list[str]:
+    """What `run` would refuse about the output dir as it is now (read only): another spec's
+    output, an unreadable _job.json, a lock another live run holds."""
+    out = OutputDir(spec.output.path)
+    try:
+        if out.fs.get_file_info(out.root).type != pa_fs.FileType.Directory:
+            return []
+        job = out.read_json("_job.json")
+        if job is not None and not isinstance(job, dict):
+            job = []  # should_resume names it
+        should_resume(out.uri, job, out.committed(), spec.spec_hash(), None, overwrite=False)
+        busy = OutputLock(out, spec.name).busy()
+    except ValueError as e:
+        return [f"output.path: {e}"]
+    except (OSError, pa.ArrowException):
+        return []  # check_output names what cannot be reached
+    return [f"output.path: {busy}"] if busy else []
+
+
+def _foreign_files(uri: str) -> list[str]:
+    """An existing output dir that holds files no job of ours wrote is refused (`run` would)."""
+    out = OutputDir(uri)
+    with contextlib.suppress(OSError, pa.ArrowException):
+        is_dir = out.fs.get_file_info(out.root).type == pa_fs.FileType.Directory
+        if is_dir and (foreign := out.foreign()):
+            return [f"output.path: {foreign_problem(uri, foreign)}"]
+    return []
 
 
 def repeated_ids_problem(spec: JobSpec, repeated: RepeatedIds, hint: bool = True) -> str:
@@ -131,26 +174,33 @@ def check_plan(spec: JobSpec) -> list[str]:
     return problems + ([repeated_ids_problem(spec, repeated)] if repeated else [])
 
 
+def corpus_warnings(spec: JobSpec) -> list[str]:
+    """What the first rows of the first file suggest the spec gets wrong (`where` values that
+    match none of them, MLM at [MASK] over notes that hold none). Warnings, not problems: the
+    rest of the corpus may differ."""
+    return where_warnings(spec) + mlm_warnings(spec)
+
+
+def _first_rows(spec: JobSpec, columns: list[str], rows: int) -> tuple[str, pa.RecordBatch] | None:
+    """(file, `columns` of its first rows) for the corpus's first file, where its format can
+    sample it cheaply; None otherwise (no file, no sample, unreadable: the job names those)."""
+    try:
+        source = next(iter(list_sources(spec.corpus, spec.run.shard_rows)), None)
+        if source is None:
+            return None
+        batch = FORMATS[spec.corpus.format].sample(source, spec.corpus, columns, rows)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return (source.path, batch) if batch is not None and batch.num_rows else None
+
+
 def where_warnings(spec: JobSpec) -> list[str]:
     """`where` values that match none of the first rows of the first file, with near misses
-    among the values that do occur (MIMIC's CATEGORY values carry trailing spaces). Warnings:
-    the rest of the corpus may hold them (a job that keeps no row ends non-zero anyway)."""
+    among the values that do occur (MIMIC's CATEGORY values carry trailing spaces)."""
     corpus = spec.corpus
-    if not corpus.where:
+    if not corpus.where or not (first := _first_rows(spec, list(corpus.where), SAMPLE_ROWS)):
         return []
-    try:
-        source = next(iter(list_sources(corpus, spec.run.shard_rows)), None)
-    except (OSError, ValueError):
-        return []
-    if source is None:
-        return []
-    sample = FORMATS[corpus.format].sample
-    try:
-        batch = sample(source, corpus, list(corpus.where), WHERE_SAMPLE_ROWS)
-    except (OSError, pa.ArrowException):
-        return []  # the job's own reader reports unreadable files, naming them
-    if batch is None or batch.num_rows == 0:
-        return []
+    path, batch = first
     problems = []
     for column, wanted in (corpus.where or {}).items():
         values = wanted if isinstance(wanted, tuple) else (wanted,)
@@ -162,9 +212,27 @@ def where_warnings(spec: JobSpec) -> list[str]:
         near_text = f"; values there that differ only in spaces: {near[:3]!r}" if near else ""
         problems.append(
             f"corpus.where.{column}: {wanted!r} matches none of the first {batch.num_rows:,} "
-            f"rows of {source.path}{near_text}"
+            f"rows of {path}{near_text}"
         )
     return problems
+
+
+def mlm_warnings(spec: JobSpec) -> list[str]:
+    """MLM at the notes' own [MASK] tokens (`positions: mask`) over notes that hold none: every
+    row's MLM lists would be empty (clinical notes are not masked; MIMIC's de-identified spans
+    are '___')."""
+    mlm, text = spec.heads.mlm, spec.corpus.text_column
+    if not (mlm.enabled and mlm.positions == "mask") or not (
+        first := _first_rows(spec, [text], SAMPLE_ROWS)
+    ):
+        return []
+    path, batch = first
+    texts = as_plain_text(batch.column(0))
+    if is_text(texts.type) and pc.any(pc.match_substring(texts, MASK_TEXT)).as_py():
+        return []
+    return [f"heads.mlm.positions: 'mask' predicts only at {MASK_TEXT} tokens in the notes, and "
+            f"none of the first {batch.num_rows:,} notes of {path} holds one: their MLM lists "
+            "would be empty. Use positions: all, mask the notes first, or turn MLM off"]  # fmt: skip
 
 
 def model_fit_problems(
@@ -215,10 +283,20 @@ def check_model(spec: JobSpec) -> list[str]:
 
 
 def pool_problems(pools: tuple[PoolSpec, ...], nodes: list[dict[str, Any]]) -> list[str]:
-    """Pools one actor of which fits on no alive node (Ray would wait for it forever)."""
+    """Pools one actor of which fits on no alive node (Ray would wait for it forever), all
+    named at once: GPU pools on a cluster without GPUs in one line, then each other pool."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", n.get("alive", True))]
     problems = []
+    need_gpu = sum(p.actors for p in pools if p.device == "cuda")
+    no_gpu = need_gpu > 0 and not any(res.get("GPU", 0) for res in alive)
+    if no_gpu:
+        problems.append(
+            f"device_pool: the spec's GPU pools need {need_gpu} GPU(s) but this Ray cluster has "
+            "none; run on a cluster with GPU workers, or use --dry-run to test on this machine"
+        )
     for i, pool in enumerate(pools):
+        if no_gpu and pool.device == "cuda":
+            continue
         need = {"CPU": pool.cpus_per_actor}
         if pool.device == "cuda":
             need["GPU"] = 1

@@ -72,6 +72,9 @@ def verify_output(path: str) -> list[str]:
     report_findings, report = _check_report(out, seen.totals)
     findings += _check_ids(seen, report)
     findings += report_findings
+    if foreign := out.foreign():
+        findings.append(f"{len(foreign):,} file(s) no job of ours wrote (e.g. {foreign[0]!r}): "
+                        "readers of the dir mix them with the output")  # fmt: skip
     if not _exists(out, "_SUCCESS"):
         findings.append("_SUCCESS is missing: the job did not finish every shard")
     return findings

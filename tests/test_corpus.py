@@ -799,3 +799,29 @@ def test_a_lone_cr_in_a_csv_header_ends_it_as_pyarrow_reads_it(tmp_path: Path):
     rows, rows_in, _ = read_all(plan_shards(corpus, str(tmp_path / "s"), 100), corpus)
     assert rows_in == 3 and [r["id"] for r in rows] == [None, 1, 2]
     assert rows[0]["_reason"] is not None and rows[1]["text"] == b"hello"
+
+
+def test_mlm_at_mask_over_notes_without_one_is_warned(tmp_path: Path):
+    """`heads.mlm.positions: mask` predicts only at [MASK] tokens the notes hold: over notes
+    with none (MIMIC's), validate, the dry run and the run warn, naming the field and file."""
+    from jobs.preflight import corpus_warnings
+    from jobs.spec import parse_spec
+
+    (tmp_path / "model").mkdir()
+    texts = ["pt seen ___ on day 2", "no masks here"]
+    pq.write_table(pa.table({"id": [1, 2], "text": texts}), tmp_path / "notes.parquet")
+
+    def warnings(mlm: dict) -> list[str]:
+        spec = parse_spec({"name": "t", "corpus": {"format": "parquet", "paths": ["notes.parquet"]},
+                           "model": {"variant": "custom", "path": "model"},
+                           "heads": {"mlm": mlm}, "device_pool": [{"name": "c", "device": "cpu"}],
+                           "output": {"path": "out"}}, tmp_path)  # fmt: skip
+        return corpus_warnings(spec)
+
+    (line,) = warnings({"enabled": True})
+    assert line.startswith("heads.mlm.positions: 'mask' predicts only at [MASK] tokens")
+    assert f"none of the first 2 notes of {tmp_path / 'notes.parquet'}" in line
+    assert warnings({"enabled": True, "positions": "all"}) == warnings({"enabled": False}) == []
+    texts[1] = "the [MASK] was given"
+    pq.write_table(pa.table({"id": [1, 2], "text": texts}), tmp_path / "notes.parquet")
+    assert warnings({"enabled": True}) == []

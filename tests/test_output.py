@@ -298,10 +298,31 @@ def test_check_spec_refuses_parts_without_job_json(tmp_path: Path):
     assert out.committed() == set() and out.read_json("_job.json")["spec_hash"] == "h1"
 
 
-def test_check_spec_on_an_unrelated_dir_keeps_its_files(tmp_path: Path):
-    (tmp_path / "notes.csv").write_text("id,text\n")
-    OutputDir(str(tmp_path)).check_spec("h1", {}, overwrite=True)
-    assert files(tmp_path) == ["_job.json", "notes.csv"]
+@pytest.mark.parametrize("name", ["notes.csv", "3f2a9c_000000_000000-0.parquet",
+                                  "part-00000-6a1b-c000.snappy.parquet"])  # fmt: skip
+def test_an_output_dir_holding_files_no_job_wrote_is_refused(tmp_path: Path, name: str):
+    """Another tool's files (a Ray Data or Spark output, notes): a reader of the dir would mix
+    them with the job's rows, so run (overwrite or not), validate and verify all name them, and
+    nothing is deleted. Names readers skip ('_', '.') do not count."""
+    from jobs.preflight import check_output
+    from jobs.spec import parse_spec
+    from jobs.verify import verify_output
+
+    (tmp_path / name).write_text("id,text\n")
+    (tmp_path / "_common_metadata").write_text("")
+    out = OutputDir(str(tmp_path))
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=rf"holds 1 file\(s\) no job of .* \(e.g. '{name}'\)"):
+            out.check_spec("h1", {}, overwrite=overwrite)
+    assert files(tmp_path) == sorted(["_common_metadata", name])
+    spec = parse_spec({"name": "t", "corpus": {"format": "text", "paths": [str(tmp_path)]},
+                       "model": {"variant": "custom", "path": str(tmp_path)},
+                       "device_pool": [{"name": "cpu", "device": "cpu"}],
+                       "output": {"path": str(tmp_path)}}, tmp_path)  # fmt: skip
+    (problem,) = check_output(spec)
+    assert problem.startswith(f"output.path: output dir {tmp_path} holds 1 file(s)")
+    out.write_part("s1", part(["a"]), None, META)
+    assert any(f.startswith("1 file(s) no job of ours wrote") for f in verify_output(str(tmp_path)))
 
 
 def report(**over) -> Report:
@@ -518,3 +539,38 @@ def test_commit_gate_fences_stale_attempts(tmp_path: Path):
         writer.write(part(["a"]))
         writer.commit(errors("s", ["b"], ReasonCode.NULL), {"rows_in": 2}, lambda: False)
     assert files(tmp_path / "out") == []  # no part, no errors part, no temp file
+
+
+def test_validate_sees_what_run_would_refuse_about_the_output_dir(tmp_path: Path):
+    """validate reads the output dir as run would take it: another spec's committed output,
+    an unreadable _job.json, a lock another live run holds; nothing is written."""
+    from jobs.lock import OutputLock
+    from jobs.preflight import output_state_problems
+    from jobs.spec import parse_spec
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "notes.txt").write_text("a note")
+    spec = parse_spec({"name": "t", "corpus": {"format": "text", "paths": ["notes.txt"]},
+                       "model": {"variant": "custom", "path": "model"},
+                       "device_pool": [{"name": "cpu", "device": "cpu"}],
+                       "output": {"path": "out"}}, tmp_path)  # fmt: skip
+    assert output_state_problems(spec) == []  # no dir yet
+    out = OutputDir(str(tmp_path / "out"))
+    out.check_spec("another-hash", {}, overwrite=False)
+    assert output_state_problems(spec) == []  # a start that committed nothing blocks nothing
+    out.write_part("s1", part(["a"]), None, META)
+    (problem,) = output_state_problems(spec)
+    assert problem.startswith("output.path: output dir") and "holds another job's output" in problem
+    (tmp_path / "out" / "_job.json").write_text("[1]")
+    (problem,) = output_state_problems(spec)
+    assert "_job.json is not a JSON object" in problem
+    out.check_spec(spec.spec_hash(), {}, overwrite=True)  # now this spec's own output
+    assert output_state_problems(spec) == []
+    lock = OutputLock(out, "other")
+    lock.acquire()
+    try:
+        (problem,) = output_state_problems(spec)
+        assert "is in use by another run" in problem
+    finally:
+        lock.release()
+    assert output_state_problems(spec) == [] and sorted(files(tmp_path / "out")) == ["_job.json"]

@@ -502,3 +502,26 @@ def test_set_overrides_and_staging_outside_the_output(tmp_path: Path):
     assert a.spec_hash() == b.spec_hash()
     c = parse_spec(base(tmp_path) | {"heads": {"normalize": True}}, tmp_path)
     assert c.spec_hash() != a.spec_hash()
+
+
+def test_every_pool_that_does_not_fit_the_cluster_is_named_at_once():
+    """One check names every pool problem (no GPU anywhere, a pool too big for any node),
+    instead of one per run, each after a Ray start-up."""
+    from jobs.preflight import pool_problems
+    from jobs.spec import PoolSpec
+
+    pools = (
+        PoolSpec(name="gpu", device="cuda", actors=4),
+        PoolSpec(name="big", device="cpu", actors=1, cpus_per_actor=64),
+        PoolSpec(name="small", device="cpu", actors=2, cpus_per_actor=2),
+        PoolSpec(name="huge", device="cpu", actors=1, cpus_per_actor=128),
+    )
+    nodes = [{"Alive": True, "Resources": {"CPU": 16}}, {"Alive": False, "Resources": {"CPU": 256}}]
+    problems = pool_problems(pools, nodes)
+    assert len(problems) == 3 and problems[0].startswith(
+        "device_pool: the spec's GPU pools need 4 GPU(s) but this Ray cluster has none"
+    )
+    assert problems[1].startswith("device_pool[1] (big): one actor needs 64 CPU but no node")
+    assert problems[2].startswith("device_pool[3] (huge): one actor needs 128 CPU")
+    nodes[0]["Resources"] = {"CPU": 64, "GPU": 1}
+    assert [p[:18] for p in pool_problems(pools, nodes)] == ["device_pool[3] (hu"]
