@@ -51,8 +51,24 @@ def filesystem(path: str) -> tuple[pa_fs.FileSystem, str]:
 
 
 def join(directory: str, name: str) -> str:
-    """`name` inside `directory` (a local path, a URI, or a path within a file system)."""
-    return f"{directory.rstrip('/')}/{name}" if is_uri(directory) else os.path.join(directory, name)
+    """`name` inside `directory` (a local path, a URI, or a path within a file system); a URI's
+    query (`?endpoint_override=...&scheme=http`) stays at its end, so the path reaches the same
+    store."""
+    if not is_uri(directory):
+        return os.path.join(directory, name)
+    base, sep, query = directory.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def as_uri(spec_uri: str, fs_path: str) -> str:
+    """A path within `spec_uri`'s file system as a path `filesystem` accepts: for a URI, with
+    its scheme, credentials and query (endpoint, scheme, region) kept."""
+    if not is_uri(spec_uri):
+        return fs_path
+    base, sep, query = spec_uri.partition("?")
+    _, inner = pa_fs.FileSystem.from_uri(spec_uri)
+    prefix = base[: len(base) - len(inner)] if inner and base.endswith(inner) else None
+    return (prefix or base.split("://", 1)[0] + "://") + fs_path + sep + query
 
 
 def temp_path(path: str) -> str:

@@ -6,6 +6,7 @@ See `OutputLock`. No Ray here.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from typing import Any
 
 import pyarrow.fs as pa_fs
 
-from .fs import TMP_PREFIX, delete, write_atomic
+from .fs import TMP_PREFIX, delete, join, write_atomic
+from .objectstore import create_if_absent, read_with_tag, replace_if_unchanged
 from .output import LOCK_FILE, OutputDir
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ class OutputLock:
     while the lease is fresh; a lock whose lease expired (its driver died), or whose holder was
     a process of this host that no longer exists, is taken over. On a local file system the lock
     is created exclusively (written whole, then hard-linked into place, so no reader sees it
-    half-written); on object stores (s3://) it is read-check-write."""
+    half-written); on S3 with a conditional write (`If-None-Match: *` to create, `If-Match` on
+    the ETag read to take over or renew: two runs never both win); on other object stores it
+    is read-check-write, and the run says so."""
 
     def __init__(self, out: OutputDir, job: str, lease_s: float = 60.0):
         self.out, self.lease_s = out, lease_s
@@ -38,6 +42,8 @@ class OutputLock:
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
                    "token": self.token, "started_at": time.time(), "lease_s": lease_s}  # fmt: skip
         self.lost: str | None = None  # set when another run took the lock over
+        self.uri = join(out.uri, LOCK_FILE)
+        self._tag: str | None = None  # the lock object's ETag as last read or written (S3)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,6 +81,10 @@ class OutputLock:
                     log.error("%s", self.lost)
                     return
                 self._write(exclusive=False)
+            except RuntimeError:  # S3: the lock changed since it was read (taken over)
+                self.lost = f"another run took over the lock of {self.out.uri}"
+                log.error("%s", self.lost)
+                return
             except OSError as e:
                 if not failing:
                     log.warning("cannot renew the lock of %s (%s); retrying", self.out.uri, e)
@@ -89,7 +99,11 @@ class OutputLock:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            holder = self.out.read_json(LOCK_FILE)
+            if (tagged := read_with_tag(self.uri)) is not None:  # S3: the ETag with the bytes
+                data, self._tag = tagged
+                holder = json.loads(data) if data else None
+            else:
+                holder = self.out.read_json(LOCK_FILE)
         except ValueError:  # half-written by a crashed writer: no valid holder
             return {"host": "?", "pid": -1, "job": "?", "renewed_at": 0, "lease_s": 0}
         return holder if isinstance(holder, dict) else None
@@ -134,7 +148,24 @@ class OutputLock:
                 with suppress(FileNotFoundError):
                     os.unlink(tmp)
             return
-        write_atomic(self.out.fs, path, lambda sink: sink.write(data))
+        if exclusive or not self._tag:
+            tag = create_if_absent(self.uri, data)
+        else:
+            tag = replace_if_unchanged(self.uri, data, self._tag)
+        if tag == "":  # another run created or replaced it first
+            raise RuntimeError(self._busy(self._read() or {}))
+        if tag is None and not isinstance(self.out.fs, pa_fs.LocalFileSystem):
+            _warn_read_check_write(self.uri)
+        if tag is None:
+            write_atomic(self.out.fs, path, lambda sink: sink.write(data))
+        self._tag = tag
+
+
+@functools.cache
+def _warn_read_check_write(uri: str) -> None:
+    log.warning("the output lock at %s is read-check-write (no conditional create on this store "
+                "here; S3 has one with boto3 installed): two runs started at the same instant "
+                "could both proceed", uri.split("?", 1)[0])  # fmt: skip
 
 
 def _link_exclusive(tmp: str, path: str, data: bytes) -> None:

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from . import parts
 from .fs import TMP_PREFIX, delete, filesystem, names, write_atomic
+from .objectstore import abort_uploads
 from .parts import ERRORS_DIR, PART_PREFIX, PartWriter
 
 META_FILES = ("_job.json", "_report.json", "_SUCCESS")
@@ -160,16 +161,16 @@ class OutputDir:
             self.fs.delete_dir(self.join(ERRORS_DIR))
 
     def clean_temp(self) -> None:
-        """Delete what crashed writers left: temp files, and errors parts of shards that never
-        committed. Only while no writer runs (check_spec calls it before a run starts)."""
+        """Delete what crashed writers left: temp files, incomplete multipart uploads (object
+        stores), and errors parts of shards that never committed. Only while no writer runs
+        (check_spec calls it before a run starts)."""
         for name in self._names():
             if name.startswith(TMP_PREFIX):
                 delete(self.fs, self.join(name))
+        abort_uploads(self.uri)
         committed = self.committed()
         for name in self._names(ERRORS_DIR):
-            shard = (
-                name[len(PART_PREFIX) : -len(".parquet")] if name.startswith(PART_PREFIX) else None
-            )
+            shard = parts.shard_of(name)
             if name.startswith(TMP_PREFIX) or (shard is not None and shard not in committed):
                 delete(self.fs, self.join(ERRORS_DIR, name))
 

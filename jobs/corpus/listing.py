@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pa_fs
 
-from ..fs import filesystem, is_uri
+from ..fs import as_uri, filesystem
 from ..spec import CorpusSpec, has_glob
 from .formats import FORMATS
 from .staging import STAGING_MARKER
@@ -34,7 +34,7 @@ def list_sources(corpus: CorpusSpec, shard_rows: int) -> list[Source]:
         seen.update(f.path for f in files)
         if not note_per_file:
             sources += [
-                Source(_uri(spec_path, f.path), f.size, f.mtime_ns, (), _relative(base, f.path))
+                Source(as_uri(spec_path, f.path), f.size, f.mtime_ns, (), _relative(base, f.path))
                 for f in files
             ]
             continue
@@ -43,7 +43,7 @@ def list_sources(corpus: CorpusSpec, shard_rows: int) -> list[Source]:
         for i in range(0, len(rel), shard_rows):
             chunk = tuple(rel[i : i + shard_rows])
             size = sum(s for _, s, _ in chunk)
-            sources.append(Source(_uri(spec_path, base), size, None, chunk, name))
+            sources.append(Source(as_uri(spec_path, base), size, None, chunk, name))
     return sources
 
 
@@ -124,12 +124,3 @@ def _glob_match(pattern: list[str], parts: list[str]) -> bool:
 
 def _relative(base: str, path: str) -> str:
     return path[len(base) :].lstrip("/") if path.startswith(base) else os.path.basename(path)
-
-
-def _uri(spec_path: str, fs_path: str) -> str:
-    """Turn a path within the spec path's file system back into a path `filesystem` accepts."""
-    if not is_uri(spec_path):
-        return fs_path
-    _, inner = pa_fs.FileSystem.from_uri(spec_path)
-    prefix = spec_path[: len(spec_path) - len(inner)] if spec_path.endswith(inner) else None
-    return (prefix if prefix is not None else spec_path.split("://", 1)[0] + "://") + fs_path

@@ -21,6 +21,7 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
 from ..fs import TMP_PREFIX, delete, filesystem, join, names, write_atomic
+from ..objectstore import abort_uploads
 from ..spec import CorpusSpec, CsvOptions
 from .formats import FORMATS
 from .textfile import StartOver
@@ -170,6 +171,7 @@ def clean_staging(staging_dir: str) -> None:
     for name in names(fs, root):
         if name.startswith(TMP_PREFIX):
             delete(fs, join(root, name))
+    abort_uploads(staging_dir)  # an object store's incomplete uploads of killed stagings
 
 
 def remove_staged(staging_dir: str, shards: list[Shard]) -> None:
