@@ -134,8 +134,9 @@ class OutputDir:
     def check_spec(self, spec_hash: str, resolved: dict[str, Any], overwrite: bool) -> None:
         """Resume (same spec hash: nothing deleted), refuse (another spec's committed output:
         ValueError), or with `overwrite` delete the output and start over (same spec too).
-        A dir whose earlier run committed no part is simply taken over. Writes `_job.json`.
-        The decision is `should_resume`'s."""
+        A dir whose earlier run committed no part is simply taken over. Writes `_job.json`;
+        makes `_errors/` (empty until a shard has bad rows: its readers then read no rows
+        instead of failing). The decision is `should_resume`'s."""
         self.fs.create_dir(self.root, recursive=True)
         if foreign := self.foreign():
             raise ValueError(foreign_problem(self.uri, foreign))
@@ -147,10 +148,11 @@ class OutputDir:
             job = {}  # unreadable: another job's, replaced below
         if should_resume(self.uri, job, self.committed(), spec_hash, _weights(resolved), overwrite):
             self.clean_temp()  # resume
-            return
-        self.clear()
-        self.clean_temp()
-        self.write_json("_job.json", {"spec_hash": spec_hash, "spec": resolved})
+        else:
+            self.clear()
+            self.clean_temp()
+            self.write_json("_job.json", {"spec_hash": spec_hash, "spec": resolved})
+        self.fs.create_dir(self.join(ERRORS_DIR), recursive=True)
 
     def clear(self) -> None:
         """Delete a previous job's outputs: parts, errors, temp files, _job/_report/_SUCCESS."""

@@ -574,3 +574,17 @@ def test_validate_sees_what_run_would_refuse_about_the_output_dir(tmp_path: Path
     finally:
         lock.release()
     assert output_state_problems(spec) == [] and sorted(files(tmp_path / "out")) == ["_job.json"]
+
+
+def test_the_errors_reader_works_on_an_output_without_errors(tmp_path: Path):
+    """The README's `pd.read_parquet(f"{OUT}/_errors")` on a job none of whose rows failed:
+    no rows, not an exception; with an errors part, its rows."""
+    import pandas as pd
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.check_spec("h1", {}, overwrite=False)
+    out.write_part("s1", part(["a"]), None, META)
+    assert len(pd.read_parquet(tmp_path / "out" / "_errors")) == 0
+    assert len(pd.read_parquet(tmp_path / "out")) == 1
+    out.write_part("s2", part(["b"]), errors("s2", ["c"], ReasonCode.EMPTY), META)
+    assert pd.read_parquet(tmp_path / "out" / "_errors")["id"].tolist() == ["c"]
