@@ -70,7 +70,7 @@ def load_config(raw: dict[str, Any], source: str = "config") -> EncoderConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     check_config_sizes(raw, source)
-    if "vocab_size" not in raw:
+    if raw.get("vocab_size") is None:  # null: missing too (known_fields drops nulls)
         raise ValueError(f"{source}: missing required field 'vocab_size'")
     model_type = raw.get("model_type", "bert")  # legacy bert_config.json has none
     return architecture(model_type, source).Config.from_dict(raw, source)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention import attention
+from .checkpoint_limits import shown
 from .config import EncoderConfig, check_activation
 from .heads import MlmHead
 from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, place
@@ -39,7 +40,8 @@ class Config(EncoderConfig):
         pos_type = raw.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ValueError(
-                f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')"
+                f"{source}: position_embedding_type {shown(pos_type)} is not supported "
+                "(only 'absolute')"
             )
         if raw.get("is_decoder") or raw.get("add_cross_attention"):
             raise ValueError(f"{source}: decoder / cross-attention BERT configs are not supported")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import apply_rope, attention, rope_tables
+from .checkpoint_limits import shown
 from .config import EncoderConfig, check_activation
 from .heads import MlmHead
 from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, place
@@ -52,6 +53,7 @@ class Config(EncoderConfig):
     sep_token_id: int | None = None
 
     ARCHITECTURE = "ModernBertForMaskedLM"
+    POSITIVE_FIELDS = (*EncoderConfig.POSITIVE_FIELDS, "local_attention")
 
     @property
     def window(self) -> int:
@@ -71,16 +73,17 @@ class Config(EncoderConfig):
             every = raw.get("global_attn_every_n_layers") or 3
             if not isinstance(every, int) or every < 1:
                 raise ValueError(
-                    f"{source}: global_attn_every_n_layers must be >= 1, got {every!r}"
+                    f"{source}: global_attn_every_n_layers must be >= 1, got {shown(every)}"
                 )
             types = [LAYER_TYPES[bool(i % every)] for i in range(layers)]
         if (
             not isinstance(types, list | tuple)
-            or set(types) - set(LAYER_TYPES)
+            or not all(isinstance(t, str) and t in LAYER_TYPES for t in types)
             or len(types) != layers
         ):
             raise ValueError(
-                f"{source}: layer_types must list {layers} entries from {LAYER_TYPES}, got {types!r}"
+                f"{source}: layer_types must list {layers} entries from {LAYER_TYPES}, got "
+                f"{shown(types)}"
             )
         values["layer_types"] = tuple(types)
         rope = raw.get("rope_parameters") or {}
@@ -88,14 +91,21 @@ class Config(EncoderConfig):
             raise ValueError(f"{source}: rope_scaling is not supported")
         for kind, field in (("full_attention", "global_rope_theta"),
                             ("sliding_attention", "local_rope_theta")):  # fmt: skip
-            params = rope.get(kind) or {}
+            params = (rope.get(kind) or {}) if isinstance(rope, dict) else rope
+            if not isinstance(params, dict):
+                raise ValueError(f"{source}: rope_parameters must map attention kinds to "
+                                 f"objects, got {shown(rope)}")  # fmt: skip
             if params.get("rope_type", "default") != "default":
                 raise ValueError(
-                    f"{source}: rope_parameters.{kind}.rope_type {params['rope_type']!r} is not "
-                    "supported (only 'default')"
+                    f"{source}: rope_parameters.{kind}.rope_type {shown(params['rope_type'])} is "
+                    "not supported (only 'default')"
                 )
-            if "rope_theta" in params:
-                values[field] = float(params["rope_theta"])
+            if (theta := params.get("rope_theta")) is not None:
+                try:
+                    values[field] = float(theta)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{source}: rope_parameters.{kind}.rope_theta must be a "
+                                     f"number, got {shown(theta)}") from None  # fmt: skip
         config = cls(**{**values, "model_type": "modernbert"})
         config.validate(source)
         for name in ("hidden_activation", "classifier_activation"):

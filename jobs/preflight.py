@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 
-from clinicalbert_core.errors import describe
+from clinicalbert_core.errors import describe, message_line
 from clinicalbert_core.limits import max_seq_problem
 
 from .corpus import (
@@ -28,7 +28,7 @@ from .corpus import (
     repeated_column,
     repeated_ids,
 )
-from .corpus.values import is_text
+from .corpus.values import is_text, shown_columns
 from .fs import filesystem
 from .lock import OutputLock
 from .model import model_source
@@ -61,7 +61,8 @@ def check_corpus(spec: JobSpec) -> list[str]:
         try:
             names = fmt.columns(source, corpus)
         except (OSError, ValueError, pa.ArrowException) as e:
-            problems.append(f"corpus.paths: {source.path}: cannot read its columns: {e}")
+            problems.append(f"corpus.paths: {source.path}: cannot read its columns: "
+                            f"{message_line(e)}")  # fmt: skip
             continue
         for role, column in roles:
             if role in reported:
@@ -71,7 +72,7 @@ def check_corpus(spec: JobSpec) -> list[str]:
                 problems.append(
                     f"corpus.{role}: column {column!r} is not in {source.path}"
                     f"{hint(column, names) or fmt.columns_hint(corpus, names)}; its columns: "
-                    f"{', '.join(map(repr, names))}"
+                    f"{shown_columns(names)}"
                 )
             elif (times := names.count(column)) > 1:
                 reported.add(role)

@@ -43,9 +43,9 @@ def ray_local(slowdown_file: Path):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 logging_level=logging.WARNING,
-                 runtime_env=slowdown_hooks.runtime_env(slowdown_file))  # fmt: skip
+        with slowdown_hooks.worker_env(slowdown_file):
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     logging_level=logging.WARNING)  # fmt: skip
     yield ray
 
 

@@ -1,9 +1,9 @@
 """Test-only slowdowns inside Ray's worker processes (no knob in the product code).
 
-A Ray cluster started with `runtime_env(path)` runs `install()` in every worker process it
-starts: it wraps the actor's per-unit loop (`ShardProcessor._units`) and the staging task
-(`jobs.corpus.staging.stage_source`) so that they sleep for what the JSON file at `path`
-says at the time of the call: {"<pool name>": seconds after each record batch of that pool's
+A Ray cluster started inside `worker_env(path)` runs `install()` in every worker process it
+starts (tests/sitecustomize.py, on the workers' PYTHONPATH): it wraps the actor's per-unit
+loop (`ShardProcessor._units`) and the staging task (`jobs.corpus.staging.stage_source`) so
+that they sleep for what the JSON file at `path` says at the time of the call: {"<pool name>": seconds after each record batch of that pool's
 actors, "staging": seconds before each input is staged}. Tests write that file (the
 `slowdown` fixture); a missing or empty file slows nothing.
 
@@ -13,10 +13,12 @@ started that way (a driver in its own process: SLOWDOWN_FILE names the file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,22 @@ ENV = "SLOWDOWN_FILE"
 HERE = str(Path(__file__).resolve().parent)
 
 
-def runtime_env(path: str | os.PathLike) -> dict[str, Any]:
-    """The job-level runtime env that slows workers down as the file at `path` says."""
-    python_path = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
-    return {
-        "worker_process_setup_hook": "slowdown.install",
-        "env_vars": {"PYTHONPATH": python_path, ENV: str(path)},
-    }
+@contextlib.contextmanager
+def worker_env(path: str | os.PathLike) -> Iterator[None]:
+    """Within it, a local Ray started here (its raylet inherits this environment) gives every
+    worker it starts the slowdowns the file at `path` says; this process's environment is
+    restored afterwards (the processes a test starts later do not inherit it)."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", ENV)}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, saved["PYTHONPATH"]) if p)
+    os.environ[ENV] = str(path)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def seconds(key: str) -> float:
@@ -69,7 +80,8 @@ def main() -> int:
     init = ray.init
 
     def slowed_init(*args: Any, **kwargs: Any) -> Any:
-        return init(*args, runtime_env=runtime_env(os.environ[ENV]), **kwargs)
+        with worker_env(os.environ[ENV]):
+            return init(*args, **kwargs)
 
     ray.init = slowed_init
     return cli_main(sys.argv[1:])

@@ -115,6 +115,8 @@ def _with_ragged_rows(
         places, widths, records = _ragged_records(fs, path, corpus.csv or CsvOptions())
     except (csv.Error, OSError):
         raise ValueError(whole_error) from None
+    except UnicodeError:  # pyarrow cannot hand such a row to its handler (a traceback on stderr)
+        raise ValueError(f"{whole_error} (in a row whose bytes are not UTF-8)") from None
     skipped: list[int] = []
 
     def skip(row: Any) -> str:  # row.text is the row itself: never kept or shown
@@ -141,7 +143,7 @@ def _ragged_records(
 ) -> tuple[list[int], list[int], int]:
     """The places (0-based among the records after the header; blank lines are not records,
     as for pyarrow) and field counts of the records whose count differs from the header's,
-    and the number of records."""
+    and the number of records. UnicodeError when such a record is not UTF-8."""
     limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # a note is one field: no limit below the job's own
     places, widths, records, header = [], [], 0, None
@@ -155,6 +157,7 @@ def _ragged_records(
                     header = len(fields)
                     continue
                 if len(fields) != header:
+                    "".join(fields).encode("utf-8")  # UnicodeError for bytes that are not UTF-8
                     places.append(records)
                     widths.append(len(fields))
                 records += 1

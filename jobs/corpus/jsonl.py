@@ -151,7 +151,7 @@ def _json_lines(
 ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """(record, None) per non-blank line that is a JSON object, else ({}, its reason):
     `not_json` (also for an object that gives one of `columns` twice), or `undecodable` for a
-    line that is not UTF-8."""
+    line that is not UTF-8 or a value of `columns` that escapes half a surrogate pair."""
     with fs.open_input_stream(path, compression="detect") as f:
         for raw in io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape"):
             if not raw.strip():
@@ -165,10 +165,24 @@ def _json_lines(
                 record = json.loads(raw, object_pairs_hook=_json_object)
             except ValueError:
                 record = None
-            if isinstance(record, dict) and not record.twice.intersection(columns):
-                yield record, None
-            else:
+            if not isinstance(record, dict) or record.twice.intersection(columns):
                 yield {}, ReasonCode.NOT_JSON
+            elif not _utf8(record, columns):  # a lone surrogate escape, "\ud800"
+                yield {}, ReasonCode.UNDECODABLE
+            else:
+                yield record, None
+
+
+def _utf8(record: dict[str, Any], columns: list[str]) -> bool:
+    """Every string value of `columns` is UTF-8 (JSON's \\u escapes can spell half a
+    surrogate pair, which no UTF-8 text holds)."""
+    try:
+        for value in (record.get(c) for c in columns):
+            if isinstance(value, str):
+                value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _by_line(source: Source, corpus: CorpusSpec, whole_error: str) -> Iterator[pa.RecordBatch]:

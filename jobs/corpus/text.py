@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from ..fs import filesystem
+from ..fs import as_uri, filesystem
 from ..spec import CorpusSpec
+from .textfile import unreadable
 from .units import Source
 
 STAGED = True  # staged into Parquet before sharding
@@ -28,8 +29,12 @@ def batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatch]:
     fs, root = filesystem(source.path)
     ids, texts = [], []
     for rel, _, _ in source.files:
-        with fs.open_input_stream(f"{root.rstrip('/')}/{rel}", compression="detect") as f:
-            texts.append(f.read())
+        path = f"{root.rstrip('/')}/{rel}"
+        try:
+            with fs.open_input_stream(path, compression="detect") as f:
+                texts.append(f.read())
+        except OSError as e:  # a truncated or corrupt .gz: pyarrow's message names no file
+            raise unreadable(as_uri(source.path, path), "text", e) from None
         ids.append(rel)
     yield pa.RecordBatch.from_arrays(
         [pa.array(ids, pa.string()), pa.array(texts, pa.binary())], names=["id", "text"]

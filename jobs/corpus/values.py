@@ -20,6 +20,10 @@ from .units import ParquetInput
 UNDECODABLE = "_undecodable"  # staged column: which id/kept columns of a row were not UTF-8
 ROW_REASON = "_reason"  # staged column (JSONL/CSV files with broken rows): a row's error reason
 ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+# What a column name shown in an error looks like: a letter or _ first, then letters, digits,
+# spaces and _ . - : ( ) / # ("Unnamed: 0", "Date (UTC)"), 63 at most (as PostgreSQL's).
+_COLUMN_NAME = re.compile(r"[^\W\d][\w .:()/#-]{0,62}")
+MAX_SHOWN_COLUMNS = 20  # column names an error lists
 
 
 def plain_values(values: pa.Array) -> pa.Array:
@@ -161,10 +165,22 @@ def check_columns(available: list[str], corpus: CorpusSpec, path: str) -> None:
         if column not in available:
             raise ValueError(
                 f"{path}: column {column!r} (corpus.{role}) not found; available columns: "
-                f"{', '.join(map(repr, available)) or 'none'}"
+                f"{shown_columns(available)}"
             )
         if (times := available.count(column)) > 1:
             raise ValueError(repeated_column(path, role, column, times))
+
+
+def shown_columns(names: list[str]) -> str:
+    """A file's column names for an error message: quoted (at most MAX_SHOWN_COLUMNS, then a
+    count) when every one looks like a name, else only their count. A first line that is no
+    header (a headerless CSV, a header broken by a stray quote) holds a row's values: ids,
+    dates, note text, never shown."""
+    if not all(_COLUMN_NAME.fullmatch(n) for n in names):
+        return f"{len(names):,}, not all of them names (is the file's first line a header?)"
+    shown = [repr(n) for n in names[:MAX_SHOWN_COLUMNS]]
+    more = len(names) - len(shown)
+    return ", ".join(shown + [f"... and {more:,} more"] * bool(more)) or "none"
 
 
 def repeated_column(path: str, role: str, column: str, times: int) -> str:

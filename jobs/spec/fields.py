@@ -26,6 +26,7 @@ from ..rows import PART_COLUMNS
 # heads); `keep_columns` may not use them.
 RESERVED_COLUMNS = (PART_COLUMNS[0], "text", "row_index", *PART_COLUMNS[1:])
 _VALUE_CHARS = 80
+_PATH_CHARS = 300  # a resolved path shown in a problem, cut beyond
 
 
 class _Repr(reprlib.Repr):
@@ -107,7 +108,7 @@ def _check_paths(info: ValidationInfo) -> bool:
 
 
 def _resolved_note(path: str, resolved: str) -> str:
-    return "" if path == resolved else f" (resolved to {resolved!r})"
+    return "" if path == resolved else f" (resolved to {short(resolved, _PATH_CHARS)})"
 
 
 def _corpus_path(path: str, info: ValidationInfo) -> str:

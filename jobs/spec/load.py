@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -17,16 +18,25 @@ from .job import JobSpec
 MAX_SPEC_BYTES = 1 << 20  # a spec file; list many inputs with a glob or a directory instead
 MAX_SPEC_VALUES = 100_000  # values in the spec, YAML aliases expanded
 MAX_STRING_CHARS = 4096  # one string value (a path is at most 4,096 bytes on Linux)
+MAX_KEY_CHARS = 80  # a longer key is shown cut in a problem's field path
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed
 
 
-def _field_path(loc: tuple[int | str, ...], sub: str = "") -> str:
+def _field_path(loc: tuple[Any, ...], sub: str = "") -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) else (f".{_key(part)}" if out else _key(part))
     if sub:
+        sub = _key(sub)
         out += sub if sub.startswith("[") or not out else f".{sub}"
     return out or "(top level)"
+
+
+def _key(part: Any) -> str:
+    """A key as a field path shows it: as written when it is a short printable name, else
+    quoted and cut like a value (a key in the spec never breaks a problem's line)."""
+    text = str(part)
+    return text if text.isprintable() and 0 < len(text) <= MAX_KEY_CHARS else short(text)
 
 
 _MESSAGES = {"extra_forbidden": "unknown key", "missing": "required field is missing"}
@@ -101,11 +111,11 @@ def _check_bounded(data: Any, source: str) -> None:
     billions), or a value that contains itself. Each container is visited once."""
     sizes: dict[int, int] = {}  # id of a list or mapping -> its values, aliases expanded
     open_ids: set[int] = set()
-    stack: list[tuple[Any, str, bool]] = [(data, "", False)]
+    stack: list[tuple[Any, tuple[Any, ...], bool]] = [(data, (), False)]
     while stack:
         node, path, closing = stack.pop()
         if isinstance(node, str) and len(node) > MAX_STRING_CHARS:
-            raise SpecError([f"{source}: {path or '(top level)'}: a string of {len(node):,} "
+            raise SpecError([f"{source}: {_field_path(path)}: a string of {len(node):,} "
                              f"characters; at most {MAX_STRING_CHARS:,}"])  # fmt: skip
         if not isinstance(node, dict | list):
             continue
@@ -117,7 +127,7 @@ def _check_bounded(data: Any, source: str) -> None:
                 raise SpecError([f"{source}: more than {MAX_SPEC_VALUES:,} values once YAML "
                                  "aliases are expanded"])  # fmt: skip
         elif id(node) in open_ids:
-            raise SpecError([f"{source}: {path or '(top level)'}: a value that contains itself "
+            raise SpecError([f"{source}: {_field_path(path)}: a value that contains itself "
                              "(a recursive YAML alias)"])  # fmt: skip
         elif id(node) not in sizes:
             open_ids.add(id(node))
@@ -125,18 +135,31 @@ def _check_bounded(data: Any, source: str) -> None:
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for key, child in items:
                 stack.append((key, path, False))
-                stack.append((child, _field_path((*_loc(path), key)), False))
+                stack.append((child, (*path, key), False))
 
 
-def _loc(path: str) -> tuple[str, ...]:
-    return (path,) if path else ()
+def _tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!")
 
 
 class _UniqueKeyLoader(_Loader):
     """A safe loader that rejects a key given twice in one mapping (a silent override
-    otherwise) and a key that is a list or mapping (YAML's complex keys)."""
+    otherwise), a key that is a list, mapping or set (YAML's complex keys, `!!set`) and a value
+    that does not fit its explicit tag, each as a YAML error with its line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError):
+            # PyYAML's scalar constructors fail in plain Python errors on a value that does
+            # not fit its explicit tag (`!!float name`, `!!bool maybe`, `!!timestamp x`)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the value does not fit its tag {_tag(node.tag)}", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!set 60`: PyYAML's error names it
+            return super().construct_mapping(node, deep=deep)
         seen = set()
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -144,6 +167,10 @@ class _UniqueKeyLoader(_Loader):
                     None, None, "a key must be a name, not a list or mapping", key_node.start_mark
                 )
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a scalar tagged !!set is a set
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a set", key_node.start_mark
+                )
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -201,8 +228,12 @@ def load_spec(
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        if isinstance(e, yaml.reader.ReaderError):  # a control character: no mark, an offset
+            at = e.position
+            line, start = text.count("\n", 0, at), text.rfind("\n", 0, at) + 1
+            mark = yaml.Mark("", at, line, at - start, None, None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or str(e).partition("\n")[0]
         raise SpecError([f"{path}: {where}invalid YAML: {problem}"]) from None
     except RecursionError:
         raise SpecError([f"{path}: invalid YAML: nested too deeply"]) from None
