@@ -62,6 +62,8 @@ def batches(source: Source, corpus: CorpusSpec) -> Iterator[pa.RecordBatch]:
     columns = list(corpus.read_columns())
     fs, path = filesystem(source.path)
     try:
+        if not _starts_with_object(fs, path, source.path):  # pyarrow would refuse it anyway
+            raise pa.ArrowInvalid("the first value is not a JSON object")
         for batch in _reader(fs, path, source.path, corpus, columns):
             yield batch.select(columns)
     except (OSError, UnicodeError, *ARROW_ERRORS) as e:  # OSError: a truncated or corrupt .gz
@@ -83,6 +85,14 @@ def sample(
 def columns_hint(corpus: CorpusSpec, names: list[str]) -> str:
     """'': a JSONL file's keys suggest nothing about a column it lacks."""
     return ""
+
+
+def _starts_with_object(fs: pa_fs.FileSystem, path: str, name: str) -> bool:
+    """Whether the file's first non-blank line starts a JSON object, as pyarrow needs (and
+    pyarrow 26 crashes, SIGSEGV, on a file whose first value is null)."""
+    with fs.open_input_stream(path, compression="detect") as f:
+        first = next((line for line in textfile.lines(f, name) if line.strip()), b"{")
+    return first.lstrip().startswith(b"{")
 
 
 def _reader(
