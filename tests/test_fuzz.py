@@ -497,22 +497,7 @@ def read_every_shard(spec: JobSpec, fmt: str, root: Path) -> tuple[int, int] | N
     return rows, failed
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        "parquet",
-        pytest.param(
-            "jsonl",
-            marks=pytest.mark.xfail(
-                run=False,
-                reason="pyarrow 26's JSON reader ends the process (SIGSEGV) on some mutated "
-                "JSONL files (jobs/corpus/jsonl.py _reader; the input is not yet isolated)",
-            ),
-        ),
-        "csv",
-        "text",
-    ],
-)
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv", "text"])
 @fuzz(400)
 @given(data=st.data(), gz=st.booleans(), after_gzip=st.booleans(), variant=st.integers(0, 5))
 def test_corpus_mutations_plan_in_one_line_or_lose_no_row(
