@@ -37,6 +37,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
+from test_spec import minimal_spec
 
 from clinicalbert_core.hub import inspect, prepare
 from jobs.corpus import plan_shards, read_shard
@@ -146,16 +147,6 @@ def full_spec() -> dict:
             "keep_staged": False, "allow_empty": True, "allow_duplicate_ids": False,
         },
     }  # fmt: skip
-
-
-def minimal_spec() -> dict:
-    return {
-        "name": "t",
-        "corpus": {"format": "parquet", "paths": ["notes.parquet"]},
-        "model": {"variant": "custom", "path": "model"},
-        "device_pool": [{"name": "cpu", "device": "cpu"}],
-        "output": {"path": "out"},
-    }
 
 
 def starts() -> list[tuple[dict, bool]]:

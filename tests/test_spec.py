@@ -19,9 +19,8 @@ from jobs.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
-def base(tmp_path: Path) -> dict:
-    (tmp_path / "notes.parquet").write_bytes(b"")
-    (tmp_path / "model").mkdir(exist_ok=True)
+def minimal_spec() -> dict:
+    """The smallest valid spec, its paths relative (notes.parquet, model, out)."""
     return {
         "name": "t",
         "corpus": {"format": "parquet", "paths": ["notes.parquet"]},
@@ -29,6 +28,13 @@ def base(tmp_path: Path) -> dict:
         "device_pool": [{"name": "cpu", "device": "cpu"}],
         "output": {"path": "out"},
     }
+
+
+def base(tmp_path: Path) -> dict:
+    """minimal_spec(), with its corpus file and model dir made under tmp_path."""
+    (tmp_path / "notes.parquet").write_bytes(b"")
+    (tmp_path / "model").mkdir(exist_ok=True)
+    return minimal_spec()
 
 
 def errors(data: dict, tmp_path: Path, **kw) -> str:
