@@ -19,7 +19,7 @@ from .attention import attention
 from .checkpoint_limits import shown
 from .config import EncoderConfig, check_activation
 from .heads import MlmHead
-from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, place
+from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, embedding, place
 from .packing import PackedBatch
 
 DEFAULT_POOLING = "cls"
@@ -54,8 +54,8 @@ class Config(EncoderConfig):
 class Embeddings(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.word = embedding(config.vocab_size, config.hidden_size)
+        self.position = embedding(config.max_position_embeddings, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .attention import apply_rope, attention, rope_tables
 from .checkpoint_limits import shown
 from .config import EncoderConfig, check_activation
 from .heads import MlmHead
-from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, place
+from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, embedding, place
 from .packing import PackedBatch
 
 DEFAULT_POOLING = "mean"
@@ -153,7 +153,7 @@ class Layer(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word = embedding(config.vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

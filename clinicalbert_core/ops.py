@@ -25,6 +25,13 @@ ACTIVATIONS = {
 FFN_CHUNK = {"cpu": 2048, "cuda": 16384}
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: the runner builds on the meta device and loads
+    the weights next. nn.Embedding's own init (normal_) on the meta device imports
+    torch._dynamo, about 2 s of every process's first model build (each actor's start)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 def by_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int):
     """fn over rows of x[N, C] in pieces of at most `chunk` rows (row-wise fn only)."""
     if x.shape[0] <= chunk:

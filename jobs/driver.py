@@ -254,6 +254,8 @@ def _stop(
     dispatcher.stop(timeout_s=NODE_LOST_WAIT_S if lost else 60.0)
     if lost:  # before Ray's health check declares the node dead and ends this process
         ray.shutdown()  # a local cluster's processes go too: its actors exit with them
+    else:  # no attempt is left to ask it; its handle alone would keep it alive as long as
+        ray.kill(gate)  # anything holds this frame (the traceback of a stopped run)
     job = plan.job
     if not job.lock.lost:  # a run that lost its lock touches nothing of the new holder's
         job.out.clean_temp()  # what killed attempts left; every actor of this run has stopped

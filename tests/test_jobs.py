@@ -116,6 +116,26 @@ def assert_private(root: Path) -> None:
                                   for p, m in modes.items()), modes  # fmt: skip
 
 
+def run_processes(seconds: float = 15.0) -> list[str]:
+    """The actor processes of finished runs (encoder actors, commit gates) still alive after
+    waiting up to `seconds` for them to exit (Ray kills them asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if title.startswith((b"ray::EncoderActor", b"ray::CommitGate")):
+                left.append(f"{proc.name} {title.decode(errors='replace')}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def clean_run(spec: dict, tmp: Path, name: str = "fresh") -> pa.Table:
     """`spec` run into a fresh output dir under tmp/name, in this process and without Ray
     (every shard through the actor's own ShardProcessor, nothing interrupted): its rows."""
@@ -171,6 +191,7 @@ def test_parquet_job_exactly_once_and_equal_to_runner(tmp_path, model_dir, ray_l
     meta = pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata
     assert meta[b"casing"] == b"cased" and meta[b"pooling"] == b"cls"
     assert meta[b"normalize"] == b"false" and meta[b"id_column"] == b"note_id"
+    assert run_processes() == []  # every actor of the run, the commit gate too, has exited
 
 
 def test_jsonl_csv_text_formats_with_bad_rows(tmp_path, model_dir, ray_local, capfd):
@@ -374,8 +395,9 @@ def test_killed_actor_job_completes_exactly_once(tmp_path, model_dir, ray_local)
 def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_local):
     table, corpus = parquet_corpus(tmp_path, 50)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run(spec, tmp_path, on_result=interrupt_after(3))
+    assert run_processes() == [], stopped  # though `stopped` still holds the run's frames
     committed = len(list((tmp_path / "out").glob("part-*.parquet")))
     assert 3 <= committed < 10 and not (tmp_path / "out" / "_SUCCESS").exists()
     partial = json.loads((tmp_path / "out" / "_report.json").read_text())
