@@ -23,17 +23,21 @@ from pathlib import Path
 from typing import Any
 
 ENV = "SLOWDOWN_FILE"
+# A test Ray keeps its idle workers: with Ray's default, the workers of one job's planning
+# tasks are gone by the next job, whose planning then waits ~0.8 s for a fresh one.
+RAY_CONFIG = {"RAY_num_workers_soft_limit": "2"}
 HERE = str(Path(__file__).resolve().parent)
 
 
 @contextlib.contextmanager
 def worker_env(path: str | os.PathLike) -> Iterator[None]:
     """Within it, a local Ray started here (its raylet inherits this environment) gives every
-    worker it starts the slowdowns the file at `path` says; this process's environment is
-    restored afterwards (the processes a test starts later do not inherit it)."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", ENV)}
+    worker it starts the slowdowns the file at `path` says, and keeps RAY_CONFIG; this
+    process's environment is restored afterwards (processes started later do not inherit it)."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", ENV, *RAY_CONFIG)}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, saved["PYTHONPATH"]) if p)
     os.environ[ENV] = str(path)
+    os.environ.update(RAY_CONFIG)
     try:
         yield
     finally:
