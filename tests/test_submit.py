@@ -49,16 +49,17 @@ def pids_using(marker: str) -> list[int]:
     return pids
 
 
-def stop_head(temp: str, timeout: float = 30.0) -> None:
+def stop_head(temp: str, grace: float = 2.0, timeout: float = 30.0) -> None:
     """Stop exactly the Ray processes of the head this test started (never `ray stop`, which
-    stops every Ray on the machine): SIGTERM, then SIGKILL whatever is left."""
+    stops every Ray on the machine): SIGTERM, then after `grace` seconds SIGKILL whatever is
+    left (Ray's GCS and raylet take 30 s and more to end on SIGTERM alone)."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
         for pid in pids_using(temp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait
         while pids_using(temp) and time.monotonic() < deadline:
             time.sleep(0.2)
         if not pids_using(temp):
