@@ -287,8 +287,12 @@ class EncoderActor:
         node = ray.get_runtime_context().get_node_id()
         return {**self.processor.describe(), "pid": os.getpid(), "node_id": node}
 
-    def process(self, shard: Shard, attempt: str = "", gate: Any = None) -> ShardResult:
-        """`gate`: the run's CommitGate actor; only the attempt it trusts may commit."""
+    def process(
+        self, shard: Shard, attempt: str = "", gate: Any = None, trusted: Any = None
+    ) -> ShardResult:
+        """`gate`: the run's CommitGate actor; only the attempt it trusts may commit.
+        `trusted`: the gate's answer to the driver's trust() of this attempt, passed so that
+        Ray runs this only after it (its value is not used)."""
         if gate is None:
             return self.processor.process(shard, attempt)
         import ray

@@ -101,6 +101,9 @@ class Dispatcher:
         self.ray = ray_api
         self.in_flight: dict[Any, tuple[Slot, Any, Any, int]] = {}  # ref -> slot, handle, ...
         self.pending: deque[tuple[Any, int]] = deque()  # (shard, its attempt), next first
+        # one entry per free place of a slot (idle slots' places first): filling costs one
+        # step per shard dispatched, whatever the number of slots
+        self.places: deque[Slot] = deque(s for s in slots for _ in range(max_in_flight))
         self.outcome = DispatchOutcome([], [], 0, 0)
         self.death = ""  # how the last actor that died died
 
@@ -113,21 +116,31 @@ class Dispatcher:
             if not self.in_flight:  # shards left but no live actor to run them
                 self._fail_pending()
                 break
-            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
+            for ref in self._finished():
                 self._collect(ref)
             if self.on_tick:
                 self.on_tick()
         return self.outcome
 
+    def _finished(self) -> list[Any]:
+        """The shard tasks that have ended: waits up to a second for one, then takes every
+        other that has ended too without waiting (one round per burst of results)."""
+        ready, rest = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+        if ready and rest:
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
+
     def _fill(self) -> None:
-        """Give each live slot shards until it has max_in_flight (idle slots first)."""
-        for slot in sorted(self.slots, key=lambda s: s.in_flight):
-            while slot.alive and slot.in_flight < self.max_in_flight and self.pending:
-                shard, attempt = self.pending.popleft()
-                ref = self.submit(slot.handle, shard)
-                self.in_flight[ref] = (slot, slot.handle, shard, attempt)
-                slot.in_flight += 1
+        """Give the free places of live slots pending shards, in `places` order."""
+        while self.pending and self.places:
+            slot = self.places.popleft()
+            if not slot.alive or slot.in_flight >= self.max_in_flight:
+                continue  # a place of a dead slot, or one counted again at its restart
+            shard, attempt = self.pending.popleft()
+            ref = self.submit(slot.handle, shard)
+            self.in_flight[ref] = (slot, slot.handle, shard, attempt)
+            slot.in_flight += 1
 
     def _collect(self, ref: Any) -> None:
         """One finished shard task: its result, its error (retried) or its actor's death."""
@@ -136,9 +149,15 @@ class Dispatcher:
         slot, handle, shard, attempt = self.in_flight.pop(ref)
         if handle is slot.handle:  # refs of a replaced handle no longer count
             slot.in_flight -= 1
+            self.places.append(slot)
         try:
             result: ShardResult = self.ray.get(ref)
         except RayActorError as e:
+            if not _death_of(e, handle):  # an actor whose answer the attempt waited on (the
+                raise RuntimeError(  # commit gate's trust) is gone: no attempt can be trusted
+                    f"shard {shard.id}: an actor it depends on died, not its own actor "
+                    f"{slot.name}: {message_line(e, last=True) or type(e).__name__}"
+                ) from None
             self._actor_died(slot, handle, shard, attempt, e)
         except RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
@@ -163,6 +182,7 @@ class Dispatcher:
         if slot.restarts < self.max_restarts:
             slot.handle, slot.alive = self.restart(slot), True
             slot.restarts += 1
+            self.places.extend([slot] * self.max_in_flight)
             self.outcome.actor_restarts += 1
             log.warning("%s; restarted (%d)", self.death, slot.restarts)
         else:
@@ -195,6 +215,14 @@ class Dispatcher:
             self.ray.kill(slot.handle)
         if self.in_flight:
             self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
+
+
+def _death_of(e: Exception, handle: Any) -> bool:
+    """Whether the actor death `e` (RayActorError) is that of `handle`'s actor; True where
+    either id is unknown (Ray names the dead actor; fakes in tests may not)."""
+    dead = getattr(e, "actor_id", None)
+    own = getattr(handle, "_actor_id", None)
+    return dead is None or own is None or dead == own.hex()
 
 
 class Progress:

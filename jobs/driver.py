@@ -25,10 +25,18 @@ from typing import Any
 
 from clinicalbert_core.hub import ModelBundle
 
-from .corpus import RepeatedIds, Shard, clean_staging, plan_shards, remove_staged, repeated_ids
+from .corpus import (
+    RepeatedIds,
+    Shard,
+    clean_staging,
+    idle_actors_warning,
+    plan_shards,
+    remove_staged,
+    repeated_ids,
+)
 from .dispatch import Dispatcher, DispatchOutcome, Progress, Slot
 from .fs import private_files
-from .launch import check_resources, connect, ray_map, start_actor, start_gate
+from .launch import actor_cpus, check_resources, connect, ray_map, start_actor, start_gate
 from .lock import OutputLock
 from .model import load_bundle
 from .output import OutputDir
@@ -156,6 +164,8 @@ def plan_job(
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
+    if limit is None and (idle := idle_actors_warning(shards, sum(p.actors for p in pools))):
+        log.warning("%s", idle)
     shards = limit(shards) if limit is not None else shards
     plan = Plan(job, pools, shards, committed, refuse_repeated_ids(spec, shards), node)
     log.info("%d shards (%d rows), %d already committed, %d to run", len(shards),
@@ -189,7 +199,9 @@ def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
 
     job, todo = plan.job, plan.todo
     spec = job.spec
-    start = partial(start_actor, bundle_ref=ray.put(job.bundle), spec=spec, spec_hash=job.spec_hash)
+    cpus = actor_cpus(plan.pools, ray.nodes())  # the cluster's nodes read once, not per actor
+    start = partial(start_actor, bundle_ref=ray.put(job.bundle), spec=spec,
+                    spec_hash=job.spec_hash, cpus=cpus)  # fmt: skip
     slots = [Slot(p.name, i, start(p, i)) for p in plan.pools for i in range(p.actors) if todo]
     pool_of = {p.name: p for p in plan.pools}
     monitor = Monitor(slots, spec.run.stall_timeout_s, min(spec.run.progress_interval_s, 5.0))
@@ -228,13 +240,12 @@ def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
 
 
 def _submit(gate: Any, handle: Any, shard: Shard) -> Any:
-    """Dispatch one attempt of `shard`: trusted by the gate first (the previous attempt has
-    ended), so only this attempt may commit."""
-    import ray
-
+    """Dispatch one attempt of `shard`, trusted by the gate (the previous attempt has ended),
+    so only this attempt may commit. Nothing waits here: the gate's answer is an argument of
+    the attempt, so Ray starts the attempt only once the gate has trusted it."""
     attempt = uuid.uuid4().hex[:16]
-    ray.get(gate.trust.remote(shard.id, attempt))
-    return handle.process.remote(shard, attempt, gate)
+    trusted = gate.trust.remote(shard.id, attempt)
+    return handle.process.remote(shard, attempt, gate, trusted)
 
 
 def _stop(

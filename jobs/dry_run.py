@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from clinicalbert_core.limits import body_tokens
 
-from .corpus import Shard, limit_shards
+from .corpus import Shard, idle_actors_warning, limit_shards
 from .dispatch import fmt_duration
 from .driver import Plan, execute, open_job, plan_job, report_of
 from .launch import connect
@@ -129,6 +129,8 @@ def summary(
         "windows_per_note": report["windows"] / notes if notes else 0.0,
         "corpus_rows": corpus_rows,
         "corpus_tokens_estimate": int(corpus_tokens),
+        "shards": len(full_shards),
+        "idle_actors": idle_actors_warning(full_shards, sum(p.actors for p in spec.device_pool)),
     }
     if len(lengths):
         out["token_length"] = {
@@ -175,7 +177,10 @@ def print_dry_run(report: dict[str, Any]) -> None:
         t = d["token_length"]
         print(f"token length per note: p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, max {t['max']}, "
               f"{100 * t['share_over_max_seq']:.1f}% over max_seq")  # fmt: skip
-    print(f"full corpus: {d['corpus_rows']:,} rows, ~{d['corpus_tokens_estimate']:,} tokens")
+    print(f"full corpus: {d['corpus_rows']:,} rows, ~{d['corpus_tokens_estimate']:,} tokens, "
+          f"{d['shards']:,} shards")  # fmt: skip
+    if d["idle_actors"]:
+        print(f"  warning: {d['idle_actors']}")
     for name, p in d["projection"].items():
         if not p["measured"]:
             print(f"  pool {name}: not measured here (its device is not on this machine)")

@@ -73,18 +73,21 @@ def ray_map(
 GPU_CPUS = 4  # CPUs a cuda actor tokenizes on when its pool leaves cpus_per_actor unset
 
 
-def actor_cpus(pool: PoolSpec, nodes: list[dict[str, Any]]) -> int:
-    """CPUs one actor of `pool` asks Ray for: cpus_per_actor when the spec sets it. A cuda
-    pool that leaves it unset gets GPU_CPUS, at most the CPUs per GPU of its smallest alive
-    GPU node (so every GPU there can still get an actor), at least 1."""
-    if pool.device != "cuda" or "cpus_per_actor" in pool.model_fields_set:
-        return pool.cpus_per_actor
+def actor_cpus(pools: tuple[PoolSpec, ...], nodes: list[dict[str, Any]]) -> dict[str, int]:
+    """CPUs one actor of each pool asks Ray for, by pool name: cpus_per_actor when the spec
+    sets it. A cuda pool that leaves it unset gets GPU_CPUS, at most the CPUs per GPU of the
+    smallest alive GPU node of `nodes` (so every GPU there can still get an actor), at least 1."""
     shares = [
         int(res.get("CPU", 0) // res["GPU"])
         for res in (n.get("Resources", {}) for n in nodes if n.get("Alive", True))
         if res.get("GPU")
     ]
-    return max(1, min([GPU_CPUS, *shares]))
+    return {
+        pool.name: pool.cpus_per_actor
+        if pool.device != "cuda" or "cpus_per_actor" in pool.model_fields_set
+        else max(1, min([GPU_CPUS, *shares]))
+        for pool in pools
+    }
 
 
 def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
@@ -113,14 +116,16 @@ def actor_env(pool: PoolSpec, cpus: int) -> dict[str, str]:
     return env
 
 
-def start_actor(pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, spec_hash: str) -> Any:
-    """One EncoderActor of `pool` (its CPUs, GPU, accelerator type and environment), given
-    the shipped model, the spec, its own pool and the spec hash."""
+def start_actor(
+    pool: PoolSpec, index: int, bundle_ref: Any, spec: JobSpec, spec_hash: str, cpus: dict[str, int]
+) -> Any:
+    """One EncoderActor of `pool` (its CPUs as `cpus` says by pool, GPU, accelerator type and
+    environment), given the shipped model, the spec, its own pool and the spec hash."""
     import ray
 
     from .actor import EncoderActor
 
-    cpus = actor_cpus(pool, ray.nodes())
+    cpus = cpus[pool.name]
     options: dict[str, Any] = {"num_cpus": cpus}
     if pool.device == "cuda":
         options["num_gpus"] = 1

@@ -6,6 +6,7 @@ benches re-run themselves through, and that no product module imports the bench.
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_bad_bench_arguments_are_usage_errors(args, says, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+
+
+def test_dispatch_bench_prints_the_drivers_cost_per_shard(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the job layer's own: not needed
+    out = tmp_path / "dispatch.json"
+    args = ["--dispatch", "--dispatch-actors", "40", "--dispatch-shards", "2000"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2,000 shards over 40 fake actors" in printed and "us per shard" in printed
+    figures = json.loads(out.read_text())
+    assert figures["actors"] == 40 and figures["shards"] == 2000
+    assert figures["dispatch_us_per_shard"] > 0 and figures["monitor_questions_per_round"] == 40
+    assert figures["wait_calls_per_shard"] < 1  # results collected in bursts
 
 
 def test_bench_on_a_device_torch_does_not_see_says_so(capsys):

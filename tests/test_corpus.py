@@ -825,3 +825,21 @@ def test_mlm_at_mask_over_notes_without_one_is_warned(tmp_path: Path):
     texts[1] = "the [MASK] was given"
     pq.write_table(pa.table({"id": [1, 2], "text": texts}), tmp_path / "notes.parquet")
     assert warnings({"enabled": True}) == []
+
+
+def test_fewer_shards_than_actors_says_which_shard_rows_fills_them():
+    from jobs.corpus import Shard, idle_actors_warning
+
+    def shards(*rows_per_group):
+        return [
+            Shard(f"s{i}", "a.parquet", (i,), n, "a.parquet") for i, n in enumerate(rows_per_group)
+        ]
+
+    assert idle_actors_warning(shards(10, 10, 10), 3) is None
+    small = idle_actors_warning(shards(10, 10), 8)  # groups of 10: 20 rows fill 8 actors at 2
+    assert small == ("the plan has 2 shards for 8 actors: 6 of them would sit idle; "
+                     "run.shard_rows 2 gives each actor a shard, but a shard is at least one "
+                     "Parquet row group and the inputs have row groups of up to 10 rows: write "
+                     "them with smaller row groups (pyarrow's row_group_size)")  # fmt: skip
+    grouped = [Shard("s", "a.parquet", (0, 1, 2, 3), 8, "a.parquet")]  # 4 groups of 2 rows
+    assert idle_actors_warning(grouped, 4).endswith("run.shard_rows 2 gives each actor a shard")

@@ -11,6 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from jobs.dispatch import Dispatcher, Slot
 from jobs.parts import ShardResult
+from jobs.watch import Monitor
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class FakeRay:
     now: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # shard id -> attempts that fail
     tasks: int = 0
+    waits: int = 0
 
     def submit(self, actor: FakeActor, shard: FakeShard) -> FakeTask:
         self.tasks += 1
@@ -53,6 +55,11 @@ class FakeRay:
         return FakeTask(actor, shard, actor.free_at)
 
     def wait(self, refs, num_returns=1, timeout=None):
+        self.waits += 1
+        if timeout == 0:  # what has finished by now, the clock unmoved
+            done = [r for r in refs if r.finish <= self.now][:num_returns]
+            taken = set(map(id, done))
+            return done, [r for r in refs if id(r) not in taken]
         first = min(refs, key=lambda t: t.finish)
         self.now = max(self.now, first.finish)
         return [first], [r for r in refs if r is not first]
@@ -150,6 +157,33 @@ def test_no_live_actor_left_fails_the_rest_naming_the_last_death():
                f.error == "actor cpu-0 died: RayActorError" for f in outcome.failed)  # fmt: skip
 
 
+def test_the_death_of_an_actor_a_shard_waited_on_stops_the_run_not_its_actor():
+    """A shard task fails with another actor's death (the commit gate's, whose trust() answer
+    is an argument of every attempt): no restart, no retry; the run stops naming it."""
+
+    class Id:
+        def __init__(self, name):
+            self.name = name
+
+        def hex(self):
+            return self.name
+
+    actor = FakeActor("cpu", 1.0)
+    actor._actor_id = Id("encoder")
+    fake = FakeRay()
+    get = fake.get
+
+    def gate_dies(task):
+        if task.shard.id == "s001":
+            raise RayActorError(actor_id="gate")
+        return get(task)
+
+    fake.get = gate_dies
+    with pytest.raises(RuntimeError, match="shard s001: an actor it depends on died, not its own"):
+        dispatch([actor], 4, fake)
+    assert not actor.killed and actor.done == 1
+
+
 def test_stop_kills_every_actor_and_an_interrupt_keeps_the_results_so_far():
     actors = [FakeActor("a", 1.0), FakeActor("b", 1.0)]
     fake = FakeRay()
@@ -164,3 +198,96 @@ def test_stop_kills_every_actor_and_an_interrupt_keeps_the_results_so_far():
         dispatcher.run([FakeShard(f"s{i}") for i in range(10)])
     dispatcher.stop(timeout_s=0)
     assert len(dispatcher.outcome.results) == 3 and all(a.killed for a in actors)
+
+
+def test_a_thousand_actors_and_fifty_thousand_shards_keep_every_actor_busy():
+    """At cluster scale the dispatcher's own work stays per shard, not per shard x actor: every
+    actor is kept busy in proportion to its speed, never holds more than max_in_flight, and
+    results are collected in bursts (one round of waits per moment some shards end)."""
+    actors = [FakeActor(f"p{i % 4}", 1.0 + (i % 4) * 0.5) for i in range(1000)]
+    slots = [Slot(a.pool, i, a) for i, a in enumerate(actors)]
+    fake = FakeRay()
+    held: dict[int, int] = {}  # actor -> its tasks not yet collected
+    finishes: set[float] = set()
+    get = fake.get
+
+    def submit(actor, shard):
+        held[id(actor)] = held.get(id(actor), 0) + 1
+        assert held[id(actor)] <= 2  # max_in_flight
+        task = fake.submit(actor, shard)
+        finishes.add(task.finish)
+        return task
+
+    def collect(task):
+        held[id(task.actor)] -= 1
+        return get(task)
+
+    fake.get = collect
+    dispatcher = Dispatcher(slots, submit=submit, restart=lambda s: None, ray_api=fake)
+    outcome = dispatcher.run([FakeShard(f"s{i:05d}") for i in range(50_000)])
+    assert len(outcome.results) == 50_000 and not outcome.failed
+    assert len({r.shard_id for r in outcome.results}) == 50_000  # each shard once
+    busy = [a.done * a.seconds for a in actors]  # each actor's busy time, virtual seconds
+    assert min(busy) >= max(busy) - 2 * 2.5  # every one busy until the queue ran dry
+    assert fake.waits <= 2 * len(finishes)
+
+
+# ---- the monitor without Ray: fake handles whose answers come when the test says ---------------
+@dataclass(eq=False)
+class FakeRef:
+    value: object = None
+    ready: bool = False
+
+
+class FakeMethod:
+    def __init__(self, log: list):
+        self.log = log
+
+    def options(self, **_):
+        return self
+
+    def remote(self):
+        self.log.append(FakeRef())
+        return self.log[-1]
+
+
+class FakeHandle:
+    def __init__(self):
+        self.describes: list[FakeRef] = []
+        self.questions: list[FakeRef] = []
+        self.describe, self.progress = FakeMethod(self.describes), FakeMethod(self.questions)
+        self.killed = False
+
+
+class MonitorRay:
+    """wait (never blocking: the monitor must not), get and kill over FakeRefs."""
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        assert timeout == 0, "the monitor waited"
+        done = [r for r in refs if r.ready]
+        return done, [r for r in refs if not r.ready]
+
+    def get(self, refs):
+        return [r.value for r in refs] if isinstance(refs, list) else refs.value
+
+    def kill(self, handle):
+        handle.killed = True
+
+
+def test_the_monitor_never_waits_asks_each_actor_once_at_a_time_and_kills_only_the_stalled():
+    clock = [0.0]
+    working, hung, loading = (Slot("cpu", i, FakeHandle(), in_flight=1) for i in range(3))
+    monitor = Monitor([working, hung, loading], timeout_s=3, every_s=1, ray_api=MonitorRay(),
+                      clock=lambda: clock[0])  # fmt: skip
+    for slot in (working, hung):  # constructed; `loading` is still loading its model
+        slot.handle.describes[0].ready = True
+    for t in range(1, 9):
+        clock[0] = float(t)
+        for question in working.handle.questions:  # answers each question by the next round
+            question.value, question.ready = {"shard": "s1", "batches": t}, True
+        monitor.check({})
+    assert hung.handle.killed and not working.handle.killed and not loading.handle.killed
+    assert [s["actor"] for s in monitor.stalls] == ["cpu-1"] and monitor.stalls[0]["quiet_s"] > 3
+    assert len(hung.handle.questions) == 1  # never answered: never asked again
+    assert len(working.handle.questions) == 8 and not loading.handle.questions
+    assert monitor.partials() == [{"shard": "s1", "batches": 8}]

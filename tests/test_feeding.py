@@ -226,10 +226,11 @@ def test_actor_cpus_and_environment_follow_the_pool():
         {"Alive": False, "Resources": {"CPU": 1.0, "GPU": 8.0}},
     ]
     gpu = PoolSpec(name="gpu", device="cuda", batch_tokens=65536)
-    assert actor_cpus(gpu, nodes) == 2  # 8 CPUs for 4 GPUs on the smaller GPU node
-    assert actor_cpus(gpu, nodes[:1]) == GPU_CPUS
-    assert actor_cpus(PoolSpec(name="g", device="cuda", cpus_per_actor=6), nodes) == 6
-    assert actor_cpus(PoolSpec(name="c", device="cpu"), nodes) == 1
+    pinned = PoolSpec(name="g", device="cuda", cpus_per_actor=6)
+    cpu = PoolSpec(name="c", device="cpu")
+    # 8 CPUs for 4 GPUs on the smaller GPU node; the pools' own cpus_per_actor where set
+    assert actor_cpus((gpu, pinned, cpu), nodes) == {"gpu": 2, "g": 6, "c": 1}
+    assert actor_cpus((gpu,), nodes[:1]) == {"gpu": GPU_CPUS}
     env = actor_env(gpu, 3)
     assert (env["TOKENIZERS_PARALLELISM"], env["RAYON_NUM_THREADS"], env["OMP_NUM_THREADS"]) == (
         "true", "3", "3",

@@ -410,9 +410,11 @@ def test_interrupted_driver_resumes_to_the_same_output(tmp_path, model_dir, ray_
     assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
 
 
-def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local):
+def test_other_spec_into_same_output_is_refused(tmp_path, model_dir, ray_local, caplog):
     table, corpus = parquet_corpus(tmp_path, 10, 10)
-    run(job(tmp_path, model_dir, corpus), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jobs.driver"):
+        run(job(tmp_path, model_dir, corpus), tmp_path)
+    assert "the plan has 1 shard for 2 actors: 1 of them would sit idle" in caplog.text
     other = job(tmp_path, model_dir, corpus, heads={"pooling": "mean"})
     with pytest.raises(ValueError, match="overwrite"):
         run(other, tmp_path)
@@ -475,13 +477,20 @@ def test_dry_run_keeps_the_pools_this_machine_can_run():
     assert [p.name for p in scale_pools(pools, cpus=8, gpus=1)] == ["gpu", "cpu"]
 
 
-def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
+def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys, monkeypatch):
+    import jobs.driver
+    import jobs.preflight
     from jobs.dispatch import fmt_duration
     from jobs.dry_run import print_dry_run
 
     table, corpus = parquet_corpus(tmp_path, 40, 10)
     spec = job(tmp_path, model_dir, corpus, run={"dry_run_notes": 15, "shard_rows": 10})
+    plans = []
+    plan = jobs.driver.plan_shards
+    for module in (jobs.driver, jobs.preflight):  # wherever a dry run could plan
+        monkeypatch.setattr(module, "plan_shards", lambda *a, **k: plans.append(1) or plan(*a, **k))
     report = dry_run(spec, tmp_path)
+    assert plans == [1]  # the corpus is planned once: the sample is taken from that plan
     d = report["dry_run"]
     assert d["sampled_notes"] == 15 and d["corpus_rows"] == 40
     assert d["token_length"]["max"] >= d["token_length"]["p95"] >= d["token_length"]["p50"] > 0
@@ -489,7 +498,8 @@ def test_dry_run_prints_estimates(tmp_path, model_dir, ray_local, capsys):
     capsys.readouterr()
     print_dry_run(report)
     printed = capsys.readouterr().out
-    assert "full corpus: 40 rows" in printed and "15 notes" in printed
+    assert "full corpus: 40 rows" in printed and "4 shards" in printed and "15 notes" in printed
+    assert d["idle_actors"] is None and "warning" not in printed  # 4 shards for 2 actors
     alone = fmt_duration(d["projection"]["cpu"]["hours_alone"] * 3600)
     assert f"{alone} alone" in printed and "0.00 h" not in printed
     assert d["projection"]["cpu"]["precisions"] == ["fp32"] and "pool cpu (fp32): ~" in printed

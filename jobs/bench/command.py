@@ -52,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true",
                    help="also run onnxruntime and CTranslate2, fp32 and int8, on the same batches "
                    "(CPU; needs the bench extra)")  # fmt: skip
+    p.add_argument("--dispatch", action="store_true",
+                   help="instead: the driver's own cost per dispatched shard and per progress "
+                   "round, on fake actors (no Ray, no model)")  # fmt: skip
+    p.add_argument("--dispatch-actors", type=at_least(1), default=1000,
+                   help="fake actors for --dispatch (1000)")  # fmt: skip
+    p.add_argument("--dispatch-shards", type=at_least(1), default=50_000,
+                   help="shards for --dispatch (50000)")  # fmt: skip
     p.add_argument("--long-note-memory", action="store_true",
                    help="instead: an actor's peak memory on very long notes vs normal ones "
                    "(its options: --long-note-memory --help)")  # fmt: skip
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from clinicalbert_core.ops import bound_onednn_caches
 
     bound_onednn_caches()  # before the probes' first oneDNN op, as a runner does
-    needs = ([] if args.job else ["transformers"]) + (list(PEER_MODULES) if args.peers else [])
+    own = args.job or args.dispatch  # benchmarks of the job layer: no transformers needed
+    needs = ([] if own else ["transformers"]) + (list(PEER_MODULES) if args.peers else [])
     missing = missing_module(needs)
     if missing:
         print(f"error: clinicalbert bench{' --peers' if args.peers else ''} needs the python "
@@ -104,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     """The benchmark the options pick; its figures for --json (None: nothing to write)."""
     device = args.device
+    if args.dispatch:
+        from .dispatch import dispatch_bench, print_dispatch
+
+        result = dispatch_bench(args.dispatch_actors, args.dispatch_shards)
+        print_dispatch(result)
+        return result
     if args.arch == "modernbert":
         from .modernbert import modernbert_bench
 

@@ -22,7 +22,7 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
 from .formats import FORMATS
 from .ids import RepeatedIds, repeated_ids
 from .listing import OWN_DIR_MARKERS, list_sources
-from .shards import ShardReader, limit_shards, plan_shards, read_shard
+from .shards import ShardReader, idle_actors_warning, limit_shards, plan_shards, read_shard
 from .staging import STAGING_MARKER, clean_staging, remove_staged, stage_source
 from .units import ParquetInput, Shard, Source
 from .values import (
@@ -52,6 +52,7 @@ __all__ = [
     "check_columns",
     "clean_staging",
     "cut_by_bytes",
+    "idle_actors_warning",
     "list_sources",
     "missing_ids",
     "plain_type",

@@ -164,6 +164,25 @@ def _shard(
     return Shard(shard_id, path, row_groups, num_rows, source, row_limit)
 
 
+def idle_actors_warning(shards: list[Shard], actors: int) -> str | None:
+    """None when the plan has a shard for every one of `actors`; else what to change. A shard
+    is never smaller than a Parquet row group, so where the row groups are larger than the
+    shard_rows that would fill the actors, the files' row groups are what to change."""
+    if len(shards) >= actors:
+        return None
+    rows = sum(s.num_rows for s in shards)
+    fill = max(1, rows // actors)
+    n = len(shards)
+    line = (f"the plan has {n:,} shard{'s' * (n != 1)} for {actors:,} actors: {actors - n:,} of "
+            f"them would sit idle; run.shard_rows {fill:,} gives each actor a shard")  # fmt: skip
+    largest = max((s.num_rows for s in shards if len(s.row_groups) == 1), default=0)
+    if largest > fill:
+        line += (f", but a shard is at least one Parquet row group and the inputs have row "
+                 f"groups of up to {largest:,} rows: write them with smaller row groups "
+                 f"(pyarrow's row_group_size)")  # fmt: skip
+    return line
+
+
 def limit_shards(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
     """Keep shards in order until `corpus.limit` rows pass `where`; cut the crossing shard."""
     assert corpus.limit is not None
