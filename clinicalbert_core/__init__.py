@@ -12,11 +12,12 @@ from typing import Any
 _HOMES = {
     "VARIANTS": "variants",
     "Checkpoint": "hub",
+    "ClassifyOutput": "classify",
     "ClinicalBertRunner": "runner",
     "EncodeOutput": "runner",
     "EncoderConfig": "config",
     "MlmExecMode": "device",
-    "MlmPrediction": "runner",
+    "MlmPrediction": "mlm",
     "ModelBundle": "hub",
     "NoteTokenizer": "tokenizer",
     "RunnerOptions": "runner",
@@ -34,6 +35,7 @@ _HOMES = {
 __all__ = [
     "VARIANTS",
     "Checkpoint",
+    "ClassifyOutput",
     "ClinicalBertRunner",
     "EncodeOutput",
     "EncoderConfig",

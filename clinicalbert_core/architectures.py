@@ -35,6 +35,9 @@ CONTRACT: tuple[tuple[str, str, str], ...] = (
      "architecture has no trained pooler"),
     ("mlm_head", "function", "config -> heads.MlmHead with the architecture's activation, "
      "norm and biases"),
+    ("classifier_head", "function", "(config, kind, num_labels) -> nn.Module: forward(hidden "
+     "(N, C), cu_seqlens) -> logits, (B, L) for kind 'sequence' and (N, L) for 'token'; its "
+     "parameters carry our names (those of head_shapes[kind])"),
     ("DEFAULT_POOLING", "str", "the pooling when neither the options nor the variant name one"),
     ("KEY_PREFIXES", "tuple", "checkpoint key prefixes stripped before renaming"),
     ("RENAMES", "dict", "checkpoint key (prefix stripped) -> our parameter name; `{i}` is a "
@@ -43,7 +46,10 @@ CONTRACT: tuple[tuple[str, str, str], ...] = (
     ("normalise_key", "function", "checkpoint key -> its spelling in RENAMES (legacy names)"),
     ("expected_shapes", "function", "config -> {our name: shape} of every encoder tensor "
      "before `finish`"),
-    ("head_shapes", "function", "config -> {'pooler': {name: shape}, 'mlm': {name: shape}}"),
+    ("head_shapes", "function", "(config, num_labels) -> {'pooler' | 'mlm' | 'sequence' | "
+     "'token': {name: shape}}: each head's tensors ('sequence'/'token': a classifier's)"),
+    ("SHARED_HEAD", "str | None", "the prefix of tensors the MLM head shares with classifiers "
+     "(ModernBERT's 'head.', loaded as mlm.* too), or None"),
     ("finish", "function", "(params, config) -> the params Encoder loads (fusing, folding)"),
     ("special_ids", "function", "config -> {'cls': id | None, 'sep': id | None}: the framing "
      "token ids the config names, a fallback for the tokenizer files"),

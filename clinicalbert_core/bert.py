@@ -115,6 +115,34 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(h_cls))  # (B, C)
 
 
+class SequenceHead(nn.Module):
+    """BertForSequenceClassification's head: the pooler on each window's [CLS] row, then the
+    classifier. Its parameters carry our names (pooler.*, classifier.*)."""
+
+    def __init__(self, config: Config, num_labels: int):
+        super().__init__()
+        self.pooler = Pooler(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(hidden[cu_seqlens[:-1].long()]))  # (B, L)
+
+
+class TokenHead(nn.Module):
+    """BertForTokenClassification's head: the classifier on every token."""
+
+    def __init__(self, config: Config, num_labels: int):
+        super().__init__()
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)  # (N, L)
+
+
+def classifier_head(config: Config, kind: str, num_labels: int) -> nn.Module:
+    return (SequenceHead if kind == "sequence" else TokenHead)(config, num_labels)
+
+
 def mlm_head(config: Config) -> MlmHead:
     """dense + act + LayerNorm + decoder, every piece with a bias."""
     act = ACTIVATIONS[config.hidden_act]
@@ -152,7 +180,10 @@ RENAMES: dict[str, str] = {
     "cls.predictions.transform.LayerNorm.bias": "mlm.norm.bias",
     "cls.predictions.decoder.weight": "mlm.decoder.weight",
     "cls.predictions.bias": "mlm.decoder.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
 }
+SHARED_HEAD = None  # no tensors shared between heads
 IGNORED = re.compile(
     r"^(cls\.seq_relationship\.|embeddings\.position_ids$|cls\.predictions\.decoder\.bias$)"
 )
@@ -189,14 +220,18 @@ def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def head_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
+def head_shapes(config: Config, num_labels: int = 0) -> dict[str, dict[str, tuple[int, ...]]]:
     c, v = config.hidden_size, config.vocab_size
+    pooler = {"pooler.dense.weight": (c, c), "pooler.dense.bias": (c,)}
+    classifier = {"classifier.weight": (num_labels, c), "classifier.bias": (num_labels,)}
     return {
-        "pooler": {"pooler.dense.weight": (c, c), "pooler.dense.bias": (c,)},
+        "pooler": pooler,
         "mlm": {
             "mlm.dense.weight": (c, c), "mlm.dense.bias": (c,), "mlm.norm.weight": (c,),
             "mlm.norm.bias": (c,), "mlm.decoder.bias": (v,),
         },
+        "sequence": {**pooler, **classifier},  # BertForSequenceClassification: pooler first
+        "token": classifier,
     }  # fmt: skip
 
 

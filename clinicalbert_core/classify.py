@@ -15,11 +15,14 @@ readmission probability); the raw value where `problem_type` is `regression`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .checkpoint_limits import shown
+
+if TYPE_CHECKING:
+    from .tokenizer import Windows
 
 SEQUENCE, TOKEN = "sequence", "token"
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -57,6 +60,18 @@ class TaskHead:
         return f"{kind}, {self.num_labels} label(s): {labels}; {problem}, scores by {self.score}"
 
 
+@dataclass
+class ClassifyOutput:
+    """A sequence classifier's predictions (clinicalbert_core/classify.py), one row per note
+    (per window with class_aggregate 'none'); an empty note's row is zeros without labels."""
+
+    logits: np.ndarray  # float32[rows, L]
+    scores: np.ndarray  # float32[rows, L]: softmax, sigmoid or raw (TaskHead.score)
+    labels: list[list[str]]
+    windows: Windows
+    empty: np.ndarray  # bool[rows]: an empty note (or its window), not encoded
+
+
 def task_head(
     raw: dict[str, Any], num_labels: int | None, source: str = "config"
 ) -> TaskHead | None:
@@ -85,6 +100,19 @@ def task_head(
                          f"{', '.join(PROBLEM_TYPES)}")  # fmt: skip
     kind = kinds.pop() if kinds else SEQUENCE
     return TaskHead(kind, _labels(raw.get("id2label"), num_labels, source), problem)
+
+
+def classifier_info(raw: dict[str, Any], num_labels: int | None) -> dict[str, Any] | None:
+    """What `inspect` shows of a checkpoint's classifier (`task_head` of the same arguments):
+    None without one, or where the config contradicts it (`inspect` names that elsewhere)."""
+    try:
+        head = task_head(raw, num_labels)
+    except ValueError:
+        return None
+    if head is None:
+        return None
+    return {"kind": head.kind, "labels": list(head.labels), "problem_type": head.problem_type,
+            "score": head.score, "description": head.describe()}  # fmt: skip
 
 
 def _labels(id2label: Any, n: int, source: str) -> tuple[str, ...]:
@@ -143,9 +171,10 @@ def aggregate_logits(
     `mean`: the mean of the windows' logits, scored; `max`: each label's highest score over the
     windows (and its highest logit); `first`: window 0's; `huang`: for a one-logit sigmoid head,
     Huang et al.'s readmission score (max_p + sum_p / c) / (1 + n / c) over the note's n window
-    probabilities, its logit the score's inverse sigmoid. `none` is not an aggregate here: the
-    windows are the rows."""
+    probabilities, its logit the score's inverse sigmoid; `none`: the windows are the rows."""
     num_labels = logits.shape[1]
+    if how == "none":
+        return logits.astype(np.float32), scores(logits, score)
     if how == "first":
         out = np.zeros((num_notes, num_labels), np.float64)
         first = window_index == 0
@@ -176,4 +205,4 @@ def aggregate_logits(
         clipped = np.clip(huang, 1e-7, 1 - 1e-7)
         return np.log(clipped / (1 - clipped)).astype(np.float32), huang.astype(np.float32)
     raise ValueError(f"unknown classification aggregate {how!r}; expected one of "
-                     f"{', '.join(a for a in CLASS_AGGREGATES if a != 'none')}")  # fmt: skip
+                     f"{', '.join(CLASS_AGGREGATES)}")  # fmt: skip

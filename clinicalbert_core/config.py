@@ -29,8 +29,14 @@ class EncoderConfig:
     max_position_embeddings: int = 512
     pad_token_id: int | None = 0
     model_type: str = "bert"
+    # What a fine-tuned classifier's config says of its head, kept as written (checked with the
+    # weights by classify.task_head): the checkpoint classes, the label names, the problem type
+    architectures: tuple[str, ...] = ()
+    id2label: dict[str, Any] | None = None
+    num_labels: int | None = None
+    problem_type: str | None = None
 
-    ARCHITECTURE = "BertForMaskedLM"  # the `architectures` entry written to config.json
+    ARCHITECTURE = "BertForMaskedLM"  # the `architectures` entry written when none is known
     POSITIVE_FIELDS = _POSITIVE
 
     @property
@@ -41,7 +47,11 @@ class EncoderConfig:
     def known_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """The entries of `raw` that are fields of this class (nulls dropped: defaults apply)."""
         names = {f.name for f in fields(cls)}
-        return {k: raw[k] for k in names if k in raw and raw[k] is not None}
+        values = {k: raw[k] for k in names if k in raw and raw[k] is not None}
+        found = values.pop("architectures", None)
+        if isinstance(found, list) and all(isinstance(a, str) for a in found):
+            values["architectures"] = tuple(found)
+        return values
 
     def validate(self, source: str = "config") -> None:
         for name in self.POSITIVE_FIELDS:
@@ -57,7 +67,13 @@ class EncoderConfig:
     def to_dict(self) -> dict[str, Any]:
         """An HF-style config.json dict, JSON types only (always with model_type, so it
         reloads anywhere, from a file or from a ModelBundle)."""
-        return json.loads(json.dumps({"architectures": [self.ARCHITECTURE], **asdict(self)}))
+        values = asdict(self)
+        for name in ("id2label", "num_labels", "problem_type"):  # a classifier's, when set
+            if values[name] is None:
+                del values[name]
+        values.pop("architectures")
+        architectures = list(self.architectures) or [self.ARCHITECTURE]
+        return json.loads(json.dumps({"architectures": architectures, **values}))
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -36,9 +36,30 @@ def pool(
     raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
 
 
-class MlmHead(nn.Module):
-    """dense(C->C) + act + LayerNorm + decoder(C->V), on selected rows only. The decoder's
-    weight is tied to the token embeddings at load when the checkpoint has none."""
+class PredictionHead(nn.Module):
+    """dense(C->C) + act + LayerNorm: the transform before an MLM decoder or a classifier."""
+
+    def __init__(
+        self,
+        hidden: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        eps: float,
+        *,
+        dense_bias: bool = True,
+        norm_bias: bool = True,
+    ):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
+        self.act = act
+        self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(rows)))  # (M, C)
+
+
+class MlmHead(PredictionHead):
+    """The prediction head + decoder(C->V), on selected rows only. The decoder's weight is
+    tied to the token embeddings at load when the checkpoint has none."""
 
     def __init__(
         self,
@@ -51,14 +72,11 @@ class MlmHead(nn.Module):
         norm_bias: bool = True,
         decoder_bias: bool = True,
     ):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
-        self.act = act
-        self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
+        super().__init__(hidden, act, eps, dense_bias=dense_bias, norm_bias=norm_bias)
         self.decoder = nn.Linear(hidden, vocab, bias=decoder_bias)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(self.act(self.dense(rows))))  # (M, V) logits
+        return self.decoder(super().forward(rows))  # (M, V) logits
 
 
 def aggregate_windows(

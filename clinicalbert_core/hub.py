@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from . import architectures
 from . import weights as W
 from .checkpoint_limits import capped, check_inside, check_manifest_files, shown
+from .classify import classifier_info
 from .config import EncoderConfig, read_json_object
 from .tokenizer import (
     Specials,
@@ -209,10 +210,11 @@ class Checkpoint:
     def checked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
         """The weights, checked strictly against the config (every tensor present, of its
         shape, finite: ValueError naming each one otherwise), and the optional heads they
-        carry ({'pooler': bool, 'mlm': bool})."""
-        state = self.state()
+        carry ({'pooler': bool, 'mlm': bool, 'classifier': bool})."""
+        state, source = self.state(), str(self.files.weights)
         heads = W.heads_present(state, self.config)
-        W.convert(state, self.config, source=str(self.files.weights), **heads)
+        kind = W.classifier_kind(state, self.config, str(self.files.config))
+        W.convert(state, self.config, heads["pooler"], heads["mlm"], source, classifier=kind)
         return state, heads
 
 
@@ -431,6 +433,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "specials": ck.specials.to_dict(),
         "tokenizer_notes": list(ck.tokenizer_notes),
         "heads": W.heads_present(state, c),
+        "classifier": classifier_info(c.to_dict(), W.classifier_rows(state, c)),
         "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
         "contradictions": W.contradictions(state, c),
         "config": c.to_dict(),

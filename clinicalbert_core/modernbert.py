@@ -21,7 +21,7 @@ from torch import nn
 from .attention import apply_rope, attention, rope_tables
 from .checkpoint_limits import shown
 from .config import EncoderConfig, check_activation
-from .heads import MlmHead
+from .heads import MlmHead, PredictionHead, pool
 from .ops import ACTIVATIONS, FFN_CHUNK, by_chunks, embedding, place
 from .packing import PackedBatch
 
@@ -45,6 +45,7 @@ class Config(EncoderConfig):
     mlp_bias: bool = False
     decoder_bias: bool = True
     classifier_bias: bool = False
+    classifier_pooling: str = "cls"  # a sequence classifier's: the [CLS] row or the mean
     local_attention: int = 128
     layer_types: tuple[str, ...] = ()
     global_rope_theta: float = 160_000.0
@@ -110,6 +111,9 @@ class Config(EncoderConfig):
         config.validate(source)
         for name in ("hidden_activation", "classifier_activation"):
             check_activation(name, getattr(config, name), tuple(ACTIVATIONS), source)
+        if config.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"{source}: classifier_pooling {shown(config.classifier_pooling)} "
+                             "is not supported (supported: cls, mean)")  # fmt: skip
         if config.local_attention < 2 or config.local_attention % 2:
             raise ValueError(
                 f"{source}: local_attention must be an even number >= 2, got {config.local_attention}"
@@ -184,6 +188,46 @@ class Encoder(nn.Module):
 Pooler = None  # ModernBERT checkpoints carry no pooler: pooling='pooler' is refused
 
 
+def _prediction_head(config: Config) -> PredictionHead:
+    """ModernBertPredictionHead: dense -> classifier_activation -> norm."""
+    return PredictionHead(
+        config.hidden_size, ACTIVATIONS[config.classifier_activation], config.norm_eps,
+        dense_bias=config.classifier_bias, norm_bias=config.norm_bias,
+    )  # fmt: skip
+
+
+class SequenceHead(nn.Module):
+    """ModernBertForSequenceClassification's head: each window's [CLS] row or its mean
+    (`classifier_pooling`), the prediction head, the classifier. Parameters: head.*,
+    classifier.*."""
+
+    def __init__(self, config: Config, num_labels: int):
+        super().__init__()
+        self.pooling = config.classifier_pooling
+        self.head = _prediction_head(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(pool(hidden, cu_seqlens, self.pooling)))  # (B, L)
+
+
+class TokenHead(nn.Module):
+    """ModernBertForTokenClassification's head: the prediction head and the classifier on
+    every token."""
+
+    def __init__(self, config: Config, num_labels: int):
+        super().__init__()
+        self.head = _prediction_head(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(hidden))  # (N, L)
+
+
+def classifier_head(config: Config, kind: str, num_labels: int) -> nn.Module:
+    return (SequenceHead if kind == "sequence" else TokenHead)(config, num_labels)
+
+
 def mlm_head(config: Config) -> MlmHead:
     """head.dense -> act -> head.norm -> decoder (tied to the token embeddings) + bias."""
     return MlmHead(
@@ -212,13 +256,18 @@ RENAMES: dict[str, str] = {
     "layers.{i}.mlp.Wo.bias": "layers.{i}.ffn_out.bias",
     "final_norm.weight": "final_norm.weight",
     "final_norm.bias": "final_norm.bias",
-    "head.dense.weight": "mlm.dense.weight",
-    "head.dense.bias": "mlm.dense.bias",
-    "head.norm.weight": "mlm.norm.weight",
-    "head.norm.bias": "mlm.norm.bias",
+    "head.dense.weight": "head.dense.weight",
+    "head.dense.bias": "head.dense.bias",
+    "head.norm.weight": "head.norm.weight",
+    "head.norm.bias": "head.norm.bias",
     "decoder.weight": "mlm.decoder.weight",
     "decoder.bias": "mlm.decoder.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
 }
+# The prediction head `head.*` (dense -> act -> norm) is shared: the MLM head is it and the
+# decoder (built as mlm.dense, mlm.norm, mlm.decoder), a classifier is it and `classifier.*`.
+SHARED_HEAD = "head."
 IGNORED = re.compile(r"^$")  # nothing in a ModernBERT checkpoint is skipped silently
 
 
@@ -252,16 +301,16 @@ def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def head_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
+def head_shapes(config: Config, num_labels: int = 0) -> dict[str, dict[str, tuple[int, ...]]]:
     c, v = config.hidden_size, config.vocab_size
-    mlm: dict[str, tuple[int, ...]] = {"mlm.dense.weight": (c, c), "mlm.norm.weight": (c,)}
+    head: dict[str, tuple[int, ...]] = {"head.dense.weight": (c, c), "head.norm.weight": (c,)}
     if config.classifier_bias:
-        mlm["mlm.dense.bias"] = (c,)
+        head["head.dense.bias"] = (c,)
     if config.norm_bias:
-        mlm["mlm.norm.bias"] = (c,)
-    if config.decoder_bias:
-        mlm["mlm.decoder.bias"] = (v,)
-    return {"pooler": {}, "mlm": mlm}
+        head["head.norm.bias"] = (c,)
+    mlm = {**head, **({"mlm.decoder.bias": (v,)} if config.decoder_bias else {})}
+    classifier = {**head, "classifier.weight": (num_labels, c), "classifier.bias": (num_labels,)}
+    return {"pooler": {}, "mlm": mlm, "sequence": classifier, "token": classifier}
 
 
 def finish(params: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:

@@ -29,6 +29,16 @@ from .aggregate import (
     fill_rows,
     select_notes,
 )
+from .classify import (
+    CLASS_AGGREGATES,
+    HUANG_C,
+    SEQUENCE,
+    ClassifyOutput,
+    TaskHead,
+    aggregate_logits,
+    predicted_labels,
+    task_head,
+)
 from .config import EncoderConfig
 from .device import (
     DTYPES,
@@ -41,6 +51,7 @@ from .device import (
 from .heads import AGGREGATES, POOLINGS, pool
 from .hub import ModelBundle, open_checkpoint
 from .limits import batch_tokens_problem, max_seq_problem
+from .mlm import MlmPrediction, MlmRows, concat_mlm, mlm_rows
 from .ops import (
     FFN_CHUNK,
     PackedLinear,
@@ -69,6 +80,10 @@ class RunnerOptions:
     embeddings: bool = True  # compute pooled vectors
     mlm: bool = False  # load the masked-LM head
     mlm_mode: str = "auto"  # auto | cpu | in_graph
+    classify: bool = False  # the checkpoint's fine-tuned classifier (its config: sequence/token)
+    class_aggregate: str = "mean"  # a sequence classifier's windows -> note (classify.py)
+    threshold: float = 0.5  # multi-label and one-logit heads: labels scoring >= it
+    huang_c: float = HUANG_C  # class_aggregate 'huang': the readmission score's constant
     long_notes: str = "truncate"  # truncate | windows
     stride: int | None = None  # tokens shared by consecutive windows; None: default_stride
     aggregate: str = "mean"  # windows -> note: mean | first | none
@@ -77,8 +92,11 @@ class RunnerOptions:
     compile: bool = False  # torch.compile the encoder
 
     def __post_init__(self) -> None:
-        if not (self.embeddings or self.mlm):
-            raise ValueError("nothing to compute: set embeddings=True and/or mlm=True")
+        if not (self.embeddings or self.mlm or self.classify):
+            raise ValueError("nothing to compute: set embeddings, mlm and/or classify")
+        if self.class_aggregate not in CLASS_AGGREGATES:
+            raise ValueError(f"class_aggregate must be one of {CLASS_AGGREGATES}, got "
+                             f"{self.class_aggregate!r}")  # fmt: skip
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.aggregate not in AGGREGATES:
@@ -93,23 +111,13 @@ class RunnerOptions:
 
 
 @dataclass
-class MlmRows:
-    """Top-k predictions at selected token positions, one row per position."""
-
-    window: np.ndarray  # int64[M] window of each row
-    position: np.ndarray  # int32[M] token position inside the window
-    top_ids: np.ndarray  # int64[M, k]
-    top_logprobs: np.ndarray  # float32[M, k]
-    logits: np.ndarray | None = None  # float32[M, V] when asked for
-
-
-@dataclass
 class WindowOutput:
     vectors: np.ndarray  # float32[w, C] one per window, in the order asked for ([0, C]
     # when the runner computes no embeddings)
     mlm: MlmRows | None = None
     hidden: torch.Tensor | None = None  # float32[N, C] packed, windows in the order asked for
     cu_seqlens: torch.Tensor | None = None  # int32[w+1]
+    class_logits: np.ndarray | None = None  # float32[w, L]: a sequence classifier's
 
 
 @dataclass
@@ -121,17 +129,6 @@ class EncodeOutput:
     # row is zeros (see aggregate.empty_notes)
     hidden: torch.Tensor | None = None  # float32[N, C] packed over windows (zeros for empty)
     cu_seqlens: torch.Tensor | None = None  # int32[W+1]
-
-
-@dataclass
-class MlmPrediction:
-    note: int
-    window: int
-    position: int  # token position in the window
-    char_start: int  # in the note
-    ids: list[int]
-    tokens: list[str]
-    log_probs: list[float]
 
 
 class ClinicalBertRunner:
@@ -165,7 +162,9 @@ class ClinicalBertRunner:
         self.tokenizer = NoteTokenizer(tokenizer, o.max_seq, o.long_notes, o.stride, specials)
 
         want_pooler = o.embeddings and self.pooling == "pooler"
-        params = W.convert(state, config, pooler=want_pooler, mlm=o.mlm, source=source)
+        self.task = _task(config, state, source) if o.classify else None
+        kind = self.task.kind if self.task else None
+        params = W.convert(state, config, want_pooler, o.mlm, source, classifier=kind)
         build = partial(_build, params=params, device=self.device, dtype=self.dtype)
         self.encoder = build(arch.Encoder, config, "")
         if self.precision == "int8":  # the layers' linears; embeddings and heads stay fp32
@@ -177,15 +176,11 @@ class ClinicalBertRunner:
         varlen = varlen_supported(self.device, self.dtype)
         self.encoder.place(varlen, FFN_CHUNK.get(self.device.type, FFN_CHUNK["cpu"]))
         self.pooler = build(arch.Pooler, config, "pooler.") if want_pooler else None
-        self.mlm_head = self.mlm_head_host = None
-        if o.mlm:
-            self.mlm_head = build(arch.mlm_head, config, "mlm.")
-            if self.device.type == "cpu" and self.dtype == torch.float32:
-                self.mlm_head_host = self.mlm_head  # the host fp32 head already
-            elif self.mlm_mode is not MlmExecMode.IN_GRAPH:  # fp32 copy for host placement
-                self.mlm_head_host = _build(
-                    arch.mlm_head, config, "mlm.", params, torch.device("cpu"), torch.float32
-                )
+        self.classifier = None
+        if self.task is not None:
+            head = partial(arch.classifier_head, kind=kind, num_labels=self.task.num_labels)
+            self.classifier = build(head, config, "")
+        self._build_mlm(arch, params)
         self._forward = torch.compile(self.encoder, dynamic=True) if o.compile else self.encoder
         log.info(
             "runner ready: variant=%s architecture=%s device=%s precision=%s attention=%s "
@@ -193,6 +188,21 @@ class ClinicalBertRunner:
             variant, self.architecture, self.device, self.precision,
             "varlen" if varlen else "sdpa", self.pooling, o.embeddings, o.mlm,
         )  # fmt: skip
+
+    def _build_mlm(self, arch: Any, params: dict[str, torch.Tensor]) -> None:
+        """The MLM head (options.mlm) on the encoder's device, and where `mlm_mode` may run
+        it on the host, an fp32 copy there."""
+        self.mlm_head = self.mlm_head_host = None
+        if not self.options.mlm:
+            return
+        self.mlm_head = _build(arch.mlm_head, self.config, "mlm.", params, self.device, self.dtype)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.mlm_head_host = self.mlm_head  # the host fp32 head already
+        elif self.mlm_mode is not MlmExecMode.IN_GRAPH:  # fp32 copy for host placement
+            cpu = torch.device("cpu")
+            self.mlm_head_host = _build(
+                arch.mlm_head, self.config, "mlm.", params, cpu, torch.float32
+            )
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -261,6 +271,10 @@ class ClinicalBertRunner:
         lengths = windows.lengths[select]
         embeddings = self.options.embeddings
         vectors = np.empty((len(select) if embeddings else 0, self.config.hidden_size), np.float32)
+        sequence = self.task is not None and self.task.kind == SEQUENCE
+        class_logits = (
+            np.empty((len(select), self.task.num_labels), np.float32) if sequence else None
+        )
         hidden_parts: dict[int, torch.Tensor] = {}
         mlm_parts: list[MlmRows] = []
         batches = token_budget_batches(lengths, self.batch_tokens)
@@ -276,6 +290,9 @@ class ClinicalBertRunner:
             feed.prefetch()  # the next batch is packed and copied while this one computes
             if pooled is not None:
                 vectors[batch_idx] = pooled.float().cpu().numpy()
+            if class_logits is not None:
+                logits = self.classifier(hidden, fed.batch.cu_seqlens)  # (b, L)
+                class_logits[batch_idx] = logits.float().cpu().numpy()
             if self.mlm_head is not None:
                 mlm_parts.append(
                     self._mlm_rows(
@@ -287,15 +304,12 @@ class ClinicalBertRunner:
                 h = hidden.float().cpu()
                 for j, i in enumerate(batch_idx):
                     hidden_parts[int(i)] = h[starts[j] : starts[j + 1]]
-        out = WindowOutput(vectors=vectors)
+        out = WindowOutput(vectors=vectors, class_logits=class_logits)
         if mlm_parts:
-            out.mlm = _concat_mlm(mlm_parts)
+            out.mlm = concat_mlm(mlm_parts)
         if return_hidden:
-            seqs = [hidden_parts[i] for i in range(len(select))]
-            out.hidden = torch.cat(seqs) if seqs else torch.zeros(0, self.config.hidden_size)
-            out.cu_seqlens = torch.nn.functional.pad(
-                torch.tensor([len(s) for s in seqs], dtype=torch.int64).cumsum(0), (1, 0)
-            ).to(torch.int32)
+            out.hidden, out.cu_seqlens = _packed([hidden_parts[i] for i in range(len(select))],
+                                                 self.config.hidden_size)  # fmt: skip
         return out
 
     def aggregate_vectors(self, windows: Windows, vectors: np.ndarray) -> np.ndarray:
@@ -338,6 +352,29 @@ class ClinicalBertRunner:
             raise ValueError(problem)
         return self.aggregate_vectors(windows, self.encode_windows(windows).vectors)
 
+    def classify(self, notes: Sequence[str]) -> ClassifyOutput:
+        """The loaded sequence classifier's logits, scores and labels per note, its windows
+        aggregated by `class_aggregate` (classify.aggregate_logits). An empty note is not
+        encoded: its row is zeros, without labels, flagged in `empty`."""
+        if self.task is None or self.task.kind != SEQUENCE:
+            what = f"this checkpoint's is a {self.task.kind} classifier" if self.task else (
+                "load the runner with classify=True")  # fmt: skip
+            raise ValueError(f"classify() needs a sequence classifier: {what}")
+        windows = self.tokenize(notes)
+        empty = empty_notes(notes, windows)
+        sub = select_notes(windows, ~empty)
+        o, how = self.options, self.options.class_aggregate
+        logits, note_scores = aggregate_logits(
+            self.encode_windows(sub).class_logits, sub.note, sub.window_index, sub.num_notes,
+            how, self.task.score, o.huang_c,
+        )  # fmt: skip
+        rows = ~empty[windows.note] if how == "none" else ~empty
+        labels = iter(predicted_labels(note_scores, self.task, o.threshold))
+        return ClassifyOutput(
+            fill_rows(rows, logits), fill_rows(rows, note_scores),
+            [next(labels) if r else [] for r in rows], windows, ~rows,
+        )  # fmt: skip
+
     def mlm(
         self, notes: Sequence[str], top_k: int = 5, positions: str = "mask"
     ) -> list[list[MlmPrediction]]:
@@ -370,45 +407,30 @@ class ClinicalBertRunner:
         return result
 
     # ---- internals -------------------------------------------------------------------------
-    def _mlm_rows(
-        self,
-        hidden: torch.Tensor,
-        batch: PackedBatch,
-        ids: np.ndarray,
-        chosen: np.ndarray,
-        positions: str,
-        top_k: int,
-        return_logits: bool,
-    ) -> MlmRows:
-        if positions == "mask":
-            if self.tokenizer.mask_id is None:
-                raise ValueError(
-                    "the tokenizer has no mask token, so there are no masked positions to "
-                    "predict; use mlm positions 'all'"
-                )
-            rows = np.flatnonzero(ids == self.tokenizer.mask_id)
-        elif positions == "all":
-            rows = np.arange(len(ids))
+    def _mlm_rows(self, hidden: torch.Tensor, batch: PackedBatch, *args: Any) -> MlmRows:
+        """mlm.mlm_rows of one batch, the MLM head where `mlm_mode` runs it for a batch of
+        this many windows: on the host in fp32, or on the encoder's device."""
+        if resolve_mlm_mode(self.mlm_mode, self.device.type, batch.num_seqs) is MlmExecMode.CPU:
+            head = lambda rows: self.mlm_head_host(rows.float().cpu())  # noqa: E731 (M, V)
         else:
-            raise ValueError(f"mlm positions must be 'mask' or 'all', got {positions!r}")
-        cu = batch.cu_seqlens.numpy()
-        seq = np.searchsorted(cu, rows, side="right") - 1  # sequence of each row
-        mode = resolve_mlm_mode(self.mlm_mode, self.device.type, batch.num_seqs)
-        idx = torch.from_numpy(rows).to(hidden.device)
-        if mode is MlmExecMode.CPU:
-            logits = self.mlm_head_host(hidden.index_select(0, idx).float().cpu())  # (M, V)
-        else:
-            logits = self.mlm_head(hidden.index_select(0, idx)).float()  # (M, V)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        k = min(top_k, logprobs.shape[1])
-        top = logprobs.topk(k, dim=-1)
-        return MlmRows(
-            window=chosen[seq].astype(np.int64),
-            position=(rows - cu[seq]).astype(np.int32),
-            top_ids=top.indices.cpu().numpy(),
-            top_logprobs=top.values.cpu().numpy().astype(np.float32),
-            logits=logits.cpu().numpy() if return_logits else None,
-        )
+            head = lambda rows: self.mlm_head(rows).float()  # noqa: E731 (M, V)
+        return mlm_rows(hidden, batch, *args, mask_id=self.tokenizer.mask_id, logits_of=head)
+
+
+def _packed(seqs: list[torch.Tensor], hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window hidden states [n_i, C] -> (packed [N, C], cu_seqlens int32[w+1])."""
+    packed = torch.cat(seqs) if seqs else torch.zeros(0, hidden_size)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    return packed, torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _task(config: EncoderConfig, state: dict[str, torch.Tensor], source: str) -> TaskHead:
+    """The classifier `classify=True` loads: ValueError when the checkpoint has none."""
+    head = task_head(config.to_dict(), W.classifier_rows(state, config), f"{source} config")
+    if head is None:
+        raise ValueError(f"{source}: classify=True needs a fine-tuned classifier, and this "
+                         "checkpoint has no classifier weights (classifier.weight)")  # fmt: skip
+    return head
 
 
 def _build(
@@ -419,24 +441,10 @@ def _build(
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.nn.Module:
-    """Build on the meta device, strict-load `prefix`-ed params, place it (eval mode)."""
+    """Build on the meta device, load the params it names (`prefix` + its own names: `convert`
+    has checked every one), place it (eval mode)."""
     with torch.device("meta"):
         module = factory(config)
-    own = {
-        k[len(prefix) :]: v
-        for k, v in params.items()
-        if k.startswith(prefix) and (prefix or not k.startswith(("pooler.", "mlm.")))
-    }
+    own = {k: params[prefix + k] for k in module.state_dict()}
     module.load_state_dict(own, strict=True, assign=True)
     return module.to(device=device, dtype=dtype).eval()
-
-
-def _concat_mlm(parts: list[MlmRows]) -> MlmRows:
-    logits = [p.logits for p in parts]
-    return MlmRows(
-        window=np.concatenate([p.window for p in parts]),
-        position=np.concatenate([p.position for p in parts]),
-        top_ids=np.concatenate([p.top_ids for p in parts]),
-        top_logprobs=np.concatenate([p.top_logprobs for p in parts]),
-        logits=None if any(x is None for x in logits) else np.concatenate(logits),
-    )

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from . import architectures
 from .checkpoint_limits import capped, check_safetensors_header, check_tensor_count, shown
+from .classify import task_head
 from .config import EncoderConfig
 
 
@@ -140,14 +141,38 @@ def _checkpoint_name(key: str, arch: ModuleType) -> str:
     return key
 
 
+HEAD_PREFIXES = ("pooler.", "mlm.", "head.", "classifier.")  # our names of heads' tensors
+
+
 def _heads(ours: Iterable[str]) -> dict[str, bool]:
-    return {h: any(k.startswith(h + ".") for k in ours) for h in ("pooler", "mlm")}
+    """Which heads tensors named `ours` carry. A prediction head shared by MLM and classifiers
+    (ModernBERT's `head.*`) is the MLM head's where no classifier comes with it."""
+    ours = list(ours)
+    present = {h: any(k.startswith(h + ".") for k in ours) for h in ("pooler", "mlm", "classifier")}
+    shared = any(k.startswith("head.") for k in ours)
+    present["mlm"] = present["mlm"] or (shared and not present["classifier"])
+    return present
 
 
 def heads_present(names: Iterable[str], config: EncoderConfig) -> dict[str, bool]:
     """Which optional heads a checkpoint with these tensor names carries:
-    {'pooler': bool, 'mlm': bool}."""
+    {'pooler': bool, 'mlm': bool, 'classifier': bool}."""
     return _heads(rename(dict.fromkeys(names), architectures.of(config))[0])
+
+
+def classifier_rows(state: dict[str, Any], config: EncoderConfig) -> int | None:
+    """The number of labels of the checkpoint's classifier (its weight's rows); None when it
+    has none (or a classifier weight that is not a matrix: `convert` names that one)."""
+    weight = rename(state, architectures.of(config))[0].get("classifier.weight")
+    shape = tuple(getattr(weight, "shape", ()))
+    return int(shape[0]) if len(shape) == 2 else None
+
+
+def classifier_kind(state: dict[str, Any], config: EncoderConfig, source: str) -> str | None:
+    """`sequence` or `token`: what the checkpoint's classifier predicts (classify.task_head:
+    ValueError where the config contradicts it); None when it has no classifier."""
+    head = task_head(config.to_dict(), classifier_rows(state, config), source)
+    return None if head is None else head.kind
 
 
 def convert(
@@ -156,16 +181,18 @@ def convert(
     pooler: bool,
     mlm: bool,
     source: str = "checkpoint",
+    classifier: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Checkpoint state dict -> parameters for the Encoder (+ `pooler.*`, `mlm.*` when asked).
+    """Checkpoint state dict -> parameters for the Encoder (+ `pooler.*`, `mlm.*` and, for
+    `classifier` 'sequence' or 'token', that head's tensors, when asked).
 
     Strict: one ValueError lists every missing, unexpected, mis-shaped and non-finite tensor
     (each list cut at checkpoint_limits.MAX_LISTED names, with a count of the rest).
     """
     arch = architectures.of(config)
     ours, unexpected = rename(state, arch)
-    _check_heads(_heads(ours), pooler, mlm, source)
-    wanted, problems = _against_config(state, ours, unexpected, config, pooler, mlm)
+    _check_heads(_heads(ours), pooler, mlm, classifier, source)
+    wanted, problems = _against_config(state, ours, unexpected, config, pooler, mlm, classifier)
     named = {id(t): k for k, t in state.items()}  # non-finite: by the file's names
     non_finite = [
         f"{named[id(t)]} ({n} of {t.numel()})"
@@ -178,6 +205,9 @@ def convert(
         raise ValueError(f"{source} cannot be loaded: " + " | ".join(problems))
 
     params = arch.finish({k: ours[k] for k in wanted}, config)
+    if mlm and arch.SHARED_HEAD:  # the MLM head's dense and norm are the shared head's
+        for k in [k for k in params if k.startswith(arch.SHARED_HEAD)]:
+            params["mlm." + k.removeprefix(arch.SHARED_HEAD)] = params[k]
     if mlm and "mlm.decoder.weight" not in params:  # tied to the token embeddings
         params["mlm.decoder.weight"] = params["embed.word.weight"]
     return params
@@ -189,7 +219,11 @@ def contradictions(state: dict[str, torch.Tensor], config: EncoderConfig) -> lis
     (the heads the weights carry are checked too). Reads shapes only, never tensor data."""
     ours, unexpected = rename(state, architectures.of(config))
     heads = _heads(ours)
-    return _against_config(state, ours, unexpected, config, heads["pooler"], heads["mlm"])[1]
+    try:
+        kind = classifier_kind(state, config, "the config")
+    except ValueError as e:  # the config's labels contradict the classifier
+        return [str(e)]
+    return _against_config(state, ours, unexpected, config, heads["pooler"], heads["mlm"], kind)[1]
 
 
 def _against_config(
@@ -199,18 +233,19 @@ def _against_config(
     config: EncoderConfig,
     pooler: bool,
     mlm: bool,
+    classifier: str | None = None,
 ) -> tuple[set[str], list[str]]:
     """(our names to load, problems): `ours` (`rename` of `state`) against the tensors and
     shapes the config implies, plus the heads asked for; lists capped at MAX_LISTED."""
     arch = architectures.of(config)
     shapes = arch.expected_shapes(config)
-    heads = arch.head_shapes(config)
-    for name, wanted_head in (("pooler", pooler), ("mlm", mlm)):
+    heads = arch.head_shapes(config, classifier_rows(state, config) or 0)
+    for name, wanted_head in (("pooler", pooler), ("mlm", mlm), (classifier, bool(classifier))):
         if wanted_head:
             shapes |= heads[name]
     optional = {"mlm.decoder.weight": (config.vocab_size, config.hidden_size)} if mlm else {}
     # Heads not asked for are dropped, not "unexpected".
-    head_keys = {k for k in ours if k.startswith(("pooler.", "mlm."))}
+    head_keys = {k for k in ours if k.startswith(HEAD_PREFIXES)}
     wanted = {k for k in ours if k in shapes or k in optional}
     missing = [_checkpoint_name(k, arch) for k in sorted(set(shapes) - set(ours))]
     extra = sorted(set(ours) - wanted - head_keys)
@@ -242,8 +277,15 @@ def _against_config(
     return wanted, problems
 
 
-def _check_heads(present: dict[str, bool], pooler: bool, mlm: bool, source: str) -> None:
+def _check_heads(
+    present: dict[str, bool], pooler: bool, mlm: bool, classifier: str | None, source: str
+) -> None:
     """The heads asked for are in the checkpoint (`present`: `_heads` of its tensors)."""
+    if classifier and not present["classifier"]:
+        raise ValueError(
+            f"{source}: a {classifier} classifier was requested but the checkpoint has no "
+            "classifier weights (classifier.weight): it is not a fine-tuned classifier"
+        )
     if pooler and not present["pooler"]:
         raise ValueError(
             f"{source}: pooling='pooler' needs the pooler head, but the checkpoint has no "
@@ -252,7 +294,7 @@ def _check_heads(present: dict[str, bool], pooler: bool, mlm: bool, source: str)
     if mlm and not present["mlm"]:
         raise ValueError(
             f"{source}: the MLM head was requested but the checkpoint has no MLM head weights "
-            "(cls.predictions.* for BERT, head.*/decoder.* for ModernBERT): it is not a "
+            "(cls.predictions.* for BERT, head.* and decoder.* for ModernBERT): it is not a "
             "masked-LM checkpoint"
         )
 

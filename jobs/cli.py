@@ -51,6 +51,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"              {note}")
     print(f"  casing      {casing}")
     print(f"  heads       {heads}")
+    if info["classifier"]:
+        print(f"  classifier  {info['classifier']['description']}")
     print(f"  parameters  {info['parameters']:,}")
     for name, digest in info["sha256"].items():
         print(f"  sha256      {digest}  {name}")

@@ -25,6 +25,7 @@ KINDS = {
     "class | None": lambda v: v is None or inspect.isclass(v),
     "function": inspect.isfunction,
     "str": lambda v: isinstance(v, str),
+    "str | None": lambda v: v is None or isinstance(v, str),
     "tuple": lambda v: isinstance(v, tuple),
     "dict": lambda v: isinstance(v, dict),
     "pattern": lambda v: isinstance(v, re.Pattern),

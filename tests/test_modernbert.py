@@ -318,7 +318,11 @@ def test_clinical_modernbert_shaped_bert_with_bpe(tmp_path, bpe):
     out = prepare(tmp_path / "raw", tmp_path / "cmb", variant="custom")
     info = inspect(out)
     assert info["architecture"] == "bert" and info["tokenizer"] == "BPE"
-    assert info["lowercase"] is False and info["heads"] == {"pooler": False, "mlm": True}
+    assert info["lowercase"] is False and info["heads"] == {
+        "pooler": False,
+        "mlm": True,
+        "classifier": False,
+    }
     assert info["specials"] == {"cls": bpe.token_to_id("[CLS]"), "sep": bpe.token_to_id("[SEP]"),
                                 "mask": bpe.token_to_id("[MASK]")}  # fmt: skip
     assert json.loads((out / "tokenizer.json").read_text())["normalizer"] is None
@@ -349,7 +353,7 @@ def test_prepare_and_inspect_modernbert(tmp_path, mb):
     assert info["architecture"] == "modernbert" and info["tokenizer"] == "BPE"
     assert info["local_window"] == 16 and info["global_every"] == 3
     assert info["rope_theta"] == {"global": 160000.0, "local": 10000.0}
-    assert info["heads"] == {"pooler": False, "mlm": True}
+    assert info["heads"] == {"pooler": False, "mlm": True, "classifier": False}
     a = load(path).encode(mixed_notes(), return_hidden=False).pooled
     b = load(out).encode(mixed_notes(), return_hidden=False).pooled
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
