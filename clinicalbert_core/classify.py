@@ -206,3 +206,14 @@ def aggregate_logits(
         return np.log(clipped / (1 - clipped)).astype(np.float32), huang.astype(np.float32)
     raise ValueError(f"unknown classification aggregate {how!r}; expected one of "
                      f"{', '.join(CLASS_AGGREGATES)}")  # fmt: skip
+
+
+def note_classes(
+    logits: np.ndarray, windows: Windows, head: TaskHead, how: str, threshold: float, c: float
+) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """Per-window logits [W, L] of `windows` -> (logits, scores, labels) per note (per window
+    with `how` none): `aggregate_logits` and `predicted_labels`."""
+    rows, row_scores = aggregate_logits(
+        logits, windows.note, windows.window_index, windows.num_notes, how, head.score, c
+    )
+    return rows, row_scores, predicted_labels(row_scores, head, threshold)

@@ -207,6 +207,9 @@ class Checkpoint:
     def state(self) -> dict[str, torch.Tensor]:
         return W.read_state_dict(self.files.weights)
 
+    def classifier(self, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        return classifier_info(self.config.to_dict(), W.classifier_rows(state, self.config))
+
     def checked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
         """The weights, checked strictly against the config (every tensor present, of its
         shape, finite: ValueError naming each one otherwise), and the optional heads they
@@ -292,7 +295,8 @@ class ModelBundle:
     source: dict[str, Any]
     architecture: str  # config model_type: bert | modernbert
     tokenizer_kind: str  # WordPiece | BPE | ...
-    heads: dict[str, bool]  # optional heads the weights carry: pooler, mlm
+    heads: dict[str, bool]  # optional heads the weights carry: pooler, mlm, classifier
+    classifier: dict[str, Any] | None = None  # what its classifier predicts (classifier_info)
 
     @classmethod
     def load(
@@ -304,6 +308,7 @@ class ModelBundle:
     ) -> ModelBundle:
         ck = open_checkpoint(source, variant, lowercase, revision)
         state, heads = ck.checked_state()  # here, not in every actor that would load it
+        classifier = ck.classifier(state)  # its shapes only: the state may go next
         if ck.files.weights.suffix == ".safetensors":
             blob = ck.files.weights.read_bytes()
         else:
@@ -321,6 +326,7 @@ class ModelBundle:
             architecture=ck.config.model_type,
             tokenizer_kind=ck.tokenizer_kind,
             heads=heads,
+            classifier=classifier,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -433,7 +439,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "specials": ck.specials.to_dict(),
         "tokenizer_notes": list(ck.tokenizer_notes),
         "heads": W.heads_present(state, c),
-        "classifier": classifier_info(c.to_dict(), W.classifier_rows(state, c)),
+        "classifier": ck.classifier(state),
         "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
         "contradictions": W.contradictions(state, c),
         "config": c.to_dict(),

@@ -35,8 +35,7 @@ from .classify import (
     SEQUENCE,
     ClassifyOutput,
     TaskHead,
-    aggregate_logits,
-    predicted_labels,
+    note_classes,
     task_head,
 )
 from .config import EncoderConfig
@@ -363,16 +362,16 @@ class ClinicalBertRunner:
         windows = self.tokenize(notes)
         empty = empty_notes(notes, windows)
         sub = select_notes(windows, ~empty)
-        o, how = self.options, self.options.class_aggregate
-        logits, note_scores = aggregate_logits(
-            self.encode_windows(sub).class_logits, sub.note, sub.window_index, sub.num_notes,
-            how, self.task.score, o.huang_c,
+        o = self.options
+        logits, note_scores, labels = note_classes(
+            self.encode_windows(sub).class_logits, sub, self.task, o.class_aggregate,
+            o.threshold, o.huang_c,
         )  # fmt: skip
-        rows = ~empty[windows.note] if how == "none" else ~empty
-        labels = iter(predicted_labels(note_scores, self.task, o.threshold))
+        rows = ~empty[windows.note] if o.class_aggregate == "none" else ~empty
+        found = iter(labels)
         return ClassifyOutput(
             fill_rows(rows, logits), fill_rows(rows, note_scores),
-            [next(labels) if r else [] for r in rows], windows, ~rows,
+            [next(found) if r else [] for r in rows], windows, ~rows,
         )  # fmt: skip
 
     def mlm(

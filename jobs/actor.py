@@ -15,6 +15,7 @@ rows.py (encoder outputs -> Arrow tables), parts.py (part writer, commit gate, c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clinicalbert_core.classify import note_classes
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 from clinicalbert_core.tokenizer import Windows
@@ -73,7 +75,17 @@ def runner_for(bundle: ModelBundle, spec: JobSpec, pool: PoolSpec) -> ClinicalBe
         aggregate=long.aggregate,
         normalize=spec.heads.normalize,
         batch_tokens=pool.batch_tokens,
+        **_classify_options(spec),
     )
+
+
+def _classify_options(spec: JobSpec) -> dict[str, Any]:
+    """The runner options heads.classify sets (none when it is off)."""
+    c = spec.heads.classify
+    if c is None:
+        return {}
+    return {"classify": True, "class_aggregate": c.aggregate, "threshold": c.threshold,
+            "huang_c": c.c}  # fmt: skip
 
 
 class ShardProcessor:
@@ -111,6 +123,13 @@ class ShardProcessor:
             "long_notes": f"{long.strategy}/stride={long.stride}/aggregate={long.aggregate}",
             "spec_hash": spec.spec_hash() if spec_hash is None else spec_hash,
         }
+        if (task := self.runner.task) is not None:  # the classifier's labels, how it scores
+            self.metadata |= {
+                "class_labels": json.dumps(list(task.labels)),
+                "problem_type": task.problem_type or "none",
+                "class_scores": task.score,
+                "class_aggregate": spec.heads.classify.aggregate,
+            }
 
     def describe(self) -> dict[str, Any]:
         r = self.runner
@@ -169,6 +188,7 @@ class ShardProcessor:
             embeddings=self.spec.heads.embeddings,
             windows=long.aggregate == "none",
             mlm=self.spec.heads.mlm.enabled,
+            num_labels=self.runner.task.num_labels if self.runner.task else 0,
         )
 
     def _units(self, reader: Iterator[pa.RecordBatch]) -> Iterator[Unit]:
@@ -232,13 +252,19 @@ class ShardProcessor:
             vectors = runner.aggregate_vectors(windows, out.vectors)
             vectors = as_vector_dtype(vectors, spec.output.vector_dtype)
         predictions = out.mlm if mlm.enabled else None
-        bad = non_finite_notes(windows, vectors, predictions)
+        classes = None
+        if (task := runner.task) is not None:
+            c = spec.heads.classify
+            classes = note_classes(out.class_logits, windows, task, c.aggregate, c.threshold, c.c)
+        bad = non_finite_notes(
+            windows, vectors, predictions, None if classes is None else classes[0]
+        )
         result.windows += windows.num_windows
         result.tokens += int(windows.lengths.sum())
         result.truncated += int(windows.truncated[~bad].sum())
         table = output_table(
             self._out_schema, batch, rows, windows, spec.corpus.keep_columns,
-            vectors, predictions, runner.tokenizer.tokenizer.id_to_token,
+            vectors, predictions, runner.tokenizer.tokenizer.id_to_token, classes,
         )  # fmt: skip
         errors = None
         if bad.any():

@@ -137,9 +137,9 @@ def _open_job(spec: JobSpec, overwrite: bool, staging: str | None) -> Iterator[J
 def check_model_fit(spec: JobSpec, bundle: ModelBundle) -> None:
     """What the spec asks of the model, checked against the checkpoint before any Ray work:
     SpecError with one line per problem, naming the field."""
-    positions = bundle.config["max_position_embeddings"]
-    mask = bundle.specials["mask"]
-    if problems := model_fit_problems(spec, positions, bundle.heads, mask, bundle.variant):
+    b = bundle
+    positions, mask = b.config["max_position_embeddings"], b.specials["mask"]
+    if problems := model_fit_problems(spec, positions, b.heads, mask, b.variant, b.classifier):
         raise SpecError(problems)
 
 

@@ -114,14 +114,17 @@ def tokenize_rows(
     return rows[kept], windows
 
 
-def non_finite_notes(windows: Windows, vectors: np.ndarray | None, mlm: Any = None) -> np.ndarray:
-    """bool[notes]: the notes whose output holds NaN or inf, in `vectors` (one row per note,
-    or per window when there is one per window) or in the MLM log-probabilities `mlm` (MlmRows,
-    by window). Such a note gets reason `non_finite` instead of an output row."""
+def non_finite_notes(
+    windows: Windows, vectors: np.ndarray | None, mlm: Any = None, logits: np.ndarray | None = None
+) -> np.ndarray:
+    """bool[notes]: the notes whose output holds NaN or inf, in `vectors` or a classifier's
+    `logits` (one row per note, or per window when there is one per window) or in the MLM
+    log-probabilities `mlm` (MlmRows, by window). Such a note gets reason `non_finite`
+    instead of an output row."""
     bad_windows = np.zeros(windows.num_windows, bool)
     bad_notes = np.zeros(windows.num_notes, bool)
-    if vectors is not None:
-        finite = np.isfinite(vectors).all(axis=1)
+    for rows in (r for r in (vectors, logits) if r is not None):
+        finite = np.isfinite(rows).all(axis=1)
         if len(finite) == windows.num_notes:
             bad_notes |= ~finite
         else:

@@ -242,9 +242,11 @@ def model_fit_problems(
     heads: dict[str, bool],
     mask_token: int | None,
     variant: str,
+    classifier: dict[str, Any] | None = None,
 ) -> list[str]:
-    """What the spec asks of the model that the checkpoint cannot give."""
-    problems = []
+    """What the spec asks of the model that the checkpoint cannot give (`classifier`: what
+    its fine-tuned classifier predicts, hub.Checkpoint.classifier)."""
+    problems = classify_problems(spec, heads, classifier)
     if problem := max_seq_problem(spec.model.max_seq, max_positions, variant=variant):
         problems.append(problem)
     if spec.heads.embeddings and spec.heads.pooling == "pooler" and not heads["pooler"]:
@@ -263,6 +265,27 @@ def model_fit_problems(
     return problems
 
 
+def classify_problems(
+    spec: JobSpec, heads: dict[str, bool], classifier: dict[str, Any] | None
+) -> list[str]:
+    """heads.classify against the checkpoint's classifier, naming what the checkpoint has."""
+    asked = spec.heads.classify
+    if asked is None:
+        return []
+    if classifier is None:
+        has = ", ".join(h for h, present in heads.items() if present) or "none"
+        return [f"heads.classify: this checkpoint has no fine-tuned classifier (its heads: {has})"]
+    if classifier["kind"] != "sequence":
+        return [f"heads.classify: this checkpoint's classifier is a {classifier['description']}: "
+                "heads.classify needs a sequence classifier (one prediction per note)"]  # fmt: skip
+    if asked.aggregate == "huang" and (
+        len(classifier["labels"]) != 1 or classifier["score"] != "sigmoid"
+    ):
+        return [f"heads.classify.aggregate: 'huang' needs a one-logit head scored by sigmoid (a "
+                f"binary readmission model); this checkpoint's is a {classifier['description']}"]  # fmt: skip
+    return []
+
+
 def check_model(spec: JobSpec) -> list[str]:
     """The model opens (config, variant preset, tokenizer, manifest sha256s, weights that load:
     complete, every tensor of its shape, finite) and fits the spec. A hub model is checked
@@ -273,14 +296,14 @@ def check_model(spec: JobSpec) -> list[str]:
     m = spec.model
     try:
         ck = open_checkpoint(source, m.variant, m.lowercase, revision, offline=True)
-        heads = ck.checked_state()[1]
+        state, heads = ck.checked_state()
+        classifier = ck.classifier(state)
     except FileNotFoundError as e:
         return [f"model: not checked here ({e})"] if "cache" in str(e) else [f"model: {e}"]
     except (ValueError, RuntimeError) as e:
         return [f"model{'.path' if m.path else ''}: {e}"]
-    return model_fit_problems(
-        spec, ck.config.max_position_embeddings, heads, ck.specials.mask, ck.variant.name
-    )
+    return model_fit_problems(spec, ck.config.max_position_embeddings, heads, ck.specials.mask,
+                              ck.variant.name, classifier)  # fmt: skip
 
 
 def pool_problems(pools: tuple[PoolSpec, ...], nodes: list[dict[str, Any]]) -> list[str]:

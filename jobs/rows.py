@@ -41,6 +41,17 @@ MLM_FIELDS = (
 )
 
 
+def class_fields(num_labels: int) -> tuple[pa.Field, ...]:
+    """A sequence classifier's columns: its logits and scores (one per label, in label id
+    order) and the labels it predicts."""
+    per_label = pa.list_(pa.float32(), num_labels)
+    return (
+        pa.field("class_logits", per_label),
+        pa.field("class_scores", per_label),
+        pa.field("labels", pa.list_(pa.string())),
+    )
+
+
 def output_schema(
     id_type: pa.DataType,
     keep_fields: list[pa.Field],
@@ -49,6 +60,7 @@ def output_schema(
     embeddings: bool,
     windows: bool,
     mlm: bool,
+    num_labels: int = 0,
 ) -> pa.Schema:
     """Schema of a part file.
 
@@ -56,7 +68,8 @@ def output_schema(
     (word pieces of the note, or of the window), n_windows, truncated; `windows` (one row per
     window): window_index, char_start, char_end; `mlm`: one list entry per predicted position,
     in (window, position) order: mlm_window, mlm_position (token index in that window),
-    mlm_char_start, and per position the top-k mlm_top_ids / mlm_top_tokens / mlm_top_logprobs.
+    mlm_char_start, and per position the top-k mlm_top_ids / mlm_top_tokens / mlm_top_logprobs;
+    `num_labels` (a sequence classifier's): class_logits, class_scores, labels.
     """
     if vector_dtype not in VECTOR_TYPES:
         raise ValueError(
@@ -72,6 +85,8 @@ def output_schema(
         fields_ += WINDOW_FIELDS
     if mlm:
         fields_ += MLM_FIELDS
+    if num_labels:
+        fields_ += class_fields(num_labels)
     names = [f.name for f in fields_]
     if len(set(names)) != len(names):
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -81,7 +96,9 @@ def output_schema(
 
 # Every column a part file can have, for any heads (kept columns aside).
 PART_COLUMNS = tuple(
-    output_schema(pa.int64(), [], 1, "float32", embeddings=True, windows=True, mlm=True).names
+    output_schema(
+        pa.int64(), [], 1, "float32", embeddings=True, windows=True, mlm=True, num_labels=1
+    ).names  # fmt: skip
 )
 
 
@@ -108,11 +125,13 @@ def output_table(
     vectors: np.ndarray | None = None,
     mlm: Any = None,
     id_to_token: Callable[[int], str] | None = None,
+    classes: tuple[np.ndarray, np.ndarray, list[list[str]]] | None = None,
 ) -> pa.Table:
     """The output rows of the notes at `rows` (int64[notes]) of `batch`, encoded as `windows`:
     one per note, or per window when `schema` has window rows. Each head whose columns
     `schema` holds is built from its output: `vectors` (float[rows, C] in the output dtype),
-    `mlm` (MlmRows, by window; None: no prediction) with `id_to_token` (the vocabulary)."""
+    `mlm` (MlmRows, by window; None: no prediction) with `id_to_token` (the vocabulary),
+    `classes` (logits, scores, labels per row: classify.note_classes)."""
     per_window = "window_index" in schema.names
     cols = base_columns(batch, rows, windows, keep_columns, per_window)
     if "embedding" in schema.names:
@@ -121,6 +140,9 @@ def output_table(
     if "mlm_window" in schema.names:
         assert id_to_token is not None, "MLM columns need the vocabulary"
         cols |= mlm_columns(mlm, windows, per_window, len(cols["id"]), id_to_token)
+    if "class_logits" in schema.names:
+        assert classes is not None, "classifier columns need its predictions"
+        cols |= class_columns(*classes)
     return pa.table(cols, schema=schema)
 
 
@@ -162,6 +184,20 @@ def embedding_column(vectors: np.ndarray) -> dict[str, pa.Array]:
     """`embedding`: float[rows, C] as fixed-size lists of C."""
     values = pa.array(vectors.ravel())
     return {"embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])}
+
+
+def class_columns(
+    logits: np.ndarray, scores: np.ndarray, labels: list[list[str]]
+) -> dict[str, pa.Array]:
+    """`class_logits`, `class_scores` (float[rows, L] as fixed-size lists of L) and `labels`."""
+    per_label = lambda values: pa.FixedSizeListArray.from_arrays(  # noqa: E731
+        pa.array(values.astype(np.float32).ravel()), values.shape[1]
+    )
+    return {
+        "class_logits": per_label(logits),
+        "class_scores": per_label(scores),
+        "labels": pa.array(labels, pa.list_(pa.string())),
+    }
 
 
 def mlm_columns(

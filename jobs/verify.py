@@ -28,7 +28,8 @@ from .reasons import ReasonCode
 from .report import Report
 
 PER_PART_KEYS = ("shard", STATS_KEY)  # metadata that differs between parts by design
-CHECKED = (("embedding", 1), ("mlm_top_logprobs", 2))  # finite columns: (name, list depth)
+# finite columns: (name, list depth)
+CHECKED = (("embedding", 1), ("mlm_top_logprobs", 2), ("class_logits", 1), ("class_scores", 1))
 
 
 @dataclass

@@ -9,6 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,3 +159,124 @@ def test_classify_on_a_checkpoint_without_a_classifier_says_so(tmp_path):
     path, _ = bert_classifier(tmp_path / "mlm", transformers.BertForMaskedLM)
     with pytest.raises(ValueError, match="classify=True needs a fine-tuned classifier"):
         load(path)
+
+
+# ---- the job side: heads.classify through the actor's own ShardProcessor (no Ray) -------------
+def classify_spec(tmp_path: Path, model: Path, **classify) -> dict:
+    from test_jobs import job, parquet_corpus
+
+    _, corpus = parquet_corpus(tmp_path, 12, group=5)
+    return job(tmp_path, model, corpus, heads={"pooling": "cls", "classify": classify},
+               model={"lowercase": False})  # fmt: skip
+
+
+def test_a_job_writes_each_notes_classes_as_the_runner_gives_them(tmp_path):
+    import pyarrow.parquet as pq
+    from test_jobs import clean_run, embeddings
+
+    raw, _ = bert_classifier(tmp_path / "raw", transformers.BertForSequenceClassification,
+                             num_labels=3, id2label=LABELS, max_position_embeddings=128)  # fmt: skip
+    model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
+    spec = classify_spec(tmp_path, model, aggregate="max")
+    out = clean_run(spec, tmp_path).sort_by("id")
+    notes = pq.read_table(tmp_path / "notes.parquet").sort_by("note_id")["text"].to_pylist()
+    runner = load(model, class_aggregate="max", long_notes="windows", stride=16, embeddings=True,
+                  aggregate="mean")  # fmt: skip
+    want = runner.classify(notes)
+    assert (want.windows.windows_per_note() > 1).any()  # long notes among them
+    np.testing.assert_allclose(np.stack(out["class_logits"].to_numpy(zero_copy_only=False)),
+                               want.logits, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(np.stack(out["class_scores"].to_numpy(zero_copy_only=False)),
+                               want.scores, atol=1e-5)  # fmt: skip
+    assert out["labels"].to_pylist() == want.labels
+    assert embeddings(out).shape == (12, 32)  # the vectors too, from the same encoder pass
+    meta = pq.read_schema(sorted((tmp_path / "fresh" / "out").glob("part-*.parquet"))[0]).metadata
+    assert json.loads(meta[b"class_labels"]) == ["none", "heart failure", "diabetes"]
+    assert (meta[b"class_scores"], meta[b"class_aggregate"]) == (b"softmax", b"max")
+
+
+def test_validate_refuses_a_classifier_the_checkpoint_does_not_have(tmp_path):
+    from jobs.preflight import check_model
+    from jobs.spec import parse_spec
+
+    mlm, _ = bert_classifier(tmp_path / "mlm", transformers.BertForMaskedLM)
+    spec = parse_spec(classify_spec(tmp_path, mlm), tmp_path)
+    assert check_model(spec) == [
+        "heads.classify: this checkpoint has no fine-tuned classifier (its heads: mlm)"
+    ]
+    ner, _ = bert_classifier(tmp_path / "ner", transformers.BertForTokenClassification,
+                             num_labels=3)  # fmt: skip
+    (problem,) = check_model(parse_spec(classify_spec(tmp_path, ner), tmp_path))
+    assert problem.startswith("heads.classify: this checkpoint's classifier is a token classifier")
+    three, _ = bert_classifier(tmp_path / "three", transformers.BertForSequenceClassification,
+                               num_labels=3)  # fmt: skip
+    (problem,) = check_model(
+        parse_spec(classify_spec(tmp_path, three, aggregate="huang"), tmp_path)
+    )
+    assert problem.startswith("heads.classify.aggregate: 'huang' needs a one-logit head")
+    assert "3 label(s)" in problem
+
+
+def test_verify_checks_the_classifier_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_jobs import clean_run
+
+    from jobs.verify import verify_output
+
+    raw, _ = bert_classifier(tmp_path / "raw", transformers.BertForSequenceClassification,
+                             num_labels=2, max_position_embeddings=128)  # fmt: skip
+    model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
+    clean_run(classify_spec(tmp_path, model), tmp_path)
+    out = tmp_path / "fresh" / "out"
+    before = verify_output(str(out))
+    assert not [f for f in before if "class_" in f]
+    path = sorted(out.glob("part-*.parquet"))[0]
+    part = pq.read_table(path)
+    scores = np.stack(part["class_scores"].to_numpy(zero_copy_only=False))
+    scores[0, 1] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), 2)
+    part = part.set_column(part.schema.get_field_index("class_scores"), "class_scores", column)
+    pq.write_table(part.replace_schema_metadata(pq.ParquetFile(path).metadata.metadata), path)
+    found = [f for f in verify_output(str(out)) if f not in before]
+    assert found == [f"{path.name}: 1 rows with null, NaN or inf in class_scores, e.g. id "
+                     f"{part['id'][0].as_py()!r}"]  # fmt: skip
+
+
+@pytest.mark.ray
+def test_a_job_with_every_head_interrupted_and_resumed_equals_a_clean_run(tmp_path, ray_local):
+    """Vectors (the trained pooler), MLM at every position and the classifier from one encoder
+    pass, in a Ray job stopped after two shards and resumed: the output equals a clean run's."""
+    from test_jobs import clean_run, interrupt_after, job, parquet_corpus, run
+
+    raw, _ = bert_classifier(tmp_path / "raw", transformers.BertForSequenceClassification,
+                             num_labels=1, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(1)
+    mlm = transformers.BertForMaskedLM(hf_config(max_position_embeddings=128)).state_dict()
+    state = load_file(raw / "model.safetensors")  # + an MLM head: every head in one checkpoint
+    state |= {k: v.clone() for k, v in mlm.items() if k.startswith("cls.predictions.")}
+    for tied in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+        del state[tied]  # the word embeddings and cls.predictions.bias, as HF saves them
+    save_file(state, raw / "model.safetensors", metadata={"format": "pt"})
+    model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
+    _, corpus = parquet_corpus(tmp_path, 30, group=5)
+    heads = {"pooling": "pooler", "mlm": {"enabled": True, "positions": "all", "top_k": 2},
+             "classify": {"aggregate": "huang"}}  # fmt: skip
+    spec = job(tmp_path, model, corpus, heads=heads, run={"shard_rows": 5, "batch_rows": 5})
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path, on_result=interrupt_after(2))
+    report = run(spec, tmp_path)
+    assert report["shards"]["committed_before"] >= 2 and report["rows_out"] == 30
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    resumed = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id")
+    clean = clean_run(spec, tmp_path).sort_by("id")
+    assert resumed.column_names == clean.column_names and "class_scores" in clean.column_names
+    for column in clean.column_names:
+        if column in ("embedding", "class_logits", "class_scores", "mlm_top_logprobs"):
+            a, b = resumed[column], clean[column]
+            while pa.types.is_list(a.type) or pa.types.is_fixed_size_list(a.type):
+                assert pc.list_value_length(a).equals(pc.list_value_length(b)), column
+                a, b = pc.list_flatten(a), pc.list_flatten(b)
+            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5, err_msg=column)
+        else:
+            assert resumed[column].equals(clean[column]), column

@@ -13,6 +13,7 @@ from .job import HASH_EXCLUDED, JobSpec, json_schema
 from .load import apply_overrides, load_spec, parse_spec
 from .sections import (
     STRIDE,
+    ClassifySpec,
     HeadsSpec,
     HubSpec,
     LongNotes,
@@ -24,6 +25,7 @@ from .sections import (
 )
 
 __all__ = [
+    "ClassifySpec",
     "HASH_EXCLUDED", "RESERVED_COLUMNS", "STRIDE", "CorpusSpec", "CsvOptions", "HeadsSpec",
     "HubSpec", "JobSpec", "LongNotes", "MlmSpec", "ModelSpec", "OutputSpec", "PoolSpec",
     "RunSpec", "SpecError", "apply_overrides", "has_glob", "is_uri", "json_schema",

@@ -40,6 +40,11 @@ HASH_EXCLUDED = (
 )
 
 
+# Fields added after outputs were written: while unset (null) they are left out of the hash,
+# so those outputs still resume under the same spec.
+HASH_WHEN_SET = (("heads", "classify"),)
+
+
 class JobSpec(_Section):
     """A ClinicalBERT batch job: corpus in, Parquet out."""
 
@@ -78,6 +83,34 @@ class JobSpec(_Section):
                 raise _fail(problem, f"device_pool[{i}].batch_tokens", pool.batch_tokens)
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classify_default(cls, data: Any) -> Any:
+        """heads.classify.aggregate left unset: none where the output has a row per window
+        (model.long_notes.aggregate none), else mean."""
+        heads = data.get("heads") if isinstance(data, dict) else None
+        classify = heads.get("classify") if isinstance(heads, dict) else None
+        if isinstance(classify, dict) and classify.get("aggregate") is None:
+            model = data.get("model")
+            long = model.get("long_notes") if isinstance(model, dict) else None
+            windows = isinstance(long, dict) and long.get("aggregate") == "none"
+            classify = {**classify, "aggregate": "none" if windows else "mean"}
+            data = {**data, "heads": {**heads, "classify": classify}}
+        return data
+
+    @model_validator(mode="after")
+    def _classify_rows(self) -> JobSpec:
+        """A part has one row per note, or per window (model.long_notes.aggregate none): the
+        classifier's aggregate must agree."""
+        classify, windows = self.heads.classify, self.model.long_notes.aggregate == "none"
+        if classify is not None and (classify.aggregate == "none") != windows:
+            rows = "per window" if windows else "per note"
+            raise _fail(f"the output has one row {rows} (model.long_notes.aggregate "
+                        f"{self.model.long_notes.aggregate}): use "
+                        f"{'none' if windows else 'mean, max, first or huang'}",
+                        "heads.classify.aggregate", classify.aggregate)  # fmt: skip
+        return self
+
     def staging_dir(self) -> str:
         """run.staging_dir, or the default beside the output: '<output.path>.staging'."""
         if self.run.staging_dir:
@@ -100,6 +133,9 @@ class JobSpec(_Section):
             for key in path[:-1]:
                 node = node[key]
             node.pop(path[-1])
+        for section, key in HASH_WHEN_SET:  # heads added later: off, the hash is as before
+            if data[section][key] is None:
+                del data[section][key]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

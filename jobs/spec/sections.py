@@ -131,6 +131,24 @@ class MlmSpec(_Section):
     )
 
 
+class ClassifySpec(_Section):
+    """A fine-tuned sequence classifier's prediction per note (the checkpoint's own head:
+    readmission, ICD or phenotype coding): class_logits, class_scores, labels."""
+
+    aggregate: Literal["mean", "max", "first", "none", "huang"] | None = Field(
+        None,
+        description="A long note's windows -> its prediction: mean (of logits) | max (of "
+        "scores) | first | none (one row per window, as model.long_notes.aggregate none) | "
+        "huang (one-logit heads: Huang et al.'s readmission score over the windows). Default "
+        "null: none where model.long_notes.aggregate is none, else mean.",
+    )
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="Multi-label and one-logit heads: the labels scoring at "
+        "least this (default 0.5).",
+    )  # fmt: skip
+    c: float = Field(2.0, gt=0, description="aggregate huang: its scaling constant (default 2).")
+
+
 class HeadsSpec(_Section):
     """What to compute from the encoder's hidden states."""
 
@@ -147,11 +165,16 @@ class HeadsSpec(_Section):
         "false). Recorded in the output metadata.",
     )
     mlm: MlmSpec = Field(default_factory=MlmSpec, description="Masked-LM outputs.")
+    classify: ClassifySpec | None = Field(
+        None, description="A fine-tuned sequence classifier's prediction per note (a mapping, "
+        "even {}, turns it on; default null: off).",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _some_output(self) -> HeadsSpec:
-        if not self.embeddings and not self.mlm.enabled:
-            raise _fail("nothing to write: enable embeddings or mlm.enabled", "embeddings", False)
+        if not self.embeddings and not self.mlm.enabled and self.classify is None:
+            raise _fail("nothing to write: enable embeddings, mlm.enabled or classify",
+                        "embeddings", False)  # fmt: skip
         return self
 
 
