@@ -44,7 +44,9 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def save_modernbert(path: Path, tok, seed: int = 0, **kw):
+def save_modernbert(path: Path, tok, seed: int = 0, cls=None, **kw):
+    """A tiny random ModernBERT (`cls`: the transformers class, default ForMaskedLM) saved
+    with its tokenizer."""
     cfg = transformers.ModernBertConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
         num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096,
@@ -52,7 +54,7 @@ def save_modernbert(path: Path, tok, seed: int = 0, **kw):
     )  # fmt: skip
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = transformers.ModernBertForMaskedLM(cfg).eval()
+    model = (cls or transformers.ModernBertForMaskedLM)(cfg).eval()
     perturb(model, seed)
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_core import hf_config, save_hf
-from test_modernbert import ids_of, perturb
+from test_modernbert import perturb, save_modernbert
 
 from clinicalbert_core import ClinicalBertRunner, inspect, prepare
 from clinicalbert_core.classify import scores
@@ -35,18 +35,7 @@ def bert_classifier(path: Path, cls, seed: int = 0, **kw) -> tuple[Path, torch.n
 
 
 def modernbert_classifier(path: Path, cls, tok, seed: int = 0, **kw):
-    cfg = transformers.ModernBertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=512,
-        local_attention=16, global_attn_every_n_layers=2, **ids_of(tok, "modernbert"), **kw,
-    )  # fmt: skip
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    perturb(model, seed)
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    return path, model
+    return save_modernbert(path, tok, seed, cls=cls, **kw)
 
 
 def load(path, **kw) -> ClinicalBertRunner:
