@@ -14,7 +14,7 @@ _HOMES = {
     "Checkpoint": "hub",
     "ClassifyOutput": "classify",
     "ClinicalBertRunner": "runner",
-    "EncodeOutput": "runner",
+    "EncodeOutput": "in_memory",
     "EncoderConfig": "config",
     "MlmExecMode": "device",
     "MlmPrediction": "mlm",

@@ -41,7 +41,8 @@ def empty_problem(empty: np.ndarray, limit: int = 10) -> str | None:
 
 
 def token_index(bounds: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """bounds int64[W+1], keep bool[W] -> int64[T'] the packed tokens of the kept windows."""
+    """bounds int64[W+1], keep bool[W] (or window indices) -> int64[T'] the packed tokens of
+    the kept windows (in the order of the indices)."""
     lengths = np.diff(bounds)[keep]  # (w,)
     starts = bounds[:-1][keep] - np.concatenate(([0], np.cumsum(lengths)[:-1]))  # (w,)
     return np.repeat(starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
@@ -58,6 +59,7 @@ def select_notes(windows: Windows, keep: np.ndarray) -> Windows:
     return Windows(
         ids=windows.ids[tokens],
         token_char=windows.token_char[tokens],
+        token_end=windows.token_end[tokens],
         bounds=np.concatenate(([0], np.cumsum(windows.lengths[kept]))).astype(np.int64),
         note=renumber[windows.note[kept]].astype(np.int64),
         window_index=windows.window_index[kept],

@@ -21,23 +21,8 @@ from tokenizers import Tokenizer
 
 from . import architectures
 from . import weights as W
-from .aggregate import (
-    aggregate_rows,
-    empty_notes,
-    empty_problem,
-    fill_hidden,
-    fill_rows,
-    select_notes,
-)
-from .classify import (
-    CLASS_AGGREGATES,
-    HUANG_C,
-    SEQUENCE,
-    ClassifyOutput,
-    TaskHead,
-    note_classes,
-    task_head,
-)
+from .aggregate import aggregate_rows, token_index
+from .classify import CLASS_AGGREGATES, HUANG_C, SEQUENCE, TOKEN, TaskHead, task_head
 from .config import EncoderConfig
 from .device import (
     DTYPES,
@@ -47,10 +32,12 @@ from .device import (
     resolve_precision,
     varlen_supported,
 )
+from .entities import Entities, NoteTokens, Subwords, group
 from .heads import AGGREGATES, POOLINGS, pool
 from .hub import ModelBundle, open_checkpoint
+from .in_memory import NoteMethods
 from .limits import batch_tokens_problem, max_seq_problem
-from .mlm import MlmPrediction, MlmRows, concat_mlm, mlm_rows
+from .mlm import MlmRows, concat_mlm, mlm_rows
 from .ops import (
     FFN_CHUNK,
     PackedLinear,
@@ -61,6 +48,7 @@ from .ops import (
 )
 from .packing import DeviceFeed, PackedBatch, token_budget_batches
 from .quant import Int8Linear
+from .stitch import stitch
 from .tokenizer import LONG_NOTE_POLICIES, NoteTokenizer, Specials, Windows, tokenizer_kind
 from .variants import get_variant
 
@@ -117,20 +105,11 @@ class WindowOutput:
     hidden: torch.Tensor | None = None  # float32[N, C] packed, windows in the order asked for
     cu_seqlens: torch.Tensor | None = None  # int32[w+1]
     class_logits: np.ndarray | None = None  # float32[w, L]: a sequence classifier's
+    token_logits: np.ndarray | None = None  # float32[t, L]: a token classifier's, per packed
+    # token of the windows asked for (framing tokens included), in their order
 
 
-@dataclass
-class EncodeOutput:
-    pooled: torch.Tensor  # float32[notes, C] ([windows, C] with aggregate 'none'; [0, C]
-    # when the runner computes no embeddings)
-    windows: Windows
-    empty: np.ndarray  # bool[rows of pooled]: an empty note (or its window), not encoded; the
-    # row is zeros (see aggregate.empty_notes)
-    hidden: torch.Tensor | None = None  # float32[N, C] packed over windows (zeros for empty)
-    cu_seqlens: torch.Tensor | None = None  # int32[W+1]
-
-
-class ClinicalBertRunner:
+class ClinicalBertRunner(NoteMethods):
     def __init__(
         self,
         config: EncoderConfig,
@@ -180,6 +159,7 @@ class ClinicalBertRunner:
             head = partial(arch.classifier_head, kind=kind, num_labels=self.task.num_labels)
             self.classifier = build(head, config, "")
         self._build_mlm(arch, params)
+        self._subwords: Subwords | None = None  # how the tokenizer marks word pieces (entities)
         self._forward = torch.compile(self.encoder, dynamic=True) if o.compile else self.encoder
         log.info(
             "runner ready: variant=%s architecture=%s device=%s precision=%s attention=%s "
@@ -268,12 +248,8 @@ class ClinicalBertRunner:
         """
         select = np.arange(windows.num_windows) if select is None else np.asarray(select)
         lengths = windows.lengths[select]
-        embeddings = self.options.embeddings
-        vectors = np.empty((len(select) if embeddings else 0, self.config.hidden_size), np.float32)
-        sequence = self.task is not None and self.task.kind == SEQUENCE
-        class_logits = (
-            np.empty((len(select), self.task.num_labels), np.float32) if sequence else None
-        )
+        token_bounds = np.concatenate(([0], np.cumsum(lengths)))  # (w+1,) in `select` order
+        out = self._room(len(select), int(token_bounds[-1]))
         hidden_parts: dict[int, torch.Tensor] = {}
         mlm_parts: list[MlmRows] = []
         batches = token_budget_batches(lengths, self.batch_tokens)
@@ -283,15 +259,18 @@ class ClinicalBertRunner:
             hidden = self._forward(fed.batch)  # (N, C)
             pooled = (
                 pool(hidden, fed.batch.cu_seqlens, self.pooling, self.pooler)  # (b, C)
-                if embeddings
+                if self.options.embeddings
                 else None
             )
             feed.prefetch()  # the next batch is packed and copied while this one computes
             if pooled is not None:
-                vectors[batch_idx] = pooled.float().cpu().numpy()
-            if class_logits is not None:
-                logits = self.classifier(hidden, fed.batch.cu_seqlens)  # (b, L)
-                class_logits[batch_idx] = logits.float().cpu().numpy()
+                out.vectors[batch_idx] = pooled.float().cpu().numpy()
+            if self.classifier is not None:  # (b, L) per window, or (N, L) per token
+                logits = self.classifier(hidden, fed.batch.cu_seqlens).float().cpu().numpy()
+                if out.class_logits is not None:
+                    out.class_logits[batch_idx] = logits
+                else:
+                    out.token_logits[token_index(token_bounds, batch_idx)] = logits
             if self.mlm_head is not None:
                 mlm_parts.append(
                     self._mlm_rows(
@@ -303,7 +282,6 @@ class ClinicalBertRunner:
                 h = hidden.float().cpu()
                 for j, i in enumerate(batch_idx):
                     hidden_parts[int(i)] = h[starts[j] : starts[j + 1]]
-        out = WindowOutput(vectors=vectors, class_logits=class_logits)
         if mlm_parts:
             out.mlm = concat_mlm(mlm_parts)
         if return_hidden:
@@ -311,99 +289,47 @@ class ClinicalBertRunner:
                                                  self.config.hidden_size)  # fmt: skip
         return out
 
+    def _room(self, windows: int, tokens: int) -> WindowOutput:
+        """What encode_windows fills for `windows` windows of `tokens` tokens in all: vectors
+        (with embeddings), a sequence classifier's logits per window or a token classifier's
+        per token."""
+        kind = self.task.kind if self.task is not None else None
+        width = self.task.num_labels if self.task is not None else 0
+        rows = windows if self.options.embeddings else 0
+        return WindowOutput(
+            vectors=np.empty((rows, self.config.hidden_size), np.float32),
+            class_logits=np.empty((windows, width), np.float32) if kind == SEQUENCE else None,
+            token_logits=np.empty((tokens, width), np.float32) if kind == TOKEN else None,
+        )
+
+    def group_entities(
+        self,
+        notes: Sequence[str],
+        windows: Windows,
+        token_logits: np.ndarray,
+        aggregation: str = "simple",
+        ignore_labels: Sequence[str] = ("O",),
+        min_score: float = 0.0,
+    ) -> Entities:
+        """A token classifier's per-token logits (`encode_windows`' token_logits of all of
+        `windows`, in order) -> each note's entities: the windows stitched (stitch.py), the
+        tokens grouped as transformers' pipeline groups them (entities.py). `notes`: the
+        texts `windows` were tokenized from (the subword rules look at them)."""
+        if self._subwords is None:
+            self._subwords = Subwords.of(self.tokenizer.tokenizer)
+        take, offsets = stitch(windows, self.tokenizer.step)
+        tokens = NoteTokens(windows.ids[take], windows.token_char[take].astype(np.int64),
+                            windows.token_end[take].astype(np.int64), token_logits[take],
+                            offsets)  # fmt: skip
+        flags = self._subwords.flags(notes, tokens)
+        return group(tokens, flags, self.task.labels, aggregation, ignore_labels, min_score)
+
     def aggregate_vectors(self, windows: Windows, vectors: np.ndarray) -> np.ndarray:
         """Per-window vectors [W, C] (window order) -> per note [notes, C] by the runner's
         aggregate (with aggregate 'none' the windows are the rows), L2-normalized when the
         runner's `normalize` is set. A note without tokens (`windows.note_tokens == 0`) gets
         a zero row (never NaN)."""
         return aggregate_rows(windows, vectors, self.aggregate, self.options.normalize)
-
-    # ---- conveniences: notes in memory; empty notes (aggregate.empty_notes) are not encoded --
-    def encode(self, notes: Sequence[str], return_hidden: bool = True) -> EncodeOutput:
-        """Pooled vectors (and hidden states) of `notes`. An empty note is not encoded: its
-        row of `pooled` (its window's, with aggregate 'none') is zeros and `empty` flags it;
-        the other notes' rows are exactly those of encoding them alone."""
-        windows = self.tokenize(notes)
-        empty = empty_notes(notes, windows)
-        kept = ~empty[windows.note]  # (W,) the windows encoded
-        sub = select_notes(windows, ~empty)
-        out = self.encode_windows(sub, return_hidden=return_hidden)
-        rows = kept if self.aggregate == "none" else ~empty
-        hidden = cu = None
-        if return_hidden:
-            hidden, cu = fill_hidden(windows, kept, out.hidden)
-        pooled = out.vectors  # [0, C]: the runner computes no embeddings
-        if self.options.embeddings:
-            pooled = fill_rows(rows, self.aggregate_vectors(sub, out.vectors))
-        return EncodeOutput(
-            pooled=torch.from_numpy(pooled),
-            windows=windows,
-            empty=~rows,
-            hidden=hidden,
-            cu_seqlens=cu,
-        )
-
-    def embed(self, notes: Sequence[str]) -> np.ndarray:
-        """One float32 vector per note (per window with aggregate 'none') as numpy. An empty
-        note has no vector: ValueError naming it (`encode` flags it in `empty` instead)."""
-        windows = self.tokenize(notes)
-        if problem := empty_problem(empty_notes(notes, windows)):
-            raise ValueError(problem)
-        return self.aggregate_vectors(windows, self.encode_windows(windows).vectors)
-
-    def classify(self, notes: Sequence[str]) -> ClassifyOutput:
-        """The loaded sequence classifier's logits, scores and labels per note, its windows
-        aggregated by `class_aggregate` (classify.aggregate_logits). An empty note is not
-        encoded: its row is zeros, without labels, flagged in `empty`."""
-        if self.task is None or self.task.kind != SEQUENCE:
-            what = f"this checkpoint's is a {self.task.kind} classifier" if self.task else (
-                "load the runner with classify=True")  # fmt: skip
-            raise ValueError(f"classify() needs a sequence classifier: {what}")
-        windows = self.tokenize(notes)
-        empty = empty_notes(notes, windows)
-        sub = select_notes(windows, ~empty)
-        o = self.options
-        logits, note_scores, labels = note_classes(
-            self.encode_windows(sub).class_logits, sub, self.task, o.class_aggregate,
-            o.threshold, o.huang_c,
-        )  # fmt: skip
-        rows = ~empty[windows.note] if o.class_aggregate == "none" else ~empty
-        found = iter(labels)
-        return ClassifyOutput(
-            fill_rows(rows, logits), fill_rows(rows, note_scores),
-            [next(found) if r else [] for r in rows], windows, ~rows,
-        )  # fmt: skip
-
-    def mlm(
-        self, notes: Sequence[str], top_k: int = 5, positions: str = "mask"
-    ) -> list[list[MlmPrediction]]:
-        """Top-k predictions per note at its [MASK] tokens (or at every token: positions='all');
-        none for an empty note."""
-        if self.mlm_head is None:
-            raise ValueError("this runner was loaded without the MLM head: pass mlm=True")
-        windows = self.tokenize(notes)
-        keep = ~empty_notes(notes, windows)  # an empty note is not encoded: no predictions
-        kept, windows = np.flatnonzero(keep), select_notes(windows, keep)
-        rows = self.encode_windows(windows, mlm_positions=positions, top_k=top_k).mlm
-        result: list[list[MlmPrediction]] = [[] for _ in notes]
-        if rows is None:
-            return result
-        vocab = self.tokenizer.tokenizer
-        for m in range(len(rows.window)):
-            w, p = int(rows.window[m]), int(rows.position[m])
-            ids, note = rows.top_ids[m].tolist(), int(kept[windows.note[w]])
-            result[note].append(
-                MlmPrediction(
-                    note=note,
-                    window=int(windows.window_index[w]),
-                    position=p,
-                    char_start=int(windows.token_char[windows.bounds[w] + p]),
-                    ids=ids,
-                    tokens=[vocab.id_to_token(i) for i in ids],
-                    log_probs=rows.top_logprobs[m].tolist(),
-                )
-            )
-        return result
 
     # ---- internals -------------------------------------------------------------------------
     def _mlm_rows(self, hidden: torch.Tensor, batch: PackedBatch, *args: Any) -> MlmRows:

@@ -244,12 +244,18 @@ def _cut(text: str, at: int) -> int:
     return i
 
 
+def _column(spans: list[np.ndarray], i: int) -> np.ndarray:
+    """Column `i` of int32[t, 2] (start, end) char spans, concatenated."""
+    return np.ascontiguousarray(np.concatenate(spans)[:, i]) if spans else np.zeros(0, np.int32)
+
+
 @dataclass
 class Windows:
     """Tokenized notes as packed windows (W windows, T tokens in all)."""
 
     ids: np.ndarray  # int32[T] every window's ids, [CLS] ... [SEP], concatenated
     token_char: np.ndarray  # int32[T] first char of each token in its note (-1 for specials)
+    token_end: np.ndarray  # int32[T] one past each token's last char (-1 for specials)
     bounds: np.ndarray  # int64[W+1] window w is ids[bounds[w]:bounds[w+1]]
     note: np.ndarray  # int64[W] note index of each window
     window_index: np.ndarray  # int32[W] position of the window within its note
@@ -308,6 +314,11 @@ class NoteTokenizer:
         self.mask_id = self.specials.mask
         self.chunk_chars = CHUNK_CHARS
         self.threads = threads  # pieces one encode_batch call gets (see `encode`)
+
+    @property
+    def step(self) -> int:
+        """Tokens between the starts of a note's consecutive windows."""
+        return body_tokens(self.max_seq) - self.stride
 
     def __call__(self, notes: Sequence[str]) -> Windows:
         """Every note's windows (a note without tokens gets one: [CLS][SEP])."""
@@ -375,7 +386,7 @@ class NoteTokenizer:
             widx.append(len(note) - first)
             note.append(len(kept))
             ids.append(np.concatenate(([self.cls_id], body_ids, [self.sep_id])).astype(np.int32))
-            chars.append(np.concatenate(([-1], body_offs[:, 0], [-1])).astype(np.int32))
+            chars.append(np.concatenate(([[-1, -1]], body_offs, [[-1, -1]])).astype(np.int32))
             bounds.append(bounds[-1] + size + FRAMING_TOKENS)
             cstart.append(body_offs[0, 0] if size else 0)  # empty note: [CLS][SEP], (0, 0)
             cend.append(body_offs[-1, 1] if size else 0)
@@ -408,7 +419,8 @@ class NoteTokenizer:
         note_tokens = np.asarray(counts, dtype=np.int64)
         return np.asarray(kept, np.int64), Windows(
             ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
-            token_char=np.concatenate(chars) if chars else np.zeros(0, np.int32),
+            token_char=_column(chars, 0),
+            token_end=_column(chars, 1),
             bounds=np.asarray(bounds, dtype=np.int64),
             note=np.asarray(note, dtype=np.int64),
             window_index=np.asarray(widx, dtype=np.int32),

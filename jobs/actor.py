@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from clinicalbert_core.classify import note_classes
 from clinicalbert_core.hub import ModelBundle
+from clinicalbert_core.redact import redact_notes
 from clinicalbert_core.runner import ClinicalBertRunner
-from clinicalbert_core.tokenizer import Windows
 
 from .corpus import Shard, plain_type, read_shard
 from .feed import Feed, Unit, cut_runs, prefetch
@@ -83,9 +83,17 @@ def _classify_options(spec: JobSpec) -> dict[str, Any]:
     """The runner options heads.classify sets (none when it is off)."""
     c = spec.heads.classify
     if c is None:
-        return {}
+        return {} if spec.heads.tokens is None else {"classify": True}
     return {"classify": True, "class_aggregate": c.aggregate, "threshold": c.threshold,
             "huang_c": c.c}  # fmt: skip
+
+
+def _head_metadata(spec: JobSpec) -> dict[str, str]:
+    """How heads.classify aggregates, or how heads.tokens groups and filters."""
+    if (t := spec.heads.tokens) is None:
+        return {"class_aggregate": spec.heads.classify.aggregate}
+    return {"entity_aggregation": t.aggregation, "ignore_labels": json.dumps(t.ignore_labels),
+            "min_score": str(t.min_score), "redact": str(t.redact).lower()}  # fmt: skip
 
 
 class ShardProcessor:
@@ -128,8 +136,7 @@ class ShardProcessor:
                 "class_labels": json.dumps(list(task.labels)),
                 "problem_type": task.problem_type or "none",
                 "class_scores": task.score,
-                "class_aggregate": spec.heads.classify.aggregate,
-            }
+            } | _head_metadata(spec)
 
     def describe(self) -> dict[str, Any]:
         r = self.runner
@@ -188,7 +195,9 @@ class ShardProcessor:
             embeddings=self.spec.heads.embeddings,
             windows=long.aggregate == "none",
             mlm=self.spec.heads.mlm.enabled,
-            num_labels=self.runner.task.num_labels if self.runner.task else 0,
+            num_labels=self.runner.task.num_labels if self.spec.heads.classify else 0,
+            entities=self.spec.heads.tokens is not None,
+            redact=self.spec.heads.tokens is not None and self.spec.heads.tokens.redact,
         )
 
     def _units(self, reader: Iterator[pa.RecordBatch]) -> Iterator[Unit]:
@@ -208,7 +217,7 @@ class ShardProcessor:
                 if last:
                     bad = error_rows(reasons, marks, np.concatenate(encoded), id_column)
                     errors = error_table(batch, bad, self._shard_id, self.id_type)
-                yield Unit(batch, good, windows, errors, last)
+                yield Unit(batch, good, windows, errors, last, [notes[i] for i in good])
 
     def _write(
         self, units: Iterator[Unit], writer: PartWriter, reader: Any, result: ShardResult
@@ -219,7 +228,7 @@ class ShardProcessor:
         n_errors, rows_out = 0, []
         for unit in units:
             if len(unit.rows):
-                table, bad = self._encode(unit.batch, unit.rows, unit.windows, result)
+                table, bad = self._encode(unit, result)
                 rows_out.append(table)
                 if bad is not None:
                     errors.append(bad)
@@ -239,12 +248,11 @@ class ShardProcessor:
             }  # fmt: skip
         return errors
 
-    def _encode(
-        self, batch: pa.RecordBatch, rows: np.ndarray, windows: Windows, result: ShardResult
-    ) -> tuple[pa.Table, pa.Table | None]:
-        """The output rows of `rows` (encoded as `windows`), and the errors-part rows of the
-        notes whose output was not finite (None when every one was)."""
+    def _encode(self, unit: Unit, result: ShardResult) -> tuple[pa.Table, pa.Table | None]:
+        """The output rows of the unit's notes, and the errors-part rows of the notes whose
+        output was not finite (None when every one was)."""
         spec, runner = self.spec, self.runner
+        batch, rows, windows = unit.batch, unit.rows, unit.windows
         mlm = spec.heads.mlm
         out = runner.encode_windows(windows, mlm_positions=mlm.positions, top_k=mlm.top_k)
         vectors = None
@@ -252,19 +260,26 @@ class ShardProcessor:
             vectors = runner.aggregate_vectors(windows, out.vectors)
             vectors = as_vector_dtype(vectors, spec.output.vector_dtype)
         predictions = out.mlm if mlm.enabled else None
-        classes = None
-        if (task := runner.task) is not None:
-            c = spec.heads.classify
-            classes = note_classes(out.class_logits, windows, task, c.aggregate, c.threshold, c.c)
+        classes = entities = redacted = None
+        if (c := spec.heads.classify) is not None:
+            classes = note_classes(
+                out.class_logits, windows, runner.task, c.aggregate, c.threshold, c.c
+            )
+        if (t := spec.heads.tokens) is not None:
+            entities = runner.group_entities(unit.texts, windows, out.token_logits,
+                                             t.aggregation, t.ignore_labels, t.min_score)  # fmt: skip
+            redacted = redact_notes(unit.texts, entities) if t.redact else None
         bad = non_finite_notes(
-            windows, vectors, predictions, None if classes is None else classes[0]
-        )
+            windows, vectors, predictions, None if classes is None else classes[0],
+            out.token_logits,
+        )  # fmt: skip
         result.windows += windows.num_windows
         result.tokens += int(windows.lengths.sum())
         result.truncated += int(windows.truncated[~bad].sum())
         table = output_table(
             self._out_schema, batch, rows, windows, spec.corpus.keep_columns,
-            vectors, predictions, runner.tokenizer.tokenizer.id_to_token, classes,
+            vectors, predictions, runner.tokenizer.tokenizer.id_to_token, classes, entities,
+            redacted,
         )  # fmt: skip
         errors = None
         if bad.any():

@@ -182,13 +182,17 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _demo_data(args: argparse.Namespace) -> int:
     from clinicalbert_core.hub import prepare
 
-    from .synthetic import make_model, write_corpus
+    from .synthetic import make_model, make_task_model, write_corpus
 
     root = Path(args.out)
     corpus = write_corpus(root / "corpus" / "notes.parquet", args.notes, seed=args.seed)
     raw = make_model(root / "raw_model", hidden=args.hidden, layers=args.layers, seed=args.seed)
     model = prepare(raw, root / "model", variant="custom", lowercase=False)
     print(f"demo corpus {corpus} ({args.notes} notes), model {model}")
+    for task in ("readmission", "deid"):
+        task_raw = make_task_model(raw, root / f"raw_{task}", task, seed=args.seed)
+        prepared = prepare(task_raw, root / task, variant="custom", lowercase=False)
+        print(f"demo {task} model {prepared}")
     return 0
 
 
@@ -262,8 +266,9 @@ def _model_commands(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print everything as JSON")
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("demo-data", help="write the synthetic demo corpus and a small model")
-    s.add_argument("--out", default="out/demo", help="dir for corpus/ and model/")
+    s = sub.add_parser("demo-data", help="write the synthetic demo corpus and small models")
+    s.add_argument("--out", default="out/demo",
+                   help="dir for corpus/, model/, readmission/ and deid/")  # fmt: skip
     s.add_argument("--notes", type=int, default=400, help="synthetic notes to write")
     s.add_argument("--hidden", type=int, default=128, help="hidden size of the random BERT")
     s.add_argument("--layers", type=int, default=2, help="layers of the random BERT")

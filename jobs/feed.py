@@ -63,6 +63,7 @@ class Unit:
     windows: Windows
     errors: pa.Table | None = None  # the batch's error rows, on its last unit
     last: bool = False  # the batch's last unit
+    texts: list[str] | None = None  # the notes at `rows` (what a token head's rules read)
 
 
 def cut_runs(rows: list[int], sizes: list[int], budget: int) -> list[list[int]]:

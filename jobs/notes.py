@@ -115,13 +115,21 @@ def tokenize_rows(
 
 
 def non_finite_notes(
-    windows: Windows, vectors: np.ndarray | None, mlm: Any = None, logits: np.ndarray | None = None
+    windows: Windows,
+    vectors: np.ndarray | None,
+    mlm: Any = None,
+    logits: np.ndarray | None = None,
+    token_logits: np.ndarray | None = None,
 ) -> np.ndarray:
     """bool[notes]: the notes whose output holds NaN or inf, in `vectors` or a classifier's
-    `logits` (one row per note, or per window when there is one per window) or in the MLM
+    `logits` (one row per note, or per window when there is one per window), in a token
+    classifier's `token_logits` (per packed token of `windows`) or in the MLM
     log-probabilities `mlm` (MlmRows, by window). Such a note gets reason `non_finite`
     instead of an output row."""
     bad_windows = np.zeros(windows.num_windows, bool)
+    if token_logits is not None and windows.num_windows:
+        bad_tokens = ~np.isfinite(token_logits).all(axis=1)  # (T,)
+        bad_windows |= np.add.reduceat(bad_tokens, windows.bounds[:-1]) > 0
     bad_notes = np.zeros(windows.num_notes, bool)
     for rows in (r for r in (vectors, logits) if r is not None):
         finite = np.isfinite(rows).all(axis=1)

@@ -13,6 +13,11 @@ without the note text (`keep_text=True` keeps it), `embedding` as a jobs' part f
 (fixed_size_list<float32>[hidden]; null where the note is bad), `error` (string: null, or a
 reason code of jobs.output.ReasonCode) and `model` (the weights' sha256); the model's identity
 is also in the schema metadata. Testable without Ray.
+
+A fine-tuned classifier (`classify=True` among the runner options) adds its columns as a job's
+part has them: `class_logits`, `class_scores`, `labels` (a sequence classifier, aggregated by
+`class_aggregate`) or `entities` (a token classifier, grouped by `entity_options`); null where
+the note is bad. `embeddings=False` leaves the vector column out.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clinicalbert_core.classify import SEQUENCE, TOKEN, note_classes
 from clinicalbert_core.hub import ModelBundle
 from clinicalbert_core.runner import ClinicalBertRunner
 
 from .notes import classify, non_finite_notes, tokenize_rows
 from .reasons import ReasonCode
+from .rows import class_columns, embedding_column, entity_column
 
 
 class EncoderPredictor:
@@ -39,6 +46,7 @@ class EncoderPredictor:
         keep_text: bool = False,
         device: str | None = None,
         max_note_chars: int = 2_000_000,
+        entity_options: dict[str, Any] | None = None,
         **runner_options: Any,
     ):
         import torch
@@ -48,12 +56,13 @@ class EncoderPredictor:
             self.runner = ClinicalBertRunner.from_bundle(model, device=device, **runner_options)
         else:
             self.runner = ClinicalBertRunner.load(model, device=device, **runner_options)
-        if self.runner.aggregate == "none":
-            raise ValueError(
-                "EncoderPredictor writes one vector per row: use aggregate 'mean' or 'first'"
-            )
+        if self.runner.aggregate == "none" or self.runner.options.class_aggregate == "none":
+            raise ValueError("EncoderPredictor writes one row per input row: use aggregate and "
+                             "class_aggregate other than 'none'")  # fmt: skip
         self.text_column, self.output_column = text_column, output_column
         self.keep_text, self.max_note_chars = keep_text, max_note_chars
+        self.entity_options = entity_options or {}  # runner.group_entities' aggregation,
+        # ignore_labels, min_score (a token classifier)
         r = self.runner
         self.identity = {
             "variant": r.variant, "architecture": r.architecture, "tokenizer": r.tokenizer_kind,
@@ -72,28 +81,53 @@ class EncoderPredictor:
         ids = pa.array(np.zeros(len(texts), np.int8))  # row identity is the batch position
         notes, reasons = classify(texts, ids, self.max_note_chars)
         good, windows = tokenize_rows(self.runner, notes, reasons)
-        hidden = self.runner.config.hidden_size
-        vectors = np.zeros((len(notes), hidden), np.float32)
-        if len(good):
-            out = self.runner.encode_windows(windows)
-            vectors[good] = self.runner.aggregate_vectors(windows, out.vectors)
-            bad = good[non_finite_notes(windows, vectors[good])]
-            for i in bad:
-                reasons[i] = str(ReasonCode.NON_FINITE.value)
-            vectors[bad] = 0.0
-            good = np.setdiff1d(good, bad)
-        valid = np.zeros(len(notes), bool)
-        valid[good] = True
-        embedding = pa.FixedSizeListArray.from_arrays(
-            pa.array(vectors.ravel()), hidden, mask=pa.array(~valid)
-        )
+        columns = self._heads(notes, good, windows, reasons)
         if not self.keep_text:
             table = table.drop_columns([self.text_column])
-        table = table.append_column(self.output_column, embedding)
+        for name, values in columns.items():
+            table = table.append_column(name, values)
         table = table.append_column("error", pa.array(reasons, pa.string()))
         model = pa.array([self.identity["weights_sha256"]] * len(notes), pa.string())
         table = table.append_column("model", model)
         return table.replace_schema_metadata(self.identity)
+
+    def _heads(
+        self, notes: list[str | None], good: np.ndarray, windows: Any, reasons: list[str | None]
+    ) -> dict[str, pa.Array]:
+        """The heads' columns for every row: computed for the `good` rows (their notes
+        tokenized as `windows`), null on the others; a row whose output is not finite gets
+        reason non_finite in `reasons` and nulls."""
+        r, task = self.runner, self.runner.task
+        out = r.encode_windows(windows) if len(good) else None
+        vectors = classes = entities = None
+        if r.options.embeddings:
+            vectors = r.aggregate_vectors(windows, out.vectors) if out else np.zeros(
+                (0, r.config.hidden_size), np.float32)  # fmt: skip
+        if task is not None and task.kind == SEQUENCE:
+            o = r.options
+            classes = note_classes(
+                out.class_logits if out else np.zeros((0, task.num_labels), np.float32),
+                windows, task, o.class_aggregate, o.threshold, o.huang_c,
+            )  # fmt: skip
+        if task is not None and task.kind == TOKEN:
+            logits = out.token_logits if out else np.zeros((0, task.num_labels), np.float32)
+            entities = r.group_entities([notes[i] for i in good], windows, logits,
+                                        **self.entity_options)  # fmt: skip
+        bad = non_finite_notes(windows, vectors, None, None if classes is None else classes[0],
+                               out.token_logits if out else None)  # fmt: skip
+        for i in good[bad]:
+            reasons[i] = str(ReasonCode.NON_FINITE.value)
+        at = np.full(len(notes), -1)
+        at[good[~bad]] = np.flatnonzero(~bad)
+        rows = pa.array(at, mask=at < 0)  # each row's place among `good`; null: none
+        columns: dict[str, pa.Array] = {}
+        if vectors is not None:
+            columns[self.output_column] = embedding_column(vectors)["embedding"]
+        if classes is not None:
+            columns |= class_columns(*classes)
+        if entities is not None:
+            columns["entities"] = entity_column(entities)
+        return {name: values.take(rows) for name, values in columns.items()}
 
 
 def _as_table(batch: Any) -> pa.Table:

@@ -268,19 +268,22 @@ def model_fit_problems(
 def classify_problems(
     spec: JobSpec, heads: dict[str, bool], classifier: dict[str, Any] | None
 ) -> list[str]:
-    """heads.classify against the checkpoint's classifier, naming what the checkpoint has."""
-    asked = spec.heads.classify
-    if asked is None:
+    """heads.classify / heads.tokens against the checkpoint's classifier, naming what the
+    checkpoint has."""
+    field, kind, per = (("heads.classify", "sequence", "one prediction per note")
+                        if spec.heads.tokens is None else
+                        ("heads.tokens", "token", "a label per token"))  # fmt: skip
+    if getattr(spec.heads, field.split(".")[1]) is None:
         return []
     if classifier is None:
         has = ", ".join(h for h, present in heads.items() if present) or "none"
-        return [f"heads.classify: this checkpoint has no fine-tuned classifier (its heads: {has})"]
-    if classifier["kind"] != "sequence":
-        return [f"heads.classify: this checkpoint's classifier is a {classifier['description']}: "
-                "heads.classify needs a sequence classifier (one prediction per note)"]  # fmt: skip
-    if asked.aggregate == "huang" and (
-        len(classifier["labels"]) != 1 or classifier["score"] != "sigmoid"
-    ):
+        return [f"{field}: this checkpoint has no fine-tuned classifier (its heads: {has})"]
+    if classifier["kind"] != kind:
+        return [f"{field}: this checkpoint's classifier is a {classifier['description']}: "
+                f"{field} needs a {kind} classifier ({per})"]  # fmt: skip
+    asked = spec.heads.classify
+    one_logit = len(classifier["labels"]) == 1 and classifier["score"] == "sigmoid"
+    if asked is not None and asked.aggregate == "huang" and not one_logit:
         return [f"heads.classify.aggregate: 'huang' needs a one-logit head scored by sigmoid (a "
                 f"binary readmission model); this checkpoint's is a {classifier['description']}"]  # fmt: skip
     return []

@@ -1,7 +1,9 @@
 """Encoder outputs -> the output Arrow tables: pure functions, one builder per head.
 
 A part's columns, in order: id, the kept columns, [embedding], n_tokens, n_windows, truncated,
-[window_index, char_start, char_end] (one row per window: aggregate none), [mlm_*] (MLM head).
+[window_index, char_start, char_end] (one row per window: aggregate none), [mlm_*] (MLM head),
+[class_logits, class_scores, labels] (a sequence classifier), [entities, text_redacted] (a
+token classifier).
 A head is its fields in `output_schema` plus one builder here returning its columns by name;
 `output_table` runs the builders whose columns the schema holds. Errors parts hold
 `errors_schema` rows (`error_table`). No Ray, no torch, no I/O.
@@ -18,6 +20,7 @@ import pyarrow as pa
 from clinicalbert_core.limits import body_tokens
 
 if TYPE_CHECKING:
+    from clinicalbert_core.entities import Entities
     from clinicalbert_core.tokenizer import Windows
 
 VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -52,6 +55,19 @@ def class_fields(num_labels: int) -> tuple[pa.Field, ...]:
     )
 
 
+ENTITY_FIELDS = [("start", pa.int32()), ("end", pa.int32()), ("label", pa.string()),
+                 ("score", pa.float32())]  # fmt: skip
+ENTITY_TYPE = pa.list_(pa.struct(ENTITY_FIELDS))
+
+
+def entity_fields(redact: bool) -> tuple[pa.Field, ...]:
+    """A token classifier's columns: the note's entities (character offsets into it), and
+    with `redact` the note with each entity replaced by [LABEL]."""
+    return (pa.field("entities", ENTITY_TYPE),) + (
+        (pa.field("text_redacted", pa.string()),) if redact else ()
+    )
+
+
 def output_schema(
     id_type: pa.DataType,
     keep_fields: list[pa.Field],
@@ -61,6 +77,8 @@ def output_schema(
     windows: bool,
     mlm: bool,
     num_labels: int = 0,
+    entities: bool = False,
+    redact: bool = False,
 ) -> pa.Schema:
     """Schema of a part file.
 
@@ -69,7 +87,8 @@ def output_schema(
     window): window_index, char_start, char_end; `mlm`: one list entry per predicted position,
     in (window, position) order: mlm_window, mlm_position (token index in that window),
     mlm_char_start, and per position the top-k mlm_top_ids / mlm_top_tokens / mlm_top_logprobs;
-    `num_labels` (a sequence classifier's): class_logits, class_scores, labels.
+    `num_labels` (a sequence classifier's): class_logits, class_scores, labels; `entities` (a
+    token classifier's): entities, and with `redact` text_redacted.
     """
     if vector_dtype not in VECTOR_TYPES:
         raise ValueError(
@@ -87,6 +106,8 @@ def output_schema(
         fields_ += MLM_FIELDS
     if num_labels:
         fields_ += class_fields(num_labels)
+    if entities:
+        fields_ += entity_fields(redact)
     names = [f.name for f in fields_]
     if len(set(names)) != len(names):
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -95,11 +116,9 @@ def output_schema(
 
 
 # Every column a part file can have, for any heads (kept columns aside).
-PART_COLUMNS = tuple(
-    output_schema(
-        pa.int64(), [], 1, "float32", embeddings=True, windows=True, mlm=True, num_labels=1
-    ).names  # fmt: skip
-)
+EVERY_HEAD = {"embeddings": True, "windows": True, "mlm": True, "num_labels": 1,
+              "entities": True, "redact": True}  # fmt: skip
+PART_COLUMNS = tuple(output_schema(pa.int64(), [], 1, "float32", **EVERY_HEAD).names)
 
 
 def errors_schema(id_type: pa.DataType) -> pa.Schema:
@@ -126,12 +145,15 @@ def output_table(
     mlm: Any = None,
     id_to_token: Callable[[int], str] | None = None,
     classes: tuple[np.ndarray, np.ndarray, list[list[str]]] | None = None,
+    entities: Entities | None = None,
+    redacted: list[str] | None = None,
 ) -> pa.Table:
     """The output rows of the notes at `rows` (int64[notes]) of `batch`, encoded as `windows`:
     one per note, or per window when `schema` has window rows. Each head whose columns
     `schema` holds is built from its output: `vectors` (float[rows, C] in the output dtype),
     `mlm` (MlmRows, by window; None: no prediction) with `id_to_token` (the vocabulary),
-    `classes` (logits, scores, labels per row: classify.note_classes)."""
+    `classes` (logits, scores, labels per row: classify.note_classes), `entities` (each
+    note's: entities.Entities) and `redacted` (each note redacted)."""
     per_window = "window_index" in schema.names
     cols = base_columns(batch, rows, windows, keep_columns, per_window)
     if "embedding" in schema.names:
@@ -143,6 +165,12 @@ def output_table(
     if "class_logits" in schema.names:
         assert classes is not None, "classifier columns need its predictions"
         cols |= class_columns(*classes)
+    if "entities" in schema.names:
+        assert entities is not None, "entity columns need the entities"
+        cols["entities"] = entity_column(entities)
+    if "text_redacted" in schema.names:
+        assert redacted is not None, "text_redacted needs the redacted notes"
+        cols["text_redacted"] = pa.array(redacted, pa.string())
     return pa.table(cols, schema=schema)
 
 
@@ -198,6 +226,19 @@ def class_columns(
         "class_scores": per_label(scores),
         "labels": pa.array(labels, pa.list_(pa.string())),
     }
+
+
+def entity_column(entities: Entities) -> pa.Array:
+    """`entities`: per note a list of (start, end, label, score) structs."""
+    names = np.asarray(entities.names, dtype=object)
+    structs = pa.StructArray.from_arrays(
+        [pa.array(entities.start, pa.int32()), pa.array(entities.end, pa.int32()),
+         pa.array(names[entities.label] if len(entities.label) else [], pa.string()),
+         pa.array(entities.score, pa.float32())],
+        fields=list(ENTITY_TYPE.value_type),
+    )  # fmt: skip
+    offsets = pa.array(entities.offsets.astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, structs, type=ENTITY_TYPE)
 
 
 def mlm_columns(

@@ -241,3 +241,45 @@ def make_modernbert(
         state[p + "mlp.Wo.weight"] = rand(c, inter)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+DEID_LABELS = ("O", "B-NAME", "I-NAME", "B-DATE", "I-DATE", "B-HOSPITAL", "I-HOSPITAL")
+
+
+def make_task_model(base: str | Path, out_dir: str | Path, task: str, seed: int = 0) -> Path:
+    """A fine-tuned-style checkpoint from `make_model`'s `base`, with a random classifier.
+
+    `readmission`: a one-logit BertForSequenceClassification in the layout of Huang et al.'s
+    archive (bert_config.json without model_type or labels, pytorch_model.bin, LayerNorm
+    `gamma`/`beta`). `deid`: a BertForTokenClassification (config.json with DEID_LABELS,
+    model.safetensors) whose classifier leans to `O`, so entities are a minority of tokens."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(base), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_bytes((src / "vocab.txt").read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    state = {k: v for k, v in load_file(src / "model.safetensors").items()
+             if k.startswith("bert.")}  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    c, labels = config["hidden_size"], DEID_LABELS if task == "deid" else ("LABEL_0",)
+    state["classifier.weight"] = torch.randn(len(labels), c, generator=g) * 0.5
+    state["classifier.bias"] = torch.zeros(len(labels))
+    if task == "readmission":
+        del config["model_type"], config["architectures"]
+        (out / "bert_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                  .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()}  # fmt: skip
+        torch.save(legacy, out / "pytorch_model.bin")
+        return out
+    if task != "deid":
+        raise ValueError(f"task must be readmission or deid, got {task!r}")
+    state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
+    state["classifier.bias"][0] = 4.0  # most tokens `O`
+    config |= {"architectures": ["BertForTokenClassification"],
+               "id2label": dict(enumerate(labels)),
+               "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -26,7 +26,7 @@ from jobs.launch import GPU_CPUS, actor_cpus, actor_env
 from jobs.spec import PoolSpec, parse_spec
 from jobs.synthetic import make_bpe_tokenizer, make_notes, vocab_for
 
-WINDOW_FIELDS = ("ids", "token_char", "bounds", "note", "window_index", "char_start",
+WINDOW_FIELDS = ("ids", "token_char", "token_end", "bounds", "note", "window_index", "char_start",
                  "char_end", "note_tokens", "truncated")  # fmt: skip
 
 

@@ -53,7 +53,7 @@ def test_configs_validate(path: Path):
 def test_configs_cover_the_examples():
     assert {p.name for p in CONFIGS} >= {
         "demo.yaml", "mimic3_noteevents.yaml", "mimic4_discharge.yaml", "mixed_pool.yaml",
-        "mimic4_bioclinical_modernbert.yaml",
+        "mimic4_bioclinical_modernbert.yaml", "readmission.yaml", "deid.yaml",
     }  # fmt: skip
 
 

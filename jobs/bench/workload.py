@@ -35,6 +35,7 @@ def windows_of(seqs: list[np.ndarray]) -> Windows:
     return Windows(
         ids=np.concatenate(seqs).astype(np.int32),
         token_char=np.zeros(int(lengths.sum()), np.int32),
+        token_end=np.zeros(int(lengths.sum()), np.int32),
         bounds=np.concatenate(([0], np.cumsum(lengths))),
         note=np.arange(n), window_index=np.zeros(n, np.int32),
         char_start=np.zeros(n, np.int64), char_end=np.zeros(n, np.int64),

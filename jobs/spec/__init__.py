@@ -22,6 +22,7 @@ from .sections import (
     OutputSpec,
     PoolSpec,
     RunSpec,
+    TokensSpec,
 )
 
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "HASH_EXCLUDED", "RESERVED_COLUMNS", "STRIDE", "CorpusSpec", "CsvOptions", "HeadsSpec",
     "HubSpec", "JobSpec", "LongNotes", "MlmSpec", "ModelSpec", "OutputSpec", "PoolSpec",
     "RunSpec", "SpecError", "apply_overrides", "has_glob", "is_uri", "json_schema",
-    "load_spec", "mount_free", "parse_spec",
+    "load_spec", "mount_free", "parse_spec", "TokensSpec",
 ]  # fmt: skip

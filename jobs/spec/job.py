@@ -42,7 +42,7 @@ HASH_EXCLUDED = (
 
 # Fields added after outputs were written: while unset (null) they are left out of the hash,
 # so those outputs still resume under the same spec.
-HASH_WHEN_SET = (("heads", "classify"),)
+HASH_WHEN_SET = (("heads", "classify"), ("heads", "tokens"))
 
 
 class JobSpec(_Section):
@@ -109,6 +109,10 @@ class JobSpec(_Section):
                         f"{self.model.long_notes.aggregate}): use "
                         f"{'none' if windows else 'mean, max, first or huang'}",
                         "heads.classify.aggregate", classify.aggregate)  # fmt: skip
+        if self.heads.tokens is not None and windows:
+            raise _fail("entities are the whole note's (offsets into it, stitched over its "
+                        "windows): heads.tokens needs one row per note (model.long_notes."
+                        "aggregate mean or first)", "heads.tokens", "set")  # fmt: skip
         return self
 
     def staging_dir(self) -> str:

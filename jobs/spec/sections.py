@@ -149,6 +149,31 @@ class ClassifySpec(_Section):
     c: float = Field(2.0, gt=0, description="aggregate huang: its scaling constant (default 2).")
 
 
+class TokensSpec(_Section):
+    """A fine-tuned token classifier's entities per note (the checkpoint's own head: NER,
+    de-identification): `entities` with character offsets, grouped as transformers'
+    token-classification pipeline groups them; optionally the note with them redacted. One
+    row per note (model.long_notes.aggregate mean or first): a long note's windows are
+    stitched into one token sequence first."""
+
+    aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple", description="How tokens become entities, as transformers' pipeline: none "
+        "(one per token) | simple (adjacent tokens of one tag, B-/I- aware; default) | first | "
+        "average | max (word pieces of a word agree first: its first piece's, their mean or "
+        "their best label).",
+    )  # fmt: skip
+    ignore_labels: list[str] = Field(
+        ["O"], description='Labels never written as entities (default ["O"]).'
+    )
+    min_score: float = Field(
+        0.0, ge=0, le=1, description="Entities scoring below this are left out (default 0)."
+    )
+    redact: bool = Field(
+        False, description="Also write text_redacted: the note with every entity span replaced "
+        "by [LABEL]. The only note text an output can hold; off by default.",
+    )  # fmt: skip
+
+
 class HeadsSpec(_Section):
     """What to compute from the encoder's hidden states."""
 
@@ -169,12 +194,19 @@ class HeadsSpec(_Section):
         None, description="A fine-tuned sequence classifier's prediction per note (a mapping, "
         "even {}, turns it on; default null: off).",
     )  # fmt: skip
+    tokens: TokensSpec | None = Field(
+        None, description="A fine-tuned token classifier's entities per note (a mapping, even "
+        "{}, turns it on; default null: off).",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _some_output(self) -> HeadsSpec:
-        if not self.embeddings and not self.mlm.enabled and self.classify is None:
-            raise _fail("nothing to write: enable embeddings, mlm.enabled or classify",
+        if not (self.embeddings or self.mlm.enabled or self.classify or self.tokens):
+            raise _fail("nothing to write: enable embeddings, mlm.enabled, classify or tokens",
                         "embeddings", False)  # fmt: skip
+        if self.classify is not None and self.tokens is not None:
+            raise _fail("a checkpoint has one classifier, a sequence or a token one: set "
+                        "heads.classify or heads.tokens", "tokens", "set")  # fmt: skip
         return self
 
 
