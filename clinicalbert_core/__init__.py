@@ -27,7 +27,7 @@ _HOMES = {
     "Windows": "tokenizer",
     "bound_onednn_caches": "ops",
     "get_variant": "variants",
-    "inspect": "hub",
+    "inspect": "inspection",
     "open_checkpoint": "hub",
     "prepare": "hub",
 }

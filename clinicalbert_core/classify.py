@@ -106,9 +106,13 @@ def classifier_info(raw: dict[str, Any], num_labels: int | None) -> dict[str, An
     """What `inspect` shows of a checkpoint's classifier (`task_head` of the same arguments):
     None without one, or where the config contradicts it (`inspect` names that elsewhere)."""
     try:
-        head = task_head(raw, num_labels)
+        return head_info(task_head(raw, num_labels))
     except ValueError:
         return None
+
+
+def head_info(head: TaskHead | None) -> dict[str, Any] | None:
+    """A classifier head as plain data (inspect, ModelBundle, validate); None for none."""
     if head is None:
         return None
     return {"kind": head.kind, "labels": list(head.labels), "problem_type": head.problem_type,

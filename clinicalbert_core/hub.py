@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from . import architectures
 from . import weights as W
 from .checkpoint_limits import capped, check_inside, check_manifest_files, shown
-from .classify import classifier_info
+from .classify import head_info, task_head
 from .config import EncoderConfig, read_json_object
 from .tokenizer import (
     Specials,
@@ -207,18 +207,20 @@ class Checkpoint:
     def state(self) -> dict[str, torch.Tensor]:
         return W.read_state_dict(self.files.weights)
 
-    def classifier(self, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-        return classifier_info(self.config.to_dict(), W.classifier_rows(state, self.config))
-
-    def checked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    def checked_state(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, Any] | None]:
         """The weights, checked strictly against the config (every tensor present, of its
-        shape, finite: ValueError naming each one otherwise), and the optional heads they
-        carry ({'pooler': bool, 'mlm': bool, 'classifier': bool})."""
+        shape, finite: ValueError naming each one otherwise), the optional heads they carry
+        ({'pooler': bool, 'mlm': bool, 'classifier': bool}) and what the classifier predicts
+        (classify.head_info; None without one)."""
         state, source = self.state(), str(self.files.weights)
         heads = W.heads_present(state, self.config)
-        kind = W.classifier_kind(state, self.config, str(self.files.config))
+        raw, rows = self.config.to_dict(), W.classifier_rows(state, self.config)
+        head = task_head(raw, rows, str(self.files.config))
+        kind = None if head is None else head.kind
         W.convert(state, self.config, heads["pooler"], heads["mlm"], source, classifier=kind)
-        return state, heads
+        return state, heads, head_info(head)
 
 
 def open_checkpoint(
@@ -307,8 +309,7 @@ class ModelBundle:
         revision: str | None = None,
     ) -> ModelBundle:
         ck = open_checkpoint(source, variant, lowercase, revision)
-        state, heads = ck.checked_state()  # here, not in every actor that would load it
-        classifier = ck.classifier(state)  # its shapes only: the state may go next
+        state, heads, classifier = ck.checked_state()  # here, not in every actor
         if ck.files.weights.suffix == ".safetensors":
             blob = ck.files.weights.read_bytes()
         else:
@@ -348,7 +349,7 @@ def prepare(
     """Write a self-contained model dir; idempotent (same source and files: nothing rewritten)."""
     out = Path(out_dir)
     ck = open_checkpoint(source, variant, lowercase, revision)
-    state, heads = ck.checked_state()
+    state, heads, _ = ck.checked_state()
     identity = {
         "variant": ck.variant.name,
         "lowercase": ck.lowercase,
@@ -412,39 +413,3 @@ def integrity_problems(
             expected = digest if isinstance(digest, str) and len(digest) == 64 else shown(digest)
             problems.append(f"{name}: sha256 {actual}, the manifest expects {expected}")
     return problems
-
-
-def inspect(path: str | Path) -> dict[str, Any]:
-    """What a model dir holds: architecture, config, tokenizer, casing, heads, parameters,
-    sha256 per file, and where the config and the weights disagree (`contradictions`: the
-    layer count, missing, unexpected and mis-shaped tensors; empty when they agree)."""
-    ck = open_checkpoint(path, casing_required=False, verify=False)
-    state = ck.state()
-    files = [p for p in sorted(ck.files.root.iterdir()) if p.is_file()]
-    for p in files:
-        check_inside(p, ck.files.root)
-    digests = {p.name: sha256_file(p) for p in files}
-    c = ck.config
-    return {
-        "path": str(ck.files.root),
-        "architecture": c.model_type,
-        "variant": ck.variant.name,
-        "layers": c.num_hidden_layers,
-        "hidden": c.hidden_size,
-        "attention_heads": c.num_attention_heads,
-        "max_positions": c.max_position_embeddings,
-        **architectures.of(c).inspect_fields(c),
-        "tokenizer": ck.tokenizer_kind,
-        "lowercase": ck.lowercase,
-        "specials": ck.specials.to_dict(),
-        "tokenizer_notes": list(ck.tokenizer_notes),
-        "heads": W.heads_present(state, c),
-        "classifier": ck.classifier(state),
-        "parameters": sum(t.numel() for t in W.dedupe(state, ck.config).values()),
-        "contradictions": W.contradictions(state, c),
-        "config": c.to_dict(),
-        "source": (ck.files.manifest or {}).get("source"),
-        "prepared": ck.files.manifest is not None,
-        "integrity": integrity_problems(ck.files.root, ck.files.manifest, digests),
-        "sha256": digests,
-    }

@@ -163,16 +163,13 @@ def heads_present(names: Iterable[str], config: EncoderConfig) -> dict[str, bool
 def classifier_rows(state: dict[str, Any], config: EncoderConfig) -> int | None:
     """The number of labels of the checkpoint's classifier (its weight's rows); None when it
     has none (or a classifier weight that is not a matrix: `convert` names that one)."""
-    weight = rename(state, architectures.of(config))[0].get("classifier.weight")
-    shape = tuple(getattr(weight, "shape", ()))
+    return _rows(rename(state, architectures.of(config))[0])
+
+
+def _rows(ours: dict[str, Any]) -> int | None:
+    """classifier_rows of a state dict already renamed (`rename`)."""
+    shape = tuple(getattr(ours.get("classifier.weight"), "shape", ()))
     return int(shape[0]) if len(shape) == 2 else None
-
-
-def classifier_kind(state: dict[str, Any], config: EncoderConfig, source: str) -> str | None:
-    """`sequence` or `token`: what the checkpoint's classifier predicts (classify.task_head:
-    ValueError where the config contradicts it); None when it has no classifier."""
-    head = task_head(config.to_dict(), classifier_rows(state, config), source)
-    return None if head is None else head.kind
 
 
 def convert(
@@ -220,9 +217,10 @@ def contradictions(state: dict[str, torch.Tensor], config: EncoderConfig) -> lis
     ours, unexpected = rename(state, architectures.of(config))
     heads = _heads(ours)
     try:
-        kind = classifier_kind(state, config, "the config")
+        head = task_head(config.to_dict(), _rows(ours), "the config")
     except ValueError as e:  # the config's labels contradict the classifier
         return [str(e)]
+    kind = None if head is None else head.kind
     return _against_config(state, ours, unexpected, config, heads["pooler"], heads["mlm"], kind)[1]
 
 
@@ -239,7 +237,7 @@ def _against_config(
     shapes the config implies, plus the heads asked for; lists capped at MAX_LISTED."""
     arch = architectures.of(config)
     shapes = arch.expected_shapes(config)
-    heads = arch.head_shapes(config, classifier_rows(state, config) or 0)
+    heads = arch.head_shapes(config, _rows(ours) or 0)
     for name, wanted_head in (("pooler", pooler), ("mlm", mlm), (classifier, bool(classifier))):
         if wanted_head:
             shapes |= heads[name]

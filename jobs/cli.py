@@ -27,7 +27,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from clinicalbert_core.architectures import architecture
-    from clinicalbert_core.hub import inspect
+    from clinicalbert_core.inspection import inspect
 
     info = inspect(args.path)
     failed = 1 if info["integrity"] or info["contradictions"] else 0

@@ -299,8 +299,7 @@ def check_model(spec: JobSpec) -> list[str]:
     m = spec.model
     try:
         ck = open_checkpoint(source, m.variant, m.lowercase, revision, offline=True)
-        state, heads = ck.checked_state()
-        classifier = ck.classifier(state)
+        _, heads, classifier = ck.checked_state()
     except FileNotFoundError as e:
         return [f"model: not checked here ({e})"] if "cache" in str(e) else [f"model: {e}"]
     except (ValueError, RuntimeError) as e:

@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from test_spec import minimal_spec
 
-from clinicalbert_core.hub import inspect, prepare
+from clinicalbert_core.hub import prepare
+from clinicalbert_core.inspection import inspect
 from jobs.corpus import plan_shards, read_shard
 from jobs.notes import classify_batch
 from jobs.preflight import check_corpus

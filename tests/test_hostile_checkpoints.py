@@ -24,7 +24,8 @@ import torch
 
 from clinicalbert_core import checkpoint_limits as L
 from clinicalbert_core.architectures import load_config
-from clinicalbert_core.hub import MANIFEST, inspect, open_checkpoint, prepare, sha256_file
+from clinicalbert_core.hub import MANIFEST, open_checkpoint, prepare, sha256_file
+from clinicalbert_core.inspection import inspect
 from clinicalbert_core.weights import convert, read_state_dict
 from jobs.cli import main
 from jobs.synthetic import make_model, make_modernbert

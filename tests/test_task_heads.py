@@ -233,13 +233,19 @@ def test_verify_checks_the_classifier_columns(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_job_with_every_head_interrupted_and_resumed_equals_a_clean_run(tmp_path, ray_local):
-    """Vectors (the trained pooler), MLM at every position and the classifier from one encoder
-    pass, in a Ray job stopped after two shards and resumed: the output equals a clean run's."""
+@pytest.mark.parametrize("head", ["classify", "tokens"])
+def test_a_job_with_every_head_interrupted_and_resumed_equals_a_clean_run(
+    tmp_path, ray_local, head
+):
+    """Vectors, MLM at every position and the classifier (a sequence one: per note; a token
+    one: entities and the redacted note) from one encoder pass, in a Ray job stopped after two
+    shards and resumed: the output equals a clean run's."""
     from test_jobs import clean_run, interrupt_after, job, parquet_corpus, run
 
-    raw, _ = bert_classifier(tmp_path / "raw", transformers.BertForSequenceClassification,
-                             num_labels=1, max_position_embeddings=128)  # fmt: skip
+    cls = (transformers.BertForSequenceClassification if head == "classify" else
+           transformers.BertForTokenClassification)  # fmt: skip
+    raw, _ = bert_classifier(tmp_path / "raw", cls, num_labels=1 if head == "classify" else 5,
+                             max_position_embeddings=128)  # fmt: skip
     torch.manual_seed(1)
     mlm = transformers.BertForMaskedLM(hf_config(max_position_embeddings=128)).state_dict()
     state = load_file(raw / "model.safetensors")  # + an MLM head: every head in one checkpoint
@@ -250,7 +256,9 @@ def test_a_job_with_every_head_interrupted_and_resumed_equals_a_clean_run(tmp_pa
     model = prepare(raw, tmp_path / "model", variant="custom", lowercase=False)
     _, corpus = parquet_corpus(tmp_path, 30, group=5)
     heads = {"pooling": "pooler", "mlm": {"enabled": True, "positions": "all", "top_k": 2},
-             "classify": {"aggregate": "huang"}}  # fmt: skip
+             "classify": {"aggregate": "huang"}} if head == "classify" else {
+             "pooling": "cls", "mlm": {"enabled": True, "positions": "all", "top_k": 2},
+             "tokens": {"redact": True}}  # fmt: skip
     spec = job(tmp_path, model, corpus, heads=heads, run={"shard_rows": 5, "batch_rows": 5})
     with pytest.raises(KeyboardInterrupt):
         run(spec, tmp_path, on_result=interrupt_after(2))
@@ -259,13 +267,21 @@ def test_a_job_with_every_head_interrupted_and_resumed_equals_a_clean_run(tmp_pa
     parts = sorted((tmp_path / "out").glob("part-*.parquet"))
     resumed = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id")
     clean = clean_run(spec, tmp_path).sort_by("id")
-    assert resumed.column_names == clean.column_names and "class_scores" in clean.column_names
+    assert resumed.column_names == clean.column_names
+    wanted = ["class_scores"] if head == "classify" else ["entities", "text_redacted"]
+    assert set(wanted) <= set(clean.column_names)
+    if head == "tokens":
+        assert pc.sum(pc.list_value_length(clean["entities"])).as_py() > 30  # entities found
     for column in clean.column_names:
-        if column in ("embedding", "class_logits", "class_scores", "mlm_top_logprobs"):
+        if column in ("embedding", "class_logits", "class_scores", "mlm_top_logprobs", "entities"):
             a, b = resumed[column], clean[column]
             while pa.types.is_list(a.type) or pa.types.is_fixed_size_list(a.type):
                 assert pc.list_value_length(a).equals(pc.list_value_length(b)), column
                 a, b = pc.list_flatten(a), pc.list_flatten(b)
+            if pa.types.is_struct(a.type):  # entities: the same spans, scores within 1e-5
+                for field in ("start", "end", "label"):
+                    assert pc.struct_field(a, field).equals(pc.struct_field(b, field)), column
+                a, b = pc.struct_field(a, "score"), pc.struct_field(b, "score")
             np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5, err_msg=column)
         else:
             assert resumed[column].equals(clean[column]), column

@@ -217,3 +217,40 @@ def test_encoder_predictor_adds_entities_and_classes(tmp_path, checkpoints):
                            embeddings=False, max_seq=64)(batch)  # fmt: skip
     assert "embedding" not in out.column_names and out["labels"].null_count == 2
     assert len(out["class_scores"][0].as_py()) == 2
+
+
+@pytest.mark.parametrize("name", ["readmission", "deid"])
+def test_the_example_configs_run_on_the_demo_data(tmp_path, name):
+    """configs/readmission.yaml (a model in Huang's archive layout, read raw) and
+    configs/deid.yaml, as written, on `clinicalbert demo-data`'s corpus and models."""
+    import yaml
+    from test_jobs import clean_run
+
+    from jobs.cli import main
+
+    demo = tmp_path / "demo"
+    main(["demo-data", "--out", str(demo), "--notes", "20", "--hidden", "32"])
+    spec = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
+    spec["corpus"]["paths"] = [str(demo / "corpus" / "notes.parquet")]
+    spec["model"]["path"] = spec["model"]["path"].replace("../out/demo", str(demo))
+    out = clean_run(spec, tmp_path)
+    assert out.num_rows == pq.read_metadata(demo / "corpus" / "notes.parquet").num_rows - sum(
+        1 for c in pq.read_table(demo / "corpus" / "notes.parquet")["category"].to_pylist()
+        if "where" in spec["corpus"] and c != spec["corpus"]["where"]["category"]
+    )  # fmt: skip
+    if name == "readmission":
+        assert (raw := demo / "raw_readmission" / "pytorch_model.bin").is_file()
+        assert not (raw.parent / "config.json").exists()  # bert_config.json, as Huang's
+        scores = np.concatenate(out["class_scores"].to_numpy(zero_copy_only=False))
+        assert ((scores > 0) & (scores < 1)).all()
+    else:
+        from clinicalbert_core.redact import redact
+
+        corpus = pq.read_table(demo / "corpus" / "notes.parquet")
+        text = dict(zip(corpus["note_id"].to_pylist(), corpus["text"].to_pylist()))
+        found = out["entities"].to_pylist()
+        assert sum(map(len, found)) > out.num_rows  # the demo model tags a few tokens a note
+        assert out["text_redacted"].to_pylist() == [
+            redact(text[i], [(e["start"], e["end"], e["label"]) for e in es])
+            for i, es in zip(out["id"].to_pylist(), found)
+        ]
