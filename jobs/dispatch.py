@@ -50,15 +50,20 @@ class FailedShard:
     source: str  # the input file it reads
     row_groups: list[int]  # of the Parquet file it reads (the input, or its staged copy)
     rows: int  # input rows it covers
+    row_range: list[int] | None = None  # [start, stop) within its one row group, if a range
 
     @classmethod
     def of(cls, shard: Any, attempts: int, error: str) -> FailedShard:
-        return cls(shard.id, attempts, error, shard.source, list(shard.row_groups), shard.num_rows)
+        ranged = getattr(shard, "row_start", None) is not None
+        return cls(shard.id, attempts, error, shard.source, list(shard.row_groups), shard.num_rows,
+                   [shard.row_start, shard.row_stop] if ranged else None)  # fmt: skip
 
     def where(self) -> str:
         """One line naming the input (never its content)."""
         g = self.row_groups
         span = f"row group {g[0]}" if len(g) == 1 else f"row groups {g[0]}-{g[-1]}" if g else "-"
+        if self.row_range:
+            span = f"rows {self.row_range[0]:,}-{self.row_range[1] - 1:,} of {span}"
         return f"{self.source} ({span}, {self.rows:,} rows, shard {self.shard_id})"
 
 

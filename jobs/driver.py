@@ -26,13 +26,17 @@ from typing import Any
 from clinicalbert_core.hub import ModelBundle
 
 from .corpus import (
+    MapFn,
     RepeatedIds,
     Shard,
+    cached_verdict,
     clean_staging,
     idle_actors_warning,
     plan_shards,
     remove_staged,
     repeated_ids,
+    verdict_json,
+    verdict_key,
 )
 from .dispatch import Dispatcher, DispatchOutcome, Progress, Slot
 from .fs import private_files
@@ -54,6 +58,7 @@ from .watch import NODE_LOST_WAIT_S, LocalNode, Monitor, NodeLost
 
 log = logging.getLogger(__name__)
 OnResult = Callable[[ShardResult, Slot, list[Slot]], None]
+IDS_FILE = "_ids.json"  # the corpus's repeated-id verdict (corpus.verdict_key), kept for resumes
 
 
 @dataclass
@@ -159,35 +164,60 @@ def plan_job(
     committed = job.out.committed()
     map_fn = partial(ray_map, node=node, every_s=spec.run.progress_interval_s)
     try:
-        shards = plan_shards(spec.corpus, job.staging, spec.run.shard_rows, map_fn=map_fn)
+        shards = plan_shards(spec.corpus, job.staging, spec.run.shard_rows, map_fn=map_fn,
+                             committed=committed)  # fmt: skip
+        if limit is None and (idle := idle_actors_warning(shards, sum(p.actors for p in pools))):
+            log.warning("%s", idle)
+        shards = limit(shards) if limit is not None else shards
+        repeated = refuse_repeated_ids(spec, shards, job.out, map_fn)
     except NodeLost as e:  # nothing dispatched yet: Ray goes before its health check ends us
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
-    if limit is None and (idle := idle_actors_warning(shards, sum(p.actors for p in pools))):
-        log.warning("%s", idle)
-    shards = limit(shards) if limit is not None else shards
-    plan = Plan(job, pools, shards, committed, refuse_repeated_ids(spec, shards), node)
+    plan = Plan(job, pools, shards, committed, repeated, node)
     log.info("%d shards (%d rows), %d already committed, %d to run", len(shards),
              sum(s.num_rows for s in shards), len(shards) - len(plan.todo), len(plan.todo))  # fmt: skip
     return plan
 
 
-def refuse_repeated_ids(spec: JobSpec, shards: list[Shard]) -> RepeatedIds | None:
+def refuse_repeated_ids(
+    spec: JobSpec, shards: list[Shard], out: OutputDir, map_fn: MapFn = map
+) -> RepeatedIds | None:
     """The input's ids, each on one row: an id on several rows is refused (SpecError), unless
-    run.allow_duplicate_ids, which logs and returns them for the report."""
-    t0 = time.monotonic()
-    unreadable: list[str] = []
-    repeated = repeated_ids(shards, spec.corpus, unreadable)
-    log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
-    for line in unreadable:
-        log.warning("corpus: %s", line)
+    run.allow_duplicate_ids, which logs and returns them for the report. Each input file's ids
+    are read in a task of `map_fn` (the driver's Ray tasks); the verdict is kept in `out`
+    (IDS_FILE), so a resume over an unchanged corpus reads no id."""
+    repeated = checked_ids(spec, shards, out, map_fn)
     if repeated is None:
         return None
     if not spec.run.allow_duplicate_ids:
         raise SpecError([repeated_ids_problem(spec, repeated)])
     log.warning("%s; run.allow_duplicate_ids: every row is written",
                 repeated_ids_problem(spec, repeated, hint=False))  # fmt: skip
+    return repeated
+
+
+def checked_ids(
+    spec: JobSpec, shards: list[Shard], out: OutputDir, map_fn: MapFn = map
+) -> RepeatedIds | None:
+    """The corpus's repeated ids: the verdict `out` keeps for these shards and settings, or
+    one reached now and kept (unless a shard could not be read: it is read again next time)."""
+    key = verdict_key(shards, spec.corpus)
+    try:
+        found, repeated = cached_verdict(out.read_json(IDS_FILE), key, shards)
+    except ValueError:  # not JSON: reached again and kept anew
+        found, repeated = False, None
+    if found:
+        log.info("ids checked for repeats: the corpus is unchanged since a run that checked them")
+        return repeated
+    t0 = time.monotonic()
+    unreadable: list[str] = []
+    repeated = repeated_ids(shards, spec.corpus, unreadable, map_fn)
+    log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
+    for line in unreadable:
+        log.warning("corpus: %s", line)
+    if not unreadable and (verdict := verdict_json(key, repeated, shards)) is not None:
+        out.write_json(IDS_FILE, verdict)
     return repeated
 
 

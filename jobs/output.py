@@ -30,7 +30,7 @@ from .fs import TMP_PREFIX, delete, filesystem, names, write_atomic
 from .objectstore import abort_uploads
 from .parts import ERRORS_DIR, PART_PREFIX, PartWriter
 
-META_FILES = ("_job.json", "_report.json", "_SUCCESS")
+META_FILES = ("_job.json", "_report.json", "_SUCCESS", "_ids.json")
 LOCK_FILE = "_lock.json"
 
 

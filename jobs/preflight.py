@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -160,15 +161,16 @@ def repeated_ids_problem(spec: JobSpec, repeated: RepeatedIds, hint: bool = True
 
 def check_plan(spec: JobSpec) -> list[str]:
     """Parquet corpora (nothing to stage): the shards plan (every input gives the id and kept
-    columns one type), and every id is on one row unless allowed. `run` checks every format
-    once its inputs are staged."""
+    columns one type), and every id is on one row unless allowed (the files' ids read in
+    threads). `run` checks every format once its inputs are staged."""
     if FORMATS[spec.corpus.format].STAGED:
         return []
     unreadable: list[str] = []
     try:
         shards = plan_shards(spec.corpus, spec.staging_dir(), spec.run.shard_rows)
-        repeated = (None if spec.run.allow_duplicate_ids
-                    else repeated_ids(shards, spec.corpus, unreadable))  # fmt: skip
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            repeated = (None if spec.run.allow_duplicate_ids
+                        else repeated_ids(shards, spec.corpus, unreadable, pool.map))  # fmt: skip
     except (OSError, ValueError, pa.ArrowException) as e:
         return [f"corpus: {e}"]
     problems = [f"corpus: {line}" for line in unreadable]

@@ -836,10 +836,10 @@ def test_fewer_shards_than_actors_says_which_shard_rows_fills_them():
         ]
 
     assert idle_actors_warning(shards(10, 10, 10), 3) is None
-    small = idle_actors_warning(shards(10, 10), 8)  # groups of 10: 20 rows fill 8 actors at 2
+    small = idle_actors_warning(shards(10, 10), 8)  # groups of 10 are cut: 20 rows fill 8 at 2
     assert small == ("the plan has 2 shards for 8 actors: 6 of them would sit idle; "
-                     "run.shard_rows 2 gives each actor a shard, but a shard is at least one "
-                     "Parquet row group and the inputs have row groups of up to 10 rows: write "
-                     "them with smaller row groups (pyarrow's row_group_size)")  # fmt: skip
+                     "run.shard_rows 2 gives each actor a shard")  # fmt: skip
+    assert idle_actors_warning(shards(3, 2), 8).endswith("the corpus has 5 rows: at most 5 "
+                                                         "actors get one")  # fmt: skip
     grouped = [Shard("s", "a.parquet", (0, 1, 2, 3), 8, "a.parquet")]  # 4 groups of 2 rows
     assert idle_actors_warning(grouped, 4).endswith("run.shard_rows 2 gives each actor a shard")

@@ -254,3 +254,37 @@ def test_the_example_configs_run_on_the_demo_data(tmp_path, name):
             redact(text[i], [(e["start"], e["end"], e["label"]) for e in es])
             for i, es in zip(out["id"].to_pylist(), found)
         ]
+
+
+def test_verify_checks_the_entity_columns(tmp_path, checkpoints):
+    import pyarrow as pa
+    from test_jobs import clean_run
+
+    from jobs.rows import ENTITY_TYPE
+    from jobs.verify import verify_output
+
+    model = prepare(checkpoints["bert"][0], tmp_path / "model", variant="custom",
+                    lowercase=False)  # fmt: skip
+    clean_run(tokens_spec(tmp_path, model, redact=True), tmp_path)
+    out = tmp_path / "fresh" / "out"
+    before = verify_output(str(out))
+    assert not [f for f in before if "entities" in f or "text_redacted" in f]
+    path = sorted(out.glob("part-*.parquet"))[0]
+    part = pq.read_table(path)
+    rows = part["entities"].to_pylist()
+    k = next(i for i, r in enumerate(rows) if r)  # a row with entities
+    rows[k][0]["end"] = rows[k][0]["start"]  # an empty span
+    texts = part["text_redacted"].to_pylist()
+    texts[k - 1 if k else 1] = None
+    part = part.set_column(part.schema.get_field_index("entities"), "entities",
+                           pa.array(rows, ENTITY_TYPE))  # fmt: skip
+    part = part.set_column(part.schema.get_field_index("text_redacted"), "text_redacted",
+                           pa.array(texts, pa.string()))  # fmt: skip
+    pq.write_table(part.replace_schema_metadata(pq.ParquetFile(path).metadata.metadata), path)
+    found = sorted(f for f in verify_output(str(out)) if f not in before)
+    ids = part["id"].to_pylist()
+    assert found == [
+        f"{path.name}: 1 rows with a null or malformed value in entities, e.g. id {ids[k]!r}",
+        f"{path.name}: 1 rows with a null or malformed value in text_redacted, e.g. id "
+        f"{ids[k - 1 if k else 1]!r}",
+    ]

@@ -3,8 +3,9 @@
 Every input ends up as Parquet row groups. Parquet inputs are read in place; jsonl, csv and
 text inputs (plain or compressed, e.g. `.gz`) are staged once into Parquet files under a
 staging dir, with row groups of `shard_rows` rows. A `Shard` is a deterministic slice of one
-Parquet file: a run of its row groups, optionally cut at `row_limit` rows (only for
-`corpus.limit`). Paths are local paths or URIs `pyarrow.fs` understands.
+Parquet file: a run of its row groups or a row range of one larger than `shard_rows`,
+optionally cut at `row_limit` rows (only for `corpus.limit`). Paths are local paths or URIs
+`pyarrow.fs` understands.
 
 Pure functions, no Ray: the driver passes its own `map_fn` to `plan_shards` to stage sources in
 parallel tasks, and actors call `read_shard`. Nothing here logs or raises with note text.
@@ -16,11 +17,11 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
     staging.py   a Source -> a ParquetInput (staged once, atomically); cleaning up
     shards.py    plan_shards, read_shard
     values.py    column checks, text layouts, missing ids, `where`, cutting by bytes
-    ids.py       repeated ids
+    ids.py       repeated ids; idscan.py: the hashing scan it shares with `verify`
 """
 
 from .formats import FORMATS
-from .ids import RepeatedIds, repeated_ids
+from .ids import MapFn, RepeatedIds, cached_verdict, repeated_ids, verdict_json, verdict_key
 from .listing import OWN_DIR_MARKERS, list_sources
 from .shards import ShardReader, idle_actors_warning, limit_shards, plan_shards, read_shard
 from .staging import STAGING_MARKER, clean_staging, remove_staged, stage_source
@@ -39,6 +40,7 @@ from .values import (
 
 __all__ = [
     "FORMATS",
+    "MapFn",
     "OWN_DIR_MARKERS",
     "ROW_REASON",
     "STAGING_MARKER",
@@ -49,6 +51,7 @@ __all__ = [
     "ShardReader",
     "Source",
     "as_plain_text",
+    "cached_verdict",
     "check_columns",
     "clean_staging",
     "cut_by_bytes",
@@ -63,5 +66,7 @@ __all__ = [
     "repeated_column",
     "repeated_ids",
     "stage_source",
+    "verdict_json",
+    "verdict_key",
     "where_mask",
 ]

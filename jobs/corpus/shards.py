@@ -1,5 +1,6 @@
 """Shard planning and reading: a `Shard` is a deterministic slice of one Parquet file, a run of
-its row groups, optionally cut at `row_limit` rows (only for `corpus.limit`).
+its row groups or a row range of one row group larger than `shard_rows`, optionally cut at
+`row_limit` rows (only for `corpus.limit`).
 
 Pure functions, no Ray: the driver passes its own `map_fn` to `plan_shards` to stage sources in
 parallel tasks, and actors call `read_shard`. Nothing here logs or raises with note text.
@@ -7,7 +8,8 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -32,16 +34,19 @@ from .values import (
     where_mask,
 )
 
+RANGE_BUFFER = 8 << 20  # bytes a row range's reader buffers per column while it streams pages
+
 
 class ShardReader(Iterator[pa.RecordBatch]):
     """Iterates a shard's record batches; `rows_in` and `rows_filtered` count as it goes.
 
     Each batch has columns `id`, `text`, the keep columns (input names and types), for staged
     CSV `_undecodable` (the id/kept columns whose value in that row was not UTF-8), and
-    `row_index` (int64, the row's position within the shard, before `where`). Rows failing
-    `where` are dropped and counted in `rows_filtered`; when exhausted,
-    rows_in = rows yielded + rows_filtered. Text is passed through as stored: it may be
-    null, empty, binary (staged csv/text inputs always are) or not text at all.
+    `row_index` (int64, the row's position within the shard, before `where`: for a row range,
+    counted from the range's first row). Rows failing `where` are dropped and counted in
+    `rows_filtered`; when exhausted, rows_in = rows yielded + rows_filtered. Text is passed
+    through as stored: it may be null, empty, binary (staged csv/text inputs always are) or
+    not text at all.
     """
 
     def __init__(
@@ -62,20 +67,10 @@ class ShardReader(Iterator[pa.RecordBatch]):
         shard, corpus = self.shard, self.corpus
         columns = corpus.read_columns()
         keep = list(corpus.keep_columns)
-        limit = shard.num_rows
-        fs, path = filesystem(shard.path)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
+        with open_shard(shard) as pf:
             check_columns(pf.schema_arrow.names, corpus, shard.path)
             marks = [c for c in (UNDECODABLE, ROW_REASON) if c in pf.schema_arrow.names]
-            batches = pf.iter_batches(
-                batch_size=self.batch_rows, row_groups=list(shard.row_groups),
-                columns=[*columns, *marks],
-            )  # fmt: skip
-            for batch in batches:
-                if self.rows_in >= limit:
-                    break
-                batch = batch.slice(0, limit - self.rows_in)
+            for batch in shard_batches(pf, shard, [*columns, *marks], self.batch_rows):
                 n, start = batch.num_rows, self.rows_in
                 self.rows_in += n
                 out = pa.RecordBatch.from_arrays(
@@ -108,6 +103,40 @@ def read_shard(
     return ShardReader(shard, corpus, batch_rows, batch_bytes)
 
 
+@contextmanager
+def open_shard(shard: Shard) -> Iterator[pq.ParquetFile]:
+    """The Parquet file a shard reads. A row range's reader streams its row group's pages
+    (no pre-buffering, a buffered stream) so that it stops at the range's end and never holds
+    the whole group: the N ranges of a group read (N + 1) / 2 times its bytes in all, not N."""
+    fs, path = filesystem(shard.path)
+    with fs.open_input_file(path) as f:
+        if shard.row_start is None:
+            yield pq.ParquetFile(f)
+        else:
+            yield pq.ParquetFile(f, pre_buffer=False, buffer_size=RANGE_BUFFER)
+
+
+def shard_batches(
+    pf: pq.ParquetFile, shard: Shard, columns: list[str], batch_rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """`columns` of the shard's rows as record batches of at most `batch_rows` rows, in order:
+    its row groups' rows from `row_start` (a row range), `num_rows` of them (the range's end,
+    or `row_limit`). The rows before a range are decoded and dropped: pyarrow reads no row
+    range within a row group (no page index selection)."""
+    skip, left = shard.row_start or 0, shard.num_rows
+    batches = pf.iter_batches(batch_size=batch_rows, row_groups=list(shard.row_groups),
+                              columns=columns)  # fmt: skip
+    for batch in batches:
+        if left <= 0:
+            break
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch = batch.slice(skip, left)
+        skip, left = 0, left - batch.num_rows
+        yield batch
+
+
 def plan_shards(
     corpus: CorpusSpec,
     staging_dir: str,
@@ -115,15 +144,17 @@ def plan_shards(
     map_fn: Callable[
         [Callable[[Source], ParquetInput], Iterable[Source]], Iterable[ParquetInput]
     ] = map,
+    committed: Collection[str] = frozenset(),
 ) -> list[Shard]:
     """List the corpus, stage what needs it, and cut it into shards, in a deterministic order.
 
     map_fn(fn, sources) must return fn's results in order (the builtin `map`, or the driver's
     parallel map over Ray tasks; `fn` pickles). Inputs: spec path order, then sorted within a
     dir or glob; a file matched twice is used once. Parquet row groups are grouped greedily up
-    to `shard_rows` rows (a larger row group is a shard of its own). `corpus.limit`: shards are
-    kept in order until N rows pass `where`; the shard crossing the limit gets a `row_limit`
-    (input rows to read) and later shards are dropped.
+    to `shard_rows` rows; a larger row group is cut into row ranges of about `shard_rows` rows,
+    unless `committed` (the shard ids an earlier run's output holds) has it whole. `corpus.limit`:
+    shards are kept in order until N rows pass `where`; the shard crossing the limit gets a
+    `row_limit` (input rows to read) and later shards are dropped.
     """
     sources = list_sources(corpus, shard_rows)
     fn = partial(
@@ -131,24 +162,60 @@ def plan_shards(
     )
     inputs = list(map_fn(fn, sources))
     check_column_types(inputs)
-    shards = [s for parquet in inputs for s in _split(parquet, shard_rows)]
+    shards = [s for parquet in inputs for s in _split(parquet, shard_rows, committed)]
     return shards if corpus.limit is None else limit_shards(shards, corpus)
 
 
-def _split(parquet: ParquetInput, shard_rows: int) -> list[Shard]:
-    """Group consecutive row groups greedily into shards of at most `shard_rows` rows."""
+def _split(parquet: ParquetInput, shard_rows: int, committed: Collection[str]) -> list[Shard]:
+    """Group consecutive row groups greedily into shards of at most `shard_rows` rows; a
+    larger row group (with the empty groups before it) is cut into row ranges, or kept whole
+    where `committed` holds it whole (an output of a plan that did not cut row groups: its
+    part has those rows once; ranges of it would write them twice)."""
+    shards = []
+    for g, n in _greedy(parquet.row_group_rows, shard_rows):
+        whole = _shard(parquet.path, parquet.identity, g, n, parquet.source)
+        if n <= shard_rows:
+            shards.append(whole)
+            continue
+        big = max(g, key=lambda i: parquet.row_group_rows[i])  # the others hold no row
+        ranges = _ranges(parquet, big, n, shard_rows)
+        if whole.id not in committed:
+            shards += ranges
+        elif also := [r.id for r in ranges if r.id in committed]:
+            raise ValueError(
+                f"{parquet.source}: row group {big}: the output holds its rows twice, in part "
+                f"{whole.id} (the whole row group) and in part {also[0]} (a row range of it, "
+                f"{len(also)} such part{'s' * (len(also) != 1)}): delete the parts of the row "
+                f"ranges (part-<shard>.parquet and _errors/part-<shard>.parquet) and run again"
+            )  # fmt: skip
+        else:
+            shards.append(whole)
+    return shards
+
+
+def _greedy(row_group_rows: tuple[int, ...], shard_rows: int) -> list[tuple[tuple[int, ...], int]]:
+    """(row groups, rows) of consecutive row groups grouped greedily up to `shard_rows` rows;
+    a larger row group is alone (but for empty groups before it); runs without rows left out."""
     groups: list[list[int]] = []
     rows: list[int] = []
-    for i, n in enumerate(parquet.row_group_rows):
+    for i, n in enumerate(row_group_rows):
         if not groups or (rows[-1] and rows[-1] + n > shard_rows):
             groups.append([])
             rows.append(0)
         groups[-1].append(i)
         rows[-1] += n
+    return [(tuple(g), n) for g, n in zip(groups, rows) if n]
+
+
+def _ranges(parquet: ParquetInput, group: int, rows: int, shard_rows: int) -> list[Shard]:
+    """Row group `group` (`rows` rows) cut into the fewest row ranges of at most `shard_rows`
+    rows, balanced: 25,000 rows at 10,000 -> 8,334 + 8,333 + 8,333."""
+    k = -(-rows // shard_rows)
+    sizes = [rows // k + (i < rows % k) for i in range(k)]
+    stops = np.cumsum(sizes).tolist()
     return [
-        _shard(parquet.path, parquet.identity, tuple(g), n, parquet.source)
-        for g, n in zip(groups, rows)
-        if n
+        _shard(parquet.path, parquet.identity, (group,), n, parquet.source, None, stop - n, stop)
+        for n, stop in zip(sizes, stops)
     ]
 
 
@@ -159,28 +226,31 @@ def _shard(
     num_rows: int,
     source: str,
     row_limit: int | None = None,
+    row_start: int | None = None,
+    row_stop: int | None = None,
 ) -> Shard:
-    shard_id = digest([identity, list(row_groups), row_limit])[:16]
-    return Shard(shard_id, path, row_groups, num_rows, source, row_limit)
+    """A shard and its id; a shard of whole row groups keeps the id it always had."""
+    key = [identity, list(row_groups), row_limit]
+    if row_start is not None:
+        key.append([row_start, row_stop])
+    shard_id = digest(key)[:16]
+    return Shard(shard_id, path, row_groups, num_rows, source, row_limit, row_start, row_stop)
 
 
 def idle_actors_warning(shards: list[Shard], actors: int) -> str | None:
-    """None when the plan has a shard for every one of `actors`; else what to change. A shard
-    is never smaller than a Parquet row group, so where the row groups are larger than the
-    shard_rows that would fill the actors, the files' row groups are what to change."""
+    """None when the plan has a shard for every one of `actors`; else what to change. Every
+    shard of a plan holds at most `shard_rows` rows (row groups larger are cut into row
+    ranges), so shard_rows = rows // actors gives at least `actors` shards, whatever the
+    inputs' row groups."""
     if len(shards) >= actors:
         return None
     rows = sum(s.num_rows for s in shards)
-    fill = max(1, rows // actors)
     n = len(shards)
     line = (f"the plan has {n:,} shard{'s' * (n != 1)} for {actors:,} actors: {actors - n:,} of "
-            f"them would sit idle; run.shard_rows {fill:,} gives each actor a shard")  # fmt: skip
-    largest = max((s.num_rows for s in shards if len(s.row_groups) == 1), default=0)
-    if largest > fill:
-        line += (f", but a shard is at least one Parquet row group and the inputs have row "
-                 f"groups of up to {largest:,} rows: write them with smaller row groups "
-                 f"(pyarrow's row_group_size)")  # fmt: skip
-    return line
+            f"them would sit idle")  # fmt: skip
+    if rows < actors:
+        return line + f"; the corpus has {rows:,} rows: at most {rows:,} actors get one"
+    return line + f"; run.shard_rows {rows // actors:,} gives each actor a shard"
 
 
 def limit_shards(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
@@ -195,7 +265,8 @@ def limit_shards(shards: list[Shard], corpus: CorpusSpec) -> list[Shard]:
             continue
         cut = int(passing[remaining - 1]) + 1
         if cut < shard.num_rows:  # the uncut shard's id already hashes the file identity
-            shard = _shard(shard.path, shard.id, shard.row_groups, cut, shard.source, cut)
+            shard = _shard(shard.path, shard.id, shard.row_groups, cut, shard.source, cut,
+                           shard.row_start, shard.row_stop)  # fmt: skip
         kept.append(shard)
         break
     return kept
@@ -205,11 +276,9 @@ def _passing_rows(shard: Shard, corpus: CorpusSpec) -> np.ndarray:
     """Positions (within the shard) of the rows that pass `where`."""
     if not corpus.where:
         return np.arange(shard.num_rows)
-    fs, path = filesystem(shard.path)
     masks = []
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+    with open_shard(shard) as pf:
         check_columns(pf.schema_arrow.names, corpus, shard.path)
-        for batch in pf.iter_batches(row_groups=list(shard.row_groups), columns=list(corpus.where)):
+        for batch in shard_batches(pf, shard, list(corpus.where)):
             masks.append(where_mask(batch, corpus.where, shard.path).to_numpy(zero_copy_only=False))
     return np.flatnonzero(np.concatenate(masks)) if masks else np.arange(0)

@@ -37,14 +37,17 @@ class ParquetInput:
 
 @dataclass(frozen=True)
 class Shard:
-    """A deterministic slice of one Parquet file; plain fields, cheap to ship to actors."""
+    """A deterministic slice of one Parquet file: a run of its row groups, or a row range of
+    one row group larger than `shard_rows`; plain fields, cheap to ship to actors."""
 
-    id: str  # hex hash of (file identity: path/size/mtime, row_groups, row_limit)
+    id: str  # hex hash of (file identity, row_groups, row_limit[, row_start, row_stop])
     path: str  # Parquet file to read (local path or URI)
     row_groups: tuple[int, ...]
     num_rows: int  # input rows the shard covers (before `where`)
     source: str  # the original input path, for reports
     row_limit: int | None = None  # read only the first row_limit rows (set by corpus.limit)
+    row_start: int | None = None  # a row range: rows [row_start, row_stop) of its one row
+    row_stop: int | None = None  # group; None for both when it covers whole row groups
 
 
 def digest(parts: Any) -> str:
