@@ -95,8 +95,9 @@ class Dispatcher:
         on_result: Callable[[ShardResult, Slot], None] | None = None,
         on_tick: Callable[[], None] | None = None,
         ray_api: Any = None,
+        probe: Callable[[Any], Any] | None = None,
     ):
-        self.slots, self.submit, self.restart = slots, submit, restart
+        self.slots, self.submit, self.restart, self.probe = slots, submit, restart, probe
         self.max_attempts, self.max_in_flight, self.max_restarts = (
             max_attempts, max_in_flight, max_restarts,
         )  # fmt: skip
@@ -109,20 +110,38 @@ class Dispatcher:
         # one entry per free place of a slot (idle slots' places first): filling costs one
         # step per shard dispatched, whatever the number of slots
         self.places: deque[Slot] = deque(s for s in slots for _ in range(max_in_flight))
+        # restarted actors not yet constructed: `probe(handle)`'s ref -> (slot, handle); such
+        # a slot gets places only once it answers (a replacement with no room on the cluster
+        # left, e.g. after a lost node, never holds shards the others could run)
+        self.starting: dict[Any, tuple[Slot, Any]] = {}
         self.outcome = DispatchOutcome([], [], 0, 0)
         self.death = ""  # how the last actor that died died
 
-    def run(self, shards: Sequence[Any]) -> DispatchOutcome:
+    def run(
+        self, shards: Sequence[Any], more: Callable[[float], list[Any] | None] | None = None
+    ) -> DispatchOutcome:
         """Run every shard (retried up to max_attempts); returns what happened. `outcome`
-        holds the results so far should this raise (Ctrl-C, an on_tick/on_result error)."""
+        holds the results so far should this raise (Ctrl-C, an on_tick/on_result error).
+
+        `more(timeout_s)`: shards that became ready since the last call (pipelined staging),
+        waiting up to `timeout_s` for some when nothing else is to be waited on; None once
+        no more will come. The run ends when those are done too."""
         self.pending = deque((s, 1) for s in shards)  # `outcome`: so far, also if interrupted
-        while self.pending or self.in_flight:
+        while self.pending or self.in_flight or more is not None:
             self._fill()
-            if not self.in_flight:  # shards left but no live actor to run them
+            if not self.in_flight and not self.starting and self.pending:  # no live actor
                 self._fail_pending()
                 break
-            for ref in self._finished():
-                self._collect(ref)
+            if self.in_flight or self.starting:
+                for ref in self._finished():
+                    if ref in self.starting:
+                        self._started(ref)
+                    else:
+                        self._collect(ref)
+            if more is not None and (new := more(0.0 if self.in_flight else 1.0)) is not None:
+                self.pending.extend((s, 1) for s in new)
+            elif more is not None:
+                more = None
             if self.on_tick:
                 self.on_tick()
         return self.outcome
@@ -130,7 +149,7 @@ class Dispatcher:
     def _finished(self) -> list[Any]:
         """The shard tasks that have ended: waits up to a second for one, then takes every
         other that has ended too without waiting (one round per burst of results)."""
-        ready, rest = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+        ready, rest = self.ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=1.0)
         if ready and rest:
             more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
@@ -183,15 +202,41 @@ class Dispatcher:
             self._retry_or_fail(shard, attempt, self.death)
         if handle is not slot.handle or not slot.alive:  # not the first news of this death
             return
+        self._restart(slot)
+
+    def _restart(self, slot: Slot) -> None:
+        """A new actor for a slot whose actor died, up to max_restarts; its places come once
+        it answers `probe` (at once without a probe)."""
         slot.alive, slot.in_flight = False, 0
-        if slot.restarts < self.max_restarts:
-            slot.handle, slot.alive = self.restart(slot), True
-            slot.restarts += 1
-            self.places.extend([slot] * self.max_in_flight)
-            self.outcome.actor_restarts += 1
-            log.warning("%s; restarted (%d)", self.death, slot.restarts)
-        else:
+        self.places = deque(p for p in self.places if p is not slot)  # the dead actor's
+        if slot.restarts >= self.max_restarts:
             log.error("%s; restarted %d times already: left out", self.death, slot.restarts)
+            return
+        slot.handle, slot.alive = self.restart(slot), True
+        slot.restarts += 1
+        self.outcome.actor_restarts += 1
+        log.warning("%s; restarted (%d)", self.death, slot.restarts)
+        if self.probe is None:
+            self.places.extend([slot] * self.max_in_flight)
+        else:
+            self.starting[self.probe(slot.handle)] = (slot, slot.handle)
+
+    def _started(self, ref: Any) -> None:
+        """A restarted actor answered its probe: its slot takes shards; or it could not
+        start: restarted again (up to max_restarts)."""
+        from ray.exceptions import RayActorError
+
+        slot, handle = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except RayActorError as e:
+            if handle is slot.handle and slot.alive:
+                why = message_line(e, last=True) or type(e).__name__
+                self.death = f"actor {slot.name} could not start: {why}"
+                self._restart(slot)
+            return
+        if handle is slot.handle:
+            self.places.extend([slot] * self.max_in_flight)
 
     def _retry_or_fail(self, shard: Any, attempt: int, error: str) -> None:
         if attempt < self.max_attempts:
@@ -240,11 +285,13 @@ class Progress:
         stream: Any = None,
         total_shards: int = 0,
         poll: Callable[[], list[dict[str, Any]]] | None = None,
+        staging: bool = False,
     ):
         """poll(): counts of the shards in progress (rows_in, rows_out, error_rows,
-        filtered_rows), so the line moves inside long shards too."""
+        filtered_rows), so the line moves inside long shards too. `staging`: the totals are
+        what is staged so far, and grow (`grow`) until staging ends."""
         self.total, self.interval, self.total_shards = total_rows, interval_s, total_shards
-        self.poll = poll
+        self.poll, self.staging = poll, staging
         self.partial: list[dict[str, Any]] = []
         self.stream = stream or sys.stderr
         self.rows = self.notes = self.errors = self.filtered = self.shards = 0
@@ -255,7 +302,18 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_rows, unit="note", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total_rows, unit="note", file=self.stream, dynamic_ncols=True,
+                            desc="staging" if staging else None)  # fmt: skip
+
+    def grow(self, rows: int, shards: int, staging: bool) -> None:
+        """More rows and shards to run (a staged chunk's); `staging`: more may come."""
+        self.total += rows
+        self.total_shards += shards
+        self.staging = staging
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.set_description("staging" if staging else None)
+            self.bar.refresh()
 
     def update(self, result: ShardResult, slot: Slot | None = None) -> None:
         self.partial = []  # a committed shard's counts are in the totals now
@@ -285,13 +343,18 @@ class Progress:
         rate = rows / elapsed
         eta = (self.total - rows) / rate if rate > 0 else float("nan")
         pct = 100 * rows / self.total if self.total else 100.0
+        more = "+" if self.staging else ""  # while staging: the totals staged so far
+        left = fmt_duration(eta)
+        left = f">{left}" if self.staging and left != "-" else left
         return (
-            f"progress: {rows:,}/{self.total:,} rows ({pct:.1f}%): "
+            f"progress: {rows:,}/{self.total:,}{more} rows ({pct:.1f}%"
+            f"{' of those staged so far; staging' if self.staging else ''}): "
             f"{self.notes + part('rows_out'):,} notes written, "
             f"{self.errors + part('error_rows'):,} error rows, "
             f"{self.filtered + part('filtered_rows'):,} filtered; shards "
             f"{self.shards:,}/{self.total_shards:,}; {rate:,.1f} rows/s; "
-            f"{self._rates() or 'no shard done yet'}; elapsed {elapsed:,.0f}s, ETA {fmt_duration(eta)}"
+            f"{self._rates() or 'no shard done yet'}; elapsed {elapsed:,.0f}s, "
+            f"ETA {left}"
         )
 
     def tick(self) -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -45,6 +45,7 @@ from .lock import OutputLock
 from .model import load_bundle
 from .output import OutputDir
 from .parts import ShardResult
+from .pipeline import StagingFeed, start_feed
 from .preflight import (
     check_corpus,
     check_output,
@@ -85,6 +86,8 @@ class Plan:
     committed: set[str]  # shard ids committed by earlier runs
     repeated: RepeatedIds | None  # ids on several rows (run.allow_duplicate_ids)
     node: LocalNode  # the driver's own Ray node, watched while the job runs
+    staged: list[str] = field(default_factory=list)  # staged chunk files, removed when done
+    feed: StagingFeed | None = None  # inputs still staging: their shards join while it runs
 
     @property
     def todo(self) -> list[Shard]:
@@ -163,9 +166,15 @@ def plan_job(
     clean_staging(job.staging)  # what a killed staging run left
     committed = job.out.committed()
     map_fn = partial(ray_map, node=node, every_s=spec.run.progress_interval_s)
+    staged: list[str] = []
     try:
+        if limit is None and (feed := start_feed(spec, job.staging, committed, node)):
+            plan = Plan(job, pools, feed.first(), committed, None, node, feed.staged, feed)
+            log.info("%d shards staged so far, %d of them to run; the rest run as staging "
+                     "commits them", len(plan.shards), len(plan.todo))  # fmt: skip
+            return plan
         shards = plan_shards(spec.corpus, job.staging, spec.run.shard_rows, map_fn=map_fn,
-                             committed=committed)  # fmt: skip
+                             committed=committed, staged=staged)  # fmt: skip
         if limit is None and (idle := idle_actors_warning(shards, sum(p.actors for p in pools))):
             log.warning("%s", idle)
         shards = limit(shards) if limit is not None else shards
@@ -174,7 +183,7 @@ def plan_job(
         ray.shutdown()
         e.shards = (len(committed), None)
         raise
-    plan = Plan(job, pools, shards, committed, repeated, node)
+    plan = Plan(job, pools, shards, committed, repeated, node, staged)
     log.info("%d shards (%d rows), %d already committed, %d to run", len(shards),
              sum(s.num_rows for s in shards), len(shards) - len(plan.todo), len(plan.todo))  # fmt: skip
     return plan
@@ -232,11 +241,13 @@ def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
     cpus = actor_cpus(plan.pools, ray.nodes())  # the cluster's nodes read once, not per actor
     start = partial(start_actor, bundle_ref=ray.put(job.bundle), spec=spec,
                     spec_hash=job.spec_hash, cpus=cpus)  # fmt: skip
-    slots = [Slot(p.name, i, start(p, i)) for p in plan.pools for i in range(p.actors) if todo]
+    work = todo or plan.feed is not None  # (shards of chunks still staging: actors wait for them)
+    slots = [Slot(p.name, i, start(p, i)) for p in plan.pools for i in range(p.actors) if work]
     pool_of = {p.name: p for p in plan.pools}
     monitor = Monitor(slots, spec.run.stall_timeout_s, min(spec.run.progress_interval_s, 5.0))
     progress = Progress(sum(s.num_rows for s in todo), spec.run.progress_interval_s,
-                        total_shards=len(todo), poll=monitor.partials)  # fmt: skip
+                        total_shards=len(todo), poll=monitor.partials,
+                        staging=plan.feed is not None)  # fmt: skip
     gate = start_gate()
 
     def tick() -> None:
@@ -256,10 +267,12 @@ def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
         slots, submit=partial(_submit, gate),
         restart=lambda slot: start(pool_of[slot.pool], slot.index),
         max_attempts=spec.run.max_shard_attempts, on_result=result_hook, on_tick=tick,
+        probe=lambda handle: handle.describe.remote(),
     )  # fmt: skip
     dispatcher.outcome.stalls = monitor.stalls  # the report's, also when stopped midway
+    more = None if plan.feed is None else partial(_staged_more, plan, progress)
     try:
-        outcome = dispatcher.run(todo)
+        outcome = dispatcher.run(todo, more)
     except BaseException as e:  # Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C), a lost node
         _stop(plan, dispatcher, progress, gate, e)  # or output lock, a driver error
         raise
@@ -267,6 +280,28 @@ def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
     if job.lock.lost:  # lost after the last shard: the output is the new holder's now
         raise RuntimeError(job.lock.lost)
     return outcome
+
+
+def _staged_more(plan: Plan, progress: Progress, timeout_s: float) -> list[Shard] | None:
+    """The shards of chunks committed since (pipelined staging), joined to the plan and the
+    progress; None once staging has ended. When it ends, the shards are put in plan order
+    and, with run.allow_duplicate_ids, the repeated ids counted for the report."""
+    feed = plan.feed
+    assert feed is not None
+    if feed.done:
+        return None
+    new = feed.poll(timeout_s)
+    plan.shards += new
+    todo = [s for s in new if s.id not in plan.committed]
+    progress.grow(sum(s.num_rows for s in todo), len(todo), staging=not feed.done)
+    if feed.done:
+        plan.shards[:] = feed.intake.shards()
+        spec = plan.job.spec
+        log.info("staging done: %d shards (%d rows)", len(plan.shards),
+                 sum(s.num_rows for s in plan.shards))  # fmt: skip
+        if spec.run.allow_duplicate_ids:  # read in this process: the actors hold the CPUs
+            plan.repeated = refuse_repeated_ids(spec, plan.shards, plan.job.out)
+    return todo
 
 
 def _submit(gate: Any, handle: Any, shard: Shard) -> Any:
@@ -286,6 +321,8 @@ def _stop(
     import ray
 
     lost = isinstance(stopped, NodeLost)
+    if plan.feed is not None:  # no chunk is staged for a run that has stopped
+        plan.feed.close()
     if stopped is not None:  # after a lost node the gate's process outlives its raylet:
         # closed, it grants nothing; unanswered, there is no gate either
         done, _ = ray.wait([gate.close.remote()], timeout=NODE_LOST_WAIT_S if lost else None)
@@ -329,8 +366,9 @@ def finish(plan: Plan, outcome: DispatchOutcome) -> Report:
     report = report_of(plan, outcome)
     report.empty = empty_reason(report, job.spec.run.allow_empty)
     job.out.write_json("_report.json", report.to_json())
-    if not outcome.failed and report.empty is None:
+    staged = plan.feed is None or plan.feed.done  # (a run left with no actor stops staging)
+    if not outcome.failed and report.empty is None and staged:
         job.out.mark_success()
-        if not job.spec.run.keep_staged:
-            remove_staged(job.staging, plan.shards)
+        if not job.spec.run.keep_staged:  # every staged file of the plan, the limit's too
+            remove_staged(job.staging, plan.staged)
     return report

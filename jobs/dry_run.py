@@ -4,7 +4,8 @@ The sample is the first `run.dry_run_notes` notes of the corpus (in shard order)
 spec's pools shrunk to this machine (GPU or Apple GPU pools are skipped where there is none)
 into a scratch output dir, which is removed afterwards. What comes back: the sample's rates
 and token lengths, and the projected wall time of the whole corpus per pool of the spec at its
-full size. Staged inputs go where the real job stages them, so the real run reuses them.
+full size, and staging's rate and the whole corpus's staging time. Staged inputs go where the
+real job stages them, so the real run reuses them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 from clinicalbert_core.limits import body_tokens
 
 from .corpus import Shard, idle_actors_warning, limit_shards
+from .corpus.staging import staging_times
 from .dispatch import fmt_duration
 from .driver import Plan, execute, open_job, plan_job, report_of
 from .launch import connect
@@ -49,6 +51,7 @@ def dry_run_job(spec: JobSpec, on_result: Any = None) -> dict[str, Any]:
             outcome = execute(plan, on_result)
             report = report_of(plan, outcome)
             report.dry_run = summary(spec, full, report.to_json(), _note_tokens(plan))
+            report.dry_run["staging"] = staging_summary(staging_times(plan.staged))
         return report.to_json()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the sample's scratch output
@@ -168,6 +171,23 @@ def _projection(spec: JobSpec, report: dict[str, Any], corpus_tokens: float) -> 
     return {"projection": projection, "projected_hours_all_measured_pools": together}
 
 
+def staging_summary(times: list[dict[str, float]]) -> dict[str, Any] | None:
+    """Staging's rate per task (the input's bytes as stored, .gz compressed; and the Arrow
+    bytes read), measured staging each input (by this dry run, or as its completion marker
+    recorded), and the whole corpus's staging time on the real run: with a task per input,
+    the slowest input's; in one task, their sum. None where nothing is staged (Parquet)."""
+    if not times:
+        return None
+    seconds = sum(t["seconds"] for t in times) or 1e-9
+    mb = lambda key: sum(t[key] for t in times) / 1e6  # noqa: E731
+    return {
+        "inputs": len(times), "input_mb": mb("input_bytes"), "data_mb": mb("data_bytes"),
+        "input_mb_per_s": mb("input_bytes") / seconds, "data_mb_per_s": mb("data_bytes") / seconds,
+        "projected_s_task_per_input": max(t["seconds"] for t in times),
+        "projected_s_one_task": seconds,
+    }  # fmt: skip
+
+
 def print_dry_run(report: dict[str, Any]) -> None:
     d = report["dry_run"]
     print(f"dry run sample: {d['sampled_notes']:,} notes ({d['sampled_rows']:,} rows), "
@@ -181,6 +201,12 @@ def print_dry_run(report: dict[str, Any]) -> None:
           f"{d['shards']:,} shards")  # fmt: skip
     if d["idle_actors"]:
         print(f"  warning: {d['idle_actors']}")
+    if s := d.get("staging"):
+        print(f"  staging: {s['input_mb_per_s']:,.1f} MB/s of input per task ({s['data_mb_per_s']:,.1f} "
+              f"MB/s of the columns read), {s['input_mb']:,.1f} MB in {s['inputs']:,} inputs: "
+              f"{fmt_duration(s['projected_s_task_per_input'])} with a task per input, "
+              f"{fmt_duration(s['projected_s_one_task'])} in one; encoding starts with the "
+              "first chunk staged")  # fmt: skip
     for name, p in d["projection"].items():
         if not p["measured"]:
             print(f"  pool {name}: not measured here (its device is not on this machine)")

@@ -4,8 +4,10 @@ A Ray cluster started inside `worker_env(path)` runs `install()` in every worker
 starts (tests/sitecustomize.py, on the workers' PYTHONPATH): it wraps the actor's per-unit
 loop (`ShardProcessor._units`) and the staging task (`jobs.corpus.staging.stage_source`) so
 that they sleep for what the JSON file at `path` says at the time of the call: {"<pool name>": seconds after each record batch of that pool's
-actors, "staging": seconds before each input is staged}. Tests write that file (the
-`slowdown` fixture); a missing or empty file slows nothing.
+actors, "staging": seconds before each input is staged, "staging_gate": a path: a staged
+input's first chunk is committed, then its staging waits until that file exists (at most
+GATE_S; then it writes `<path>.timeout`)}. Tests write that file (the `slowdown` fixture); a
+missing or empty file slows nothing.
 
 `python tests/slowdown.py run SPEC` is the CLI (`python -m jobs run SPEC`) with its Ray
 started that way (a driver in its own process: SLOWDOWN_FILE names the file).
@@ -27,6 +29,7 @@ ENV = "SLOWDOWN_FILE"
 # tasks are gone by the next job, whose planning then waits ~0.8 s for a fresh one.
 RAY_CONFIG = {"RAY_num_workers_soft_limit": "2"}
 HERE = str(Path(__file__).resolve().parent)
+GATE_S = 120.0
 
 
 @contextlib.contextmanager
@@ -55,6 +58,25 @@ def seconds(key: str) -> float:
         return 0.0
 
 
+def gate() -> str | None:
+    try:
+        return json.loads(Path(os.environ[ENV]).read_text() or "{}").get("staging_gate")
+    except (KeyError, FileNotFoundError):
+        return None
+
+
+def _gated(chunks: Any, path: str) -> Any:
+    """`chunks` (a staging generator), held after the first until `path` exists."""
+    for i, chunk in enumerate(chunks):
+        yield chunk
+        deadline = time.monotonic() + GATE_S
+        while i == 0 and not os.path.exists(path):
+            if time.monotonic() > deadline:
+                Path(f"{path}.timeout").write_text("")
+                break
+            time.sleep(0.05)
+
+
 def install() -> None:
     """Ray's worker_process_setup_hook: wrap the functions a slowdown applies to."""
     from jobs import actor
@@ -70,7 +92,8 @@ def install() -> None:
 
     def slow_stage(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds("staging"))
-        return stage(*args, **kwargs)
+        chunks = stage(*args, **kwargs)
+        return chunks if (path := gate()) is None else _gated(chunks, path)
 
     actor.ShardProcessor._units = slow_units
     staging.stage_source = slow_stage

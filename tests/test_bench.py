@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,40 @@ def test_no_product_module_imports_the_bench():
             else:
                 continue
             assert "bench" not in names, f"{path} imports the bench (line {node.lineno})"
+
+
+def test_heads_bench_prints_each_sides_ratio_to_vectors_only(tmp_path, monkeypatch, capsys,
+                                                             ray_local):  # fmt: skip
+    """A tiny `--heads` run: the runner loop, the actor's code and the full job (the session's
+    local Ray) of every side, ratios to vectors only against their targets, the token path's parts."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the job layer's own: not needed
+    out, threads = tmp_path / "heads.json", torch.get_num_threads()
+    args = ["--heads", "--heads-notes", "6", "--heads-rounds", "1", "--job-hidden", "32",
+            "--job-layers", "1", "--json", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["notes"] == 6 and figures["tokens"] > figures["windows"] > 6  # long notes
+    assert ray_local.is_initialized()  # the session's Ray, used and left running
+    assert torch.get_num_threads() == threads  # the runner loop's one thread, given back
+    sides = ["vectors", "classify", "tokens", "tokens+redact"]
+    targets = [None, 0.97, 0.90, 0.90]
+    views = ("runner_loop", "runner_loop_cpu", "actor_code", "actor_code_cpu", "job",
+             "job_actors_busy")  # fmt: skip
+    for view in views:
+        rows = figures[view]
+        assert list(rows) == sides
+        assert rows["vectors"]["ratio_best"] == rows["vectors"]["ratio_median"] == 1.0
+        assert [rows[s]["target"] for s in sides] == targets
+        for s in sides:
+            assert len(rows[s]["seconds"]) == 1 and rows[s]["notes_s_best"] > 0
+            assert rows[s]["ratio_best"] > 0 and rows[s]["met"] == (
+                None if s == "vectors" else rows[s]["ratio_best"] >= rows[s]["target"])  # fmt: skip
+    parts = figures["token_parts_s"]
+    assert {"stitch", "Subwords.flags", "group", "redact_notes", "encode_windows"} <= set(parts)
+    assert all(seconds > 0 for seconds in parts.values())
+    assert "task heads vs vectors only on" in printed and "full job (" in printed
+    for s, target in zip(sides[1:], targets[1:]):
+        assert re.search(rf"\n    {re.escape(s)} +[\d.]+ / +[\d.]+  [\d.]+ / [\d.]+  target >= "
+                         rf"{target:.2f}: (met|NOT MET)\n", printed), s  # fmt: skip
+    assert re.search(r"\n    Subwords\.flags +[\d.]+ ms +[\d.]+%\n", printed)

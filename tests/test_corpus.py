@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,7 +132,7 @@ def test_a_jobs_output_and_staging_inside_the_corpus_are_never_notes(tmp_path: P
         corpus = spec(format="parquet", paths=[str(root / own)])
         with pytest.raises(ValueError, match="is an output or staging dir of a clinicalbert job"):
             plan_shards(corpus, str(tmp_path / "staging"), shard_rows=100)
-    remove_staged(staging, staged)  # the marker goes with the last staged file
+    remove_staged(staging, [s.path for s in staged])  # the marker goes with the last staged file
     assert not (root / "jsonl_out.staging").exists()
 
 
@@ -713,7 +714,10 @@ def test_staging_writes_under_a_temporary_name_that_clean_staging_removes(
     seen: list[str] = []
 
     def interrupted(source, corpus):
-        yield pa.RecordBatch.from_pydict({"id": [1], "text": ["t1"]})
+        yield pa.RecordBatch.from_pydict({"id": [1, 2], "text": ["t1", "t2"]})  # a row group
+        deadline = time.monotonic() + 10  # read ahead of the writer: wait for its first chunk
+        while not any(staging.glob(f"{TMP_PREFIX}*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
         seen.extend(p.name for p in staging.iterdir())
         raise RuntimeError("killed")
 

@@ -615,16 +615,25 @@ def test_an_actor_that_cannot_start_costs_no_attempt_and_says_why(
     with caplog.at_level(logging.WARNING, logger="jobs.dispatch"):
         report = run(spec, tmp_path)
     assert report["rows_out"] == 30 and not report["shards"]["failed"]
-    assert report["retries"] == 0 and report["actor_restarts"] == 2  # the mac slot, twice
+    # a replacement takes shards only once it has started: the cpu actor may finish every
+    # shard before the mac slot's replacement has failed (restarted once) or after (twice)
+    assert report["retries"] == 0 and 1 <= report["actor_restarts"] <= 2
     starts = [r.getMessage() for r in caplog.records if "could not start" in r.message]
-    assert len(starts) == 3 and all(m.startswith("actor mac-0 could not start: ") for m in starts)
+    assert 1 <= len(starts) <= 3
+    assert all(m.startswith("actor mac-0 could not start: ") for m in starts)
     assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
 
     alone = job(tmp_path, model_dir, corpus, device_pool=[mac],
                 output={"path": str(tmp_path / "out2")})  # fmt: skip
-    report = run(alone, tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs.dispatch"):
+        report = run(alone, tmp_path)
     failed = report["shards"]["failed"]
     assert report["rows_out"] == 0 and len(failed) == 3 and report["retries"] == 0
+    assert report["actor_restarts"] == 2  # with no other actor the run waits for each start
+    starts = [m for r in caplog.records if (m := r.getMessage()).startswith("actor mac-0 could "
+              "not start: ")]  # fmt: skip
+    assert len(starts) == 3  # the first actor and its 2 replacements
     for f in failed:
         assert f["attempts"] == 0, f  # none of them ran
         assert f["error"].startswith("no live actor left (the last: actor mac-0 could not "

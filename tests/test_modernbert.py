@@ -411,6 +411,13 @@ def test_long_notes_tokenize_in_pieces_exactly(tmp_path, bpe):
         whole = nt([note, "short"])
         nt.chunk_chars = 500  # dozens of pieces
         pieces = nt([note, "short"])
-        for field in ("ids", "token_char", "token_end", "bounds", "char_start", "char_end",
-                      "note_tokens"):
+        for field in (
+            "ids",
+            "token_char",
+            "token_end",
+            "bounds",
+            "char_start",
+            "char_end",
+            "note_tokens",
+        ):
             np.testing.assert_array_equal(getattr(pieces, field), getattr(whole, field))

@@ -1,9 +1,14 @@
 """Precisions and devices: int8 on CPU (quality budget on a BERT-base-shaped checkpoint),
-`auto` never picking int8 unless allowed, and the mps / ROCm fallbacks forced on CPU."""
+`auto` never picking int8 unless allowed, the mps / ROCm fallbacks forced on CPU, and the
+fine-tuned classifiers (sequence and token, both families) in bf16 and int8 within the budgets
+measured in clinicalbert_core/README.md."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +20,12 @@ from clinicalbert_core import bert
 from clinicalbert_core.device import (
     MlmExecMode,
     check_device,
+    cpu_has_bf16,
     resolve_mlm_mode,
     resolve_precision,
     varlen_supported,
 )
+from clinicalbert_core.entities import softmax
 from clinicalbert_core.ops import PackedLinear, packed_linear_supported
 from clinicalbert_core.quant import Int8Linear, int8_supported
 from clinicalbert_core.runner import ClinicalBertRunner, RunnerOptions
@@ -26,6 +33,7 @@ from clinicalbert_core.tokenizer import Specials
 from jobs.bench.workload import windows_of, workload
 from jobs.predictor import EncoderPredictor
 from jobs.spec import PoolSpec
+from jobs.synthetic import make_bpe_tokenizer, make_notes, vocab_for
 
 pytestmark = pytest.mark.skipif(not int8_supported(), reason="no int8 GEMM in this torch build")
 
@@ -214,3 +222,157 @@ def test_varlen_falls_back_to_padded_sdpa(monkeypatch):
     assert not varlen_supported(cuda, torch.bfloat16)
     assert not varlen_supported(cuda, torch.float32)  # fp32 never takes varlen
     varlen_supported.cache_clear()
+
+
+# ---- fine-tuned classifiers in bf16 and int8 -----------------------------------------------
+HEAD_NOTES = make_notes(36, seed=7, min_words=10, max_words=120)  # ~4,150 tokens
+HEAD_LABELS = {"sequence": ("none", "heart failure", "diabetes", "copd"),
+               "token": ("O", "B-NAME", "I-NAME", "B-DATE", "I-DATE", "AGE")}  # fmt: skip
+HIDDEN = 128
+# the budgets were measured on bf16 units; elsewhere bf16 is emulated (slow, other roundings)
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="no AMX or AVX512-BF16 on this CPU")
+
+
+@dataclass(frozen=True)
+class HeadBudget:
+    """How far a reduced precision may move a head from fp32: max |logit| and |score|
+    differences (a token head's scores: per-token softmax and matched entities' scores),
+    the share of argmax labels kept, and (token heads) of `simple` entity spans kept."""
+
+    logits: float
+    scores: float
+    labels: float
+    spans: float = 1.0
+
+
+# about 1.5x the worst of six seeds (labels, spans: a few more flips), both families; the
+# figures: clinicalbert_core/README.md, "Classifier heads in bf16 and int8"
+HEAD_BUDGETS = {
+    ("sequence", "bf16"): HeadBudget(logits=0.75, scores=0.15, labels=0.90),
+    ("sequence", "int8"): HeadBudget(logits=1.2, scores=0.25, labels=0.85),
+    ("token", "bf16"): HeadBudget(logits=0.3, scores=0.08, labels=0.98, spans=0.97),
+    ("token", "int8"): HeadBudget(logits=0.45, scores=0.12, labels=0.97, spans=0.96),
+}
+
+
+@dataclass
+class HeadRun:
+    logits: np.ndarray  # float32[notes, L] (sequence) or [tokens, L] (token)
+    scores: np.ndarray  # the same shape: the runner's scores, or the tokens' softmax
+    spans: dict | None = None  # token heads: (note, start, end, label) -> score, `simple`
+
+
+def load_head(path: Path, precision: str) -> ClinicalBertRunner:
+    return ClinicalBertRunner.load(path, variant="custom", lowercase=False, precision=precision,
+                                   max_seq=256, batch_tokens=2048, embeddings=False,
+                                   classify=True)  # fmt: skip
+
+
+def run_head(runner: ClinicalBertRunner, kind: str) -> HeadRun:
+    if kind == "sequence":
+        out = runner.classify(HEAD_NOTES)
+        return HeadRun(out.logits, out.scores)
+    logits = runner.encode_windows(runner.tokenize(HEAD_NOTES)).token_logits
+    found = runner.entities(HEAD_NOTES, aggregation="simple")
+    spans = {(i, e["start"], e["end"], e["label"]): e["score"]
+             for i, note in enumerate(found) for e in note}  # fmt: skip
+    return HeadRun(logits, softmax(logits), spans)
+
+
+def head_checkpoint(path: Path, family: str, kind: str, seed: int = 0) -> Path:
+    """A random sequence or token classifier of either family, hidden 128, 4 layers. Random
+    q/k attend almost uniformly, so every note's [CLS] is nearly one vector: q/k x3 make
+    attention peaked, as a trained model's is. The classifier is then rescaled so that each
+    label's fp32 logits over HEAD_NOTES (per note, or per token) have mean 0 and std 3: every
+    label is predicted, and logits reach about +-10, a fine-tuned head's range."""
+    import transformers
+    from test_modernbert import ids_of, perturb
+
+    labels = HEAD_LABELS[kind]
+    kw = dict(hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=4,
+              num_labels=len(labels), id2label=dict(enumerate(labels)))  # fmt: skip
+    head = "ForSequenceClassification" if kind == "sequence" else "ForTokenClassification"
+    torch.manual_seed(seed)
+    if family == "bert":
+        vocab = vocab_for()
+        config = transformers.BertConfig(vocab_size=len(vocab), intermediate_size=4 * HIDDEN, **kw)
+        model = getattr(transformers, "Bert" + head)(config)
+    else:
+        tok = make_bpe_tokenizer()
+        config = transformers.ModernBertConfig(
+            vocab_size=tok.get_vocab_size(), intermediate_size=3 * HIDDEN // 2,
+            max_position_embeddings=1024, local_attention=32, global_attn_every_n_layers=3,
+            **ids_of(tok, "modernbert"), **kw,
+        )  # fmt: skip
+        config._attn_implementation = "sdpa"
+        model = getattr(transformers, "ModernBert" + head)(config)
+    perturb(model.eval(), seed)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                w.mul_(3)
+            elif name.endswith("Wqkv.weight"):  # (3C, C): q and k first
+                w[: 2 * HIDDEN].mul_(3)
+    model.save_pretrained(path)
+    if family == "bert":
+        (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    else:
+        tok.save(str(path / "tokenizer.json"))
+    logits = run_head(load_head(path, "fp32"), kind).logits
+    gain = torch.from_numpy(3.0 / logits.std(0))
+    with torch.no_grad():
+        model.classifier.weight.mul_(gain[:, None])
+        model.classifier.bias.sub_(torch.from_numpy(logits.mean(0))).mul_(gain)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def head_runs(tmp_path_factory):
+    """(family, kind, precision) -> HeadRun; each checkpoint built once, each run made once."""
+    root = tmp_path_factory.mktemp("heads")
+
+    @cache
+    def run(family: str, kind: str, precision: str) -> HeadRun:
+        path = root / f"{family}-{kind}"
+        if not path.exists():
+            head_checkpoint(path, family, kind)
+        return run_head(load_head(path, precision), kind)
+
+    return run
+
+
+REDUCED = [pytest.param("bf16", marks=needs_bf16), "int8"]
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("family", ["bert", "modern"])
+def test_sequence_classifiers_in_reduced_precision_within_budget(head_runs, family, precision):
+    ref, out = head_runs(family, "sequence", "fp32"), head_runs(family, "sequence", precision)
+    budget = HEAD_BUDGETS["sequence", precision]
+    labels = ref.logits.argmax(1)
+    assert len(set(labels.tolist())) == len(HEAD_LABELS["sequence"])  # every label predicted
+    assert not np.array_equal(out.logits, ref.logits)  # the reduced path really ran
+    logits, scores = np.abs(out.logits - ref.logits).max(), np.abs(out.scores - ref.scores).max()
+    assert logits <= budget.logits and scores <= budget.scores, (logits, scores)
+    kept = (out.logits.argmax(1) == labels).mean()
+    assert kept >= budget.labels, kept
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("family", ["bert", "modern"])
+def test_token_classifiers_in_reduced_precision_within_budget(head_runs, family, precision):
+    ref, out = head_runs(family, "token", "fp32"), head_runs(family, "token", precision)
+    budget = HEAD_BUDGETS["token", precision]
+    labels = ref.logits.argmax(1)
+    assert len(labels) > 4000 and np.bincount(labels, minlength=6).min() > 400  # every label
+    assert not np.array_equal(out.logits, ref.logits)
+    logits, scores = np.abs(out.logits - ref.logits).max(), np.abs(out.scores - ref.scores).max()
+    assert logits <= budget.logits and scores <= budget.scores, (logits, scores)
+    kept = (out.logits.argmax(1) == labels).mean()
+    assert kept >= budget.labels, kept
+    same = ref.spans.keys() & out.spans.keys()
+    assert len(ref.spans) > 2000
+    spans = len(same) / max(len(ref.spans), len(out.spans))
+    moved = max(abs(ref.spans[k] - out.spans[k]) for k in same)
+    assert spans >= budget.spans and moved <= budget.scores, (spans, moved)

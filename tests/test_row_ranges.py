@@ -55,7 +55,7 @@ def old_id(corpus: CorpusSpec, staging: Path, row_groups: list[int]) -> str:
     """The id a shard of whole row groups had before row ranges, computed as that code did:
     sha256 of the sorted JSON [file identity, row groups, row_limit], 16 hex digits."""
     (source,) = list_sources(corpus, 10)
-    identity = stage_source(source, corpus, str(staging), 10).identity
+    identity = next(stage_source(source, corpus, str(staging), 10)).identity
     key = json.dumps([identity, row_groups, None], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
                    help="hidden size of --job's random BERT (256; 4 heads, so a multiple of 4)")  # fmt: skip
     p.add_argument("--job-layers", type=at_least(1), default=4,
                    help="layers of --job's random BERT (4)")  # fmt: skip
+    p.add_argument("--heads", action="store_true",
+                   help="instead: the runner loop, the actor's code and the full job with "
+                   "heads.classify and heads.tokens vs vectors only (--job-hidden, "
+                   "--job-layers)")  # fmt: skip
+    p.add_argument("--heads-notes", type=at_least(1), default=120, help="notes for --heads (120)")
+    p.add_argument("--heads-rounds", type=at_least(1), default=3,
+                   help="--heads: interleaved rounds per side; best and median (3)")  # fmt: skip
     p.add_argument("--arch", choices=("bert", "modernbert"), default="bert",
                    help="modernbert: ModernBERT-base shape, mixed 64-2,048-token notes and single "
                    "notes (--single-lengths) vs transformers' ModernBertModel")  # fmt: skip
@@ -59,6 +66,14 @@ def parser() -> argparse.ArgumentParser:
                    help="fake actors for --dispatch (1000)")  # fmt: skip
     p.add_argument("--dispatch-shards", type=at_least(1), default=50_000,
                    help="shards for --dispatch (50000)")  # fmt: skip
+    p.add_argument("--scale", type=at_least(1), metavar="N",
+                   help="instead: validate, the dry run, a real run's planning and verify on an "
+                   "N-note synthetic Parquet corpus (made once, cached), each step's wall time "
+                   "and the driver's peak RSS; then --dispatch")  # fmt: skip
+    p.add_argument("--scale-ids", choices=("int64", "string"), default="int64",
+                   help="--scale: the corpus's note ids (int64, or 14-character strings)")  # fmt: skip
+    p.add_argument("--cache", help="--scale: where corpora are cached "
+                   "(default ~/.cache/clinicalbert/bench)")  # fmt: skip
     p.add_argument("--long-note-memory", action="store_true",
                    help="instead: an actor's peak memory on very long notes vs normal ones "
                    "(its options: --long-note-memory --help)")  # fmt: skip
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from clinicalbert_core.ops import bound_onednn_caches
 
     bound_onednn_caches()  # before the probes' first oneDNN op, as a runner does
-    own = args.job or args.dispatch  # benchmarks of the job layer: no transformers needed
+    own = args.job or args.dispatch or args.scale or args.heads  # the job layer's: no transformers
     needs = ([] if own else ["transformers"]) + (list(PEER_MODULES) if args.peers else [])
     missing = missing_module(needs)
     if missing:
@@ -112,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     """The benchmark the options pick; its figures for --json (None: nothing to write)."""
     device = args.device
+    if args.scale:
+        from .scale import print_scale, scale_bench
+
+        result = scale_bench(args.scale, args.scale_ids, args.cache, args.dispatch_actors,
+                             args.dispatch_shards)  # fmt: skip
+        print_scale(result)
+        return result
     if args.dispatch:
         from .dispatch import dispatch_bench, print_dispatch
 
@@ -122,6 +144,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
         from .modernbert import modernbert_bench
 
         return modernbert_bench(args, device, argv)
+    if args.heads:
+        from .heads import heads_bench, print_heads
+
+        result = heads_bench(args)
+        print_heads(result)
+        return result
     if args.job:
         from .job import job_vs_runner
 

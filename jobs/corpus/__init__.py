@@ -1,7 +1,7 @@
 """Corpus readers, staging to Parquet, and shard planning.
 
 Every input ends up as Parquet row groups. Parquet inputs are read in place; jsonl, csv and
-text inputs (plain or compressed, e.g. `.gz`) are staged once into Parquet files under a
+text inputs (plain or compressed, e.g. `.gz`) are staged once into Parquet chunk files under a
 staging dir, with row groups of `shard_rows` rows. A `Shard` is a deterministic slice of one
 Parquet file: a run of its row groups or a row range of one larger than `shard_rows`,
 optionally cut at `row_limit` rows (only for `corpus.limit`). Paths are local paths or URIs
@@ -14,7 +14,8 @@ parallel tasks, and actors call `read_shard`. Nothing here logs or raises with n
     formats.py   corpus.format -> its module: parquet.py jsonl.py csv.py text.py
     textfile.py  what csv and jsonl share: lines, sniffing, StartOver
     listing.py   spec paths -> Sources (globs, dirs, a job's own dirs left out)
-    staging.py   a Source -> a ParquetInput (staged once, atomically); cleaning up
+    staging.py   a Source -> ParquetInputs, a chunk each (staged once, atomically); cleaning up
+    arrivals.py  pipelined staging: each chunk as committed, its shards, types and ids checked
     shards.py    plan_shards, read_shard
     values.py    column checks, text layouts, missing ids, `where`, cutting by bytes
     ids.py       repeated ids; idscan.py: the hashing scan it shares with `verify`

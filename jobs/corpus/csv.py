@@ -205,7 +205,7 @@ def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:
     """The textual id/kept columns (read as raw bytes) as strings: a value that is not UTF-8
     becomes null and its column is named in `_undecodable` for that row, so one bad byte
     never turns a whole column into binary. Other columns pass through."""
-    bad: list[list[str]] = [[] for _ in range(batch.num_rows)]
+    bad: dict[int, list[str]] = {}  # row -> its columns whose value is not UTF-8
     arrays, names = [], []
     for name in batch.schema.names:
         arr = batch.column(name)
@@ -219,12 +219,16 @@ def _decoded(batch: pa.RecordBatch, columns: tuple[str, ...]) -> pa.RecordBatch:
                         values.append(None if v is None else v.decode("utf-8"))
                     except UnicodeDecodeError:
                         values.append(None)
-                        bad[i].append(name)
+                        bad.setdefault(i, []).append(name)
                 arr = pa.array(values, pa.string())
         arrays.append(arr)
         names.append(name)
-    marks = pa.array([",".join(b) if b else None for b in bad], pa.string())
-    return pa.RecordBatch.from_arrays([*arrays, marks], names=[*names, UNDECODABLE])
+    if bad:
+        marks = [",".join(bad[i]) if i in bad else None for i in range(batch.num_rows)]
+        marked = pa.array(marks, pa.string())
+    else:  # no Python work per row in the common case
+        marked = pa.nulls(batch.num_rows, pa.string())
+    return pa.RecordBatch.from_arrays([*arrays, marked], names=[*names, UNDECODABLE])
 
 
 def _reader(

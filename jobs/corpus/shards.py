@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from ..fs import filesystem
 from ..spec import CorpusSpec
 from . import staging
+from .formats import FORMATS
 from .listing import list_sources
 from .units import ParquetInput, Shard, Source, digest
 from .values import (
@@ -145,6 +147,7 @@ def plan_shards(
         [Callable[[Source], ParquetInput], Iterable[Source]], Iterable[ParquetInput]
     ] = map,
     committed: Collection[str] = frozenset(),
+    staged: list[str] | None = None,
 ) -> list[Shard]:
     """List the corpus, stage what needs it, and cut it into shards, in a deterministic order.
 
@@ -154,16 +157,32 @@ def plan_shards(
     to `shard_rows` rows; a larger row group is cut into row ranges of about `shard_rows` rows,
     unless `committed` (the shard ids an earlier run's output holds) has it whole. `corpus.limit`:
     shards are kept in order until N rows pass `where`; the shard crossing the limit gets a
-    `row_limit` (input rows to read) and later shards are dropped.
+    `row_limit` (input rows to read) and later shards are dropped. `staged` gets the path of
+    every staged chunk file of the corpus (the limit's left-out inputs' too), to remove them.
     """
     sources = list_sources(corpus, shard_rows)
-    fn = partial(
-        staging.stage_source, corpus=corpus, staging_dir=staging_dir, shard_rows=shard_rows
-    )
-    inputs = list(map_fn(fn, sources))
+    fn = partial(staged_inputs, corpus=corpus, staging_dir=staging_dir, shard_rows=shard_rows,
+                 chunk_rows=staging.CHUNK_ROWS)  # fmt: skip
+    inputs = [parquet for chunks in map_fn(fn, sources) for parquet in chunks]
+    if staged is not None and FORMATS[corpus.format].STAGED:
+        staged += [parquet.path for parquet in inputs]
     check_column_types(inputs)
     shards = [s for parquet in inputs for s in _split(parquet, shard_rows, committed)]
     return shards if corpus.limit is None else limit_shards(shards, corpus)
+
+
+def staged_inputs(source: Source, **staging_args: Any) -> list[ParquetInput]:
+    """A source's ParquetInputs once staged (`staging.stage_source`'s arguments), in order;
+    a chunk staged again (JSONL read line by line, other column types) as staged last."""
+    chunks = {p.identity: p for p in staging.stage_source(source, **staging_args)}
+    return list(chunks.values())
+
+
+def input_shards(
+    parquet: ParquetInput, shard_rows: int, committed: Collection[str] = frozenset()
+) -> list[Shard]:
+    """The shards of one Parquet input (see `plan_shards`)."""
+    return _split(parquet, shard_rows, committed)
 
 
 def _split(parquet: ParquetInput, shard_rows: int, committed: Collection[str]) -> list[Shard]:
