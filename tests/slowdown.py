@@ -52,33 +52,38 @@ def worker_env(path: str | os.PathLike) -> Iterator[None]:
 
 
 def seconds(key: str) -> float:
-    try:
-        return float(json.loads(Path(os.environ[ENV]).read_text() or "{}").get(key, 0.0))
-    except (KeyError, FileNotFoundError):
-        return 0.0
+    return float(planned(key) or 0.0)
 
 
-def gate() -> str | None:
+def planned(key: str) -> Any:
     try:
-        return json.loads(Path(os.environ[ENV]).read_text() or "{}").get("staging_gate")
+        return json.loads(Path(os.environ[ENV]).read_text() or "{}").get(key)
     except (KeyError, FileNotFoundError):
         return None
+
+
+def wait_for(path: str) -> None:
+    """Until `path` exists (at most GATE_S; then `<path>.timeout` is written)."""
+    deadline = time.monotonic() + GATE_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            Path(f"{path}.timeout").write_text("")
+            return
+        time.sleep(0.05)
 
 
 def _gated(chunks: Any, path: str) -> Any:
     """`chunks` (a staging generator), held after the first until `path` exists."""
     for i, chunk in enumerate(chunks):
         yield chunk
-        deadline = time.monotonic() + GATE_S
-        while i == 0 and not os.path.exists(path):
-            if time.monotonic() > deadline:
-                Path(f"{path}.timeout").write_text("")
-                break
-            time.sleep(0.05)
+        if i == 0:
+            wait_for(path)
 
 
 def install() -> None:
     """Ray's worker_process_setup_hook: wrap the functions a slowdown applies to."""
+    import ray
+
     from jobs import actor
     from jobs.corpus import staging
 
@@ -89,11 +94,14 @@ def install() -> None:
             yield unit
             if unit.last:
                 time.sleep(seconds(self.pool.name))
+                hold = planned("hold")
+                if hold and hold["node"] == ray.get_runtime_context().get_node_id():
+                    wait_for(hold["until"])
 
     def slow_stage(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds("staging"))
         chunks = stage(*args, **kwargs)
-        return chunks if (path := gate()) is None else _gated(chunks, path)
+        return chunks if (path := planned("staging_gate")) is None else _gated(chunks, path)
 
     actor.ShardProcessor._units = slow_units
     staging.stage_source = slow_stage

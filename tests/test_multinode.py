@@ -16,6 +16,12 @@ from test_jobs import assert_equals_clean_run, check_exactly_once, job, parquet_
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+# A removed node's raylet is gone: each health check of it fails at once, so the head declares
+# it dead after 4 checks 0.5 s apart (Ray's default: 5 checks 3 s apart, ~15 s). A live node
+# is declared dead only after 4 checks in a row fail, each timing out after 10 s.
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
 @pytest.fixture
 def cluster(own_ray, slowdown_file, monkeypatch):
     """start(workers): a head with no CPUs (the driver and the commit gate; no actor) and
@@ -35,7 +41,7 @@ def cluster(own_ray, slowdown_file, monkeypatch):
     def start(workers: int) -> tuple[Cluster, list]:
         with slowdown_hooks.worker_env(slowdown_file):  # every raylet started here inherits it
             started.append(Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "include_dashboard": False}))  # fmt: skip
+                "num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS}))  # fmt: skip
             nodes = [started[-1].add_node(num_cpus=1) for _ in range(workers)]
             started[-1].wait_for_nodes()
         ray.init(address=started[-1].address, logging_level=logging.WARNING)
@@ -56,17 +62,27 @@ def node_of(handle) -> str:
     return ray.get(handle.describe.options(concurrency_group="monitor").remote())["node_id"]
 
 
-def lose_a_busy_node(cluster, workers: list, out: Path, seen: dict, then=None):
+def lose_a_busy_node(cluster, workers: list, out: Path, seen: dict, then=None, replaced=None):
     """An on_result hook: once two shards are committed on disk, remove the node of an actor
-    with shards in flight (its raylet and every process on it), and call `then()`. What it
+    with shards in flight (its raylet and every process on it), and call `then(seen)`. What it
     saw goes in `seen`: each actor's node, the parts committed and the shards in flight on
-    the node then, the node removed, and the node the replacement actor's first result came
-    from."""
+    the node then, the node removed, and the node of the replacement actor once a result of
+    the replacement came (then `replaced()` is called).
+
+    The lost actor's slot may still report results of its old actor (those finished before
+    the node went, collected after): at most the shards it had in flight. A result past that
+    count is the replacement's (asking a replacement that never started for its node would
+    wait for ever)."""
 
     def hook(result, slot, slots):
         if "removed" in seen:
-            if slot.restarts and "replacement" not in seen:  # a result of the replacement
+            if slot.name != seen["victim"] or "replacement" in seen:
+                return
+            seen["victim_results"] += 1
+            if seen["victim_results"] > seen["in_flight"]:  # the replacement's
                 seen["replacement"] = node_of(slot.handle)
+                if replaced is not None:
+                    replaced()
             return
         committed = len(list(out.glob("part-*.parquet")))
         busy = [s for s in slots if s.in_flight]
@@ -75,11 +91,12 @@ def lose_a_busy_node(cluster, workers: list, out: Path, seen: dict, then=None):
         seen["nodes"] = {s.name: node_of(s.handle) for s in slots}
         victim = busy[0]
         seen["committed"], seen["in_flight"] = committed, victim.in_flight
+        seen["victim"], seen["victim_results"] = victim.name, 0
         node = next(n for n in workers if n.node_id == seen["nodes"][victim.name])
         cluster.remove_node(node)
         seen["removed"] = node.node_id
         if then is not None:
-            then()
+            then(seen)
 
     return hook
 
@@ -103,16 +120,24 @@ def test_a_worker_node_removed_mid_run_and_every_row_is_written_once(
     tmp_path, model_dir, cluster, slowdown
 ):
     """3 worker nodes, the pool's 2 actors on two of them. Once two shards are committed, the
-    node of an actor with shards in flight is removed. The run completes: the lost actor's
-    shards re-run, its replacement starts on the free node and commits shards there, no shard
-    fails, the report adds up, and the output equals a clean run's, each id once."""
+    node of an actor with shards in flight is removed, and the surviving actor held (after its
+    current record batch) until the lost actor's replacement has committed a shard: the
+    replacement starts on the free node and commits there. The run completes: the lost
+    actor's shards re-run, no shard fails, the report adds up, and the output equals a clean
+    run's, each id once."""
     cluster, workers = cluster(3)
     table, corpus = parquet_corpus(tmp_path, 60)
     spec = job(tmp_path, model_dir, corpus, run={"shard_rows": 5, "batch_rows": 5})
-    out, seen = tmp_path / "out", {}
+    out, seen, release = tmp_path / "out", {}, tmp_path / "release"
     slowdown({"cpu": 0.3})  # each shard (one record batch) takes 0.3 s more: removed mid-shard
 
-    report = run(spec, tmp_path, on_result=lose_a_busy_node(cluster, workers, out, seen))
+    def hold_the_survivor(seen: dict) -> None:
+        survivor = next(n for a, n in seen["nodes"].items() if a != seen["victim"])
+        slowdown({"cpu": 0.3, "hold": {"node": survivor, "until": str(release)}})
+
+    hook = lose_a_busy_node(cluster, workers, out, seen, then=hold_the_survivor,
+                            replaced=release.touch)  # fmt: skip
+    report = run(spec, tmp_path, on_result=hook)
 
     worker_ids = {n.node_id for n in workers}
     assert "removed" in seen, "the job ended before two shards were committed"
@@ -121,6 +146,7 @@ def test_a_worker_node_removed_mid_run_and_every_row_is_written_once(
     assert 2 <= seen["committed"] < 12  # removed mid-run: some shards done, others left
     spare = worker_ids - set(seen["nodes"].values())
     assert seen.get("replacement") in spare, seen  # the replacement committed on the free node
+    assert not Path(f"{release}.timeout").exists()  # the survivor was released, not timed out
     # the lost actor's shards: those in flight on it, and any handed to it before its death
     # reached the driver (a slot holds at most 2)
     assert report["actor_restarts"] == 1 and 1 <= report["retries"] <= 2
@@ -135,8 +161,8 @@ def test_a_lost_node_with_no_room_for_a_replacement_completes_on_the_nodes_left(
 ):
     """2 worker nodes, one actor on each, no free node: once two shards are committed, the node
     of a busy actor is removed. The shards left must run on the surviving actor (the
-    replacement cannot start anywhere). The job runs in a thread; should it still run 15 s
-    after the removal, a node is added (from this thread: Ray starts nodes from the main
+    replacement cannot start anywhere). The job runs in a thread; should it still run 30 s
+    after the removal (the node is declared dead after ~2 s, the lost shards re-run in ~1 s), a node is added (from this thread: Ray starts nodes from the main
     thread only) so that it ends: the test fails if that was needed."""
     cluster, workers = cluster(2)
     table, corpus = parquet_corpus(tmp_path, 60)
@@ -144,7 +170,7 @@ def test_a_lost_node_with_no_room_for_a_replacement_completes_on_the_nodes_left(
     out, seen, added, ended = tmp_path / "out", {}, [], {}
     slowdown({"cpu": 0.3})
     removed = threading.Event()
-    hook = lose_a_busy_node(cluster, workers, out, seen, then=removed.set)
+    hook = lose_a_busy_node(cluster, workers, out, seen, then=lambda _: removed.set())
 
     def go() -> None:
         try:
@@ -155,7 +181,7 @@ def test_a_lost_node_with_no_room_for_a_replacement_completes_on_the_nodes_left(
     job_thread = threading.Thread(target=go)
     job_thread.start()
     removed.wait(timeout=120)
-    job_thread.join(timeout=15)
+    job_thread.join(timeout=30)
     if job_thread.is_alive():  # waiting for a node to start the lost actor's replacement on
         added.append(cluster.add_node(num_cpus=1))
     job_thread.join(timeout=120)
