@@ -56,6 +56,8 @@ def test_scale_bench_prints_every_steps_figures(tmp_path, monkeypatch, capsys):
     plan = figures["steps"]["plan"]
     assert plan["shards"] == made["output_parts"] == 8 and plan["rows"] == 2000
     assert plan["ids_s"] is not None  # the driver's repeated-id check ran, and said how long
+    assert plan["resume_ids"] == "verdict kept"  # a resume over the same corpus read no id
+    assert "verdict kept" in printed
     assert verify_output(str(root / "output")) == []  # a finished output, as verify expects
     written = pq.read_table(root / "output", columns=["id"])["id"].to_pylist()
     assert sorted(written) == sorted(ids)

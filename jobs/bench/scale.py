@@ -19,7 +19,8 @@ Then each step runs in a fresh `python -m jobs.bench.scale STEP DIR` process, so
     validate   `clinicalbert validate job.yaml` (footers, the shard plan, every id checked once)
     dry-run    `clinicalbert run --dry-run job.yaml` (a private local Ray, run.dry_run_notes notes)
     plan       a real run's planning, no encoding: open_job (checks, model, output claimed),
-               the Ray connection, plan_job (shards, repeated ids)
+               the Ray connection, plan_job (shards, repeated ids); then a resume's
+               planning over the same output (the ids' verdict kept: no id read)
     verify     `clinicalbert verify output/`
 
 and the dispatcher benchmark (`--dispatch`) in this process.
@@ -253,13 +254,19 @@ def _plan(root: Path) -> dict[str, Any]:
             t2 = time.perf_counter()
             plan = plan_job(job, spec.device_pool)
             t3 = time.perf_counter()
+        with open_job(spec) as job:  # a resume's planning: the corpus unchanged, its verdict kept
+            plan_job(job, spec.device_pool)
+            t4 = time.perf_counter()
         ray.shutdown()
-        t4 = time.perf_counter()
+        t5 = time.perf_counter()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ids = messages.seconds(r"ids checked for repeats \(([\d.]+)s\)")
+    kept = any("the corpus is unchanged since" in line for line in messages.lines)
     return {"open_s": round(t1 - t0, 2), "ray_start_s": round(t2 - t1, 2),
-            "plan_s": round(t3 - t2, 2), "ids_s": ids, "ray_stop_s": round(t4 - t3, 2),
+            "plan_s": round(t3 - t2, 2), "ids_s": ids, "resume_plan_s": round(t4 - t3, 2),
+            "resume_ids": "verdict kept" if kept else "ids read again",
+            "ray_stop_s": round(t5 - t4, 2),
             "shards": len(plan.shards), "rows": sum(s.num_rows for s in plan.shards)}  # fmt: skip
 
 
@@ -342,7 +349,8 @@ def print_scale(result: dict[str, Any]) -> None:
         if name == "plan":
             line += (f"  (open_job {s['open_s']:.2f}s, Ray start {s['ray_start_s']:.2f}s, "
                      f"plan_job {s['plan_s']:.2f}s of which ids {s['ids_s']}s, Ray stop "
-                     f"{s['ray_stop_s']:.2f}s; {s['shards']:,} shards)")  # fmt: skip
+                     f"{s['ray_stop_s']:.2f}s; {s['shards']:,} shards; a resume's plan_job "
+                     f"{s['resume_plan_s']:.2f}s, {s['resume_ids']})")  # fmt: skip
         print(line)
     print_dispatch(result["dispatch"])
 
