@@ -322,7 +322,7 @@ def _stop(
 
     lost = isinstance(stopped, NodeLost)
     if plan.feed is not None:  # no chunk is staged for a run that has stopped
-        plan.feed.close()
+        plan.feed.close(lost)
     if stopped is not None:  # after a lost node the gate's process outlives its raylet:
         # closed, it grants nothing; unanswered, there is no gate either
         done, _ = ray.wait([gate.close.remote()], timeout=NODE_LOST_WAIT_S if lost else None)

@@ -14,7 +14,7 @@ from .dispatch import fmt_duration
 from .fs import current_umask
 from .preflight import pool_problems
 from .spec import JobSpec, PoolSpec, SpecError
-from .watch import LocalNode
+from .watch import LocalNode, NodeLost
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,38 @@ def ray_map(
                          len(refs) - len(pending), len(refs), fmt_duration(last - t0))  # fmt: skip
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
+        stop_tasks(pending)
         raise e.cause from None
+    except NodeLost:  # the tasks went with the node
+        raise
+    except BaseException:  # Ctrl-C: the other inputs' tasks end here too
+        stop_tasks(pending)
+        raise
+
+
+STOP_GRACE_S = 2.0  # how long a cancelled task may take to stop before its worker is killed
+
+
+def stop_tasks(tasks: list[Any], grace_s: float = STOP_GRACE_S) -> None:
+    """Cancel Ray tasks (object refs or streaming generators) and return once each has ended.
+    A cancel interrupts the task's Python code (a KeyboardInterrupt in its worker's main
+    thread); a task still running `grace_s` later is cancelled with force: its worker is
+    killed. A task left running would hold its CPU (the next run's tasks wait for it) and go
+    on writing what a later run writes again."""
+    import ray
+
+    if not tasks:
+        return
+    ends = [t.completed() if isinstance(t, ray.ObjectRefGenerator) else t for t in tasks]
+    for end in ends:
+        ray.cancel(end)
+    _, running = ray.wait(ends, num_returns=len(ends), timeout=grace_s, fetch_local=False)
+    if running:
+        log.warning("%d task(s) still running %.0f s after they were cancelled: their workers "
+                    "are killed", len(running), grace_s)  # fmt: skip
+    for end in running:
+        ray.cancel(end, force=True)
+    ray.wait(running, num_returns=len(running), timeout=10.0, fetch_local=False)
 
 
 GPU_CPUS = 4  # CPUs a cuda actor tokenizes on when its pool leaves cpus_per_actor unset

@@ -17,10 +17,10 @@ from .corpus import FORMATS, Shard, Source, list_sources, staging
 from .corpus.arrivals import Arrival, Intake, arrivals
 from .dispatch import fmt_duration
 from .fs import current_umask
-from .launch import ray_map
+from .launch import ray_map, stop_tasks
 from .preflight import repeated_ids_problem
 from .spec import JobSpec, SpecError
-from .watch import LocalNode
+from .watch import LocalNode, NodeLost
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ class StagingFeed:
                     log.info("planning: %d of %d inputs staging, %d shards staged, elapsed %s",
                              len(self.heard), len(self.tasks), len(self.intake.shards()),
                              fmt_duration(last - t0))  # fmt: skip
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self.close(lost=isinstance(e, NodeLost))
             raise
         return shards
 
@@ -143,12 +143,11 @@ class StagingFeed:
         except ray.exceptions.RayTaskError as e:  # the input's own error, in one line
             raise e.cause from None
 
-    def close(self) -> None:
-        """Cancel the tasks still staging (their committed chunks are kept for the next run;
-        a temporary file is removed as the task stops, or by the next run's clean-up)."""
-        import ray
-
-        for gen in self.live:
-            ray.cancel(gen)
+    def close(self, lost: bool = False) -> None:
+        """Stop the tasks still staging, returning once they have ended (their committed
+        chunks are kept for the next run; a temporary file is removed as the task stops, or
+        by the next run's clean-up). With the driver's node `lost`, they went with it."""
+        if not lost:
+            stop_tasks(self.live)
         self.cancelled = self.cancelled or bool(self.live)
         self.live = []

@@ -270,6 +270,97 @@ def test_a_run_stopped_mid_staging_resumes_to_a_clean_run(
     assert report["shards"]["committed_before"] == parts and first.stat().st_mtime_ns == mtime
     result = assert_equals_clean_run(tmp_path / "out", spec, tmp_path)
     check_exactly_once(table["note_id"].to_pylist(), result, None)
+    # the first run's staging task ended with it: it never sat out its gate (GATE_S)
+    assert not (tmp_path / "never.timeout").exists()
+
+
+def _deaf(heard: str):
+    """A streaming task that a cancel does not stop: it notes the interrupt and goes on."""
+    import os
+    import time
+
+    yield os.getpid()
+    for _ in range(1200):
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            Path(heard).write_text("interrupted")
+    yield "never cancelled"
+
+
+def _obedient():
+    """A streaming task that a cancel stops: Python code running (a cancel sets Python's
+    interrupt flag; one blocking call, e.g. a 60 s sleep, would not see it until it returns)."""
+    import os
+    import time
+
+    yield os.getpid()
+    for _ in range(1200):
+        time.sleep(0.05)
+
+
+@on_ray
+def test_stopped_tasks_end_and_a_task_deaf_to_its_cancel_loses_its_worker(ray_local, tmp_path):
+    """`stop_tasks` returns once every task has ended: a task its cancel interrupts ends so,
+    its worker kept; one still running after the grace is cancelled with force."""
+    import os
+    import time
+
+    from jobs.launch import stop_tasks
+
+    heard = tmp_path / "heard"
+    deaf = ray_local.remote(num_cpus=1)(_deaf).remote(str(heard))
+    obedient = ray_local.remote(num_cpus=1)(_obedient).remote()
+    pids = [ray_local.get(next(gen)) for gen in (deaf, obedient)]
+    t0 = time.monotonic()
+    stop_tasks([deaf, obedient], grace_s=1.0)
+    assert time.monotonic() - t0 < 20
+    ends = [deaf.completed(), obedient.completed()]
+    assert len(ray_local.wait(ends, num_returns=2, timeout=0)[0]) == 2  # both ended
+    assert heard.read_text() == "interrupted"  # the cancel reached it, and was ignored
+    for end in ends:
+        with pytest.raises((ray_local.exceptions.TaskCancelledError,
+                            ray_local.exceptions.WorkerCrashedError)):  # fmt: skip
+            ray_local.get(end)
+    deadline = time.monotonic() + 10
+    while _alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids[0]) and _alive(pids[1])  # only the deaf one's worker was killed
+    assert os.getpid() not in pids
+
+
+def _slow_or_refused(item: str, ended: str) -> None:
+    import time
+
+    if item == "refused":
+        raise ValueError("input refused")
+    try:
+        for _ in range(1200):
+            time.sleep(0.05)
+    finally:
+        Path(ended).write_text(item)
+
+
+@on_ray
+def test_an_input_refused_in_ray_map_stops_the_other_inputs_tasks(ray_local, tmp_path):
+    from functools import partial
+
+    from jobs.launch import ray_map
+
+    ended = tmp_path / "ended"
+    with pytest.raises(ValueError, match="input refused"):
+        ray_map(partial(_slow_or_refused, ended=str(ended)), ["slow", "refused"])
+    assert ended.read_text() == "slow"  # ended before ray_map raised, not a minute later
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @on_ray

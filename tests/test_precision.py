@@ -345,6 +345,15 @@ def head_runs(tmp_path_factory):
 REDUCED = [pytest.param("bf16", marks=needs_bf16), "int8"]
 
 
+def assert_within(ref: HeadRun, out: HeadRun, budget: HeadBudget) -> None:
+    """Logits, scores and argmax labels of a reduced-precision run against fp32's, in budget."""
+    assert not np.array_equal(out.logits, ref.logits)  # the reduced path really ran
+    logits, scores = np.abs(out.logits - ref.logits).max(), np.abs(out.scores - ref.scores).max()
+    assert logits <= budget.logits and scores <= budget.scores, (logits, scores)
+    kept = (out.logits.argmax(1) == ref.logits.argmax(1)).mean()
+    assert kept >= budget.labels, kept
+
+
 @pytest.mark.parametrize("precision", REDUCED)
 @pytest.mark.parametrize("family", ["bert", "modern"])
 def test_sequence_classifiers_in_reduced_precision_within_budget(head_runs, family, precision):
@@ -352,11 +361,7 @@ def test_sequence_classifiers_in_reduced_precision_within_budget(head_runs, fami
     budget = HEAD_BUDGETS["sequence", precision]
     labels = ref.logits.argmax(1)
     assert len(set(labels.tolist())) == len(HEAD_LABELS["sequence"])  # every label predicted
-    assert not np.array_equal(out.logits, ref.logits)  # the reduced path really ran
-    logits, scores = np.abs(out.logits - ref.logits).max(), np.abs(out.scores - ref.scores).max()
-    assert logits <= budget.logits and scores <= budget.scores, (logits, scores)
-    kept = (out.logits.argmax(1) == labels).mean()
-    assert kept >= budget.labels, kept
+    assert_within(ref, out, budget)
 
 
 @pytest.mark.parametrize("precision", REDUCED)
@@ -366,11 +371,7 @@ def test_token_classifiers_in_reduced_precision_within_budget(head_runs, family,
     budget = HEAD_BUDGETS["token", precision]
     labels = ref.logits.argmax(1)
     assert len(labels) > 4000 and np.bincount(labels, minlength=6).min() > 400  # every label
-    assert not np.array_equal(out.logits, ref.logits)
-    logits, scores = np.abs(out.logits - ref.logits).max(), np.abs(out.scores - ref.scores).max()
-    assert logits <= budget.logits and scores <= budget.scores, (logits, scores)
-    kept = (out.logits.argmax(1) == labels).mean()
-    assert kept >= budget.labels, kept
+    assert_within(ref, out, budget)
     same = ref.spans.keys() & out.spans.keys()
     assert len(ref.spans) > 2000
     spans = len(same) / max(len(ref.spans), len(out.spans))
