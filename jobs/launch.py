@@ -5,9 +5,13 @@ module knows how Ray starts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .dispatch import fmt_duration
@@ -33,12 +37,31 @@ def connect(address: str | None) -> None:
     log.info("%s", cluster_line())
 
 
-def _apply(fn: Any, item: Any, umask: int) -> Any:
-    old = os.umask(umask)  # the files a task writes get the driver's modes (private_files)
+@contextlib.contextmanager
+def task_setting(umask: int) -> Iterator[None]:
+    """How a planning or staging task runs in its Ray worker: the files it writes get the
+    driver's modes (private_files), and a cancel interrupts it. Ray's cancel raises
+    KeyboardInterrupt through Python's SIGINT handler, which a worker lacks where the process
+    that started Ray ignored SIGINT (`nohup clinicalbert run ... &`: the raylet and every
+    worker inherit SIG_IGN): there the cancel did nothing. The worker's own settings are
+    restored after the task."""
+    old_umask = os.umask(umask)
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():  # where Ray runs a task
+        handler = signal.getsignal(signal.SIGINT)
+        if handler in (signal.SIG_IGN, signal.SIG_DFL, None):
+            old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return fn(item)
+        yield
     finally:
-        os.umask(old)
+        os.umask(old_umask)
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+def _apply(fn: Any, item: Any, umask: int) -> Any:
+    with task_setting(umask):
+        return fn(item)
 
 
 def ray_map(
@@ -82,9 +105,9 @@ STOP_GRACE_S = 2.0  # how long a cancelled task may take to stop before its work
 def stop_tasks(tasks: list[Any], grace_s: float = STOP_GRACE_S) -> None:
     """Cancel Ray tasks (object refs or streaming generators) and return once each has ended.
     A cancel interrupts the task's Python code (a KeyboardInterrupt in its worker's main
-    thread); a task still running `grace_s` later is cancelled with force: its worker is
-    killed. A task left running would hold its CPU (the next run's tasks wait for it) and go
-    on writing what a later run writes again."""
+    thread, see `task_setting`), not a blocking call it is in; a task still running `grace_s`
+    later is cancelled with force: its worker is killed. A task left running would hold its
+    CPU (the next run's tasks wait for it) and go on writing what a later run writes again."""
     import ray
 
     if not tasks:

@@ -7,7 +7,6 @@ CSV.gz is read to its end.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -17,7 +16,7 @@ from .corpus import FORMATS, Shard, Source, list_sources, staging
 from .corpus.arrivals import Arrival, Intake, arrivals
 from .dispatch import fmt_duration
 from .fs import current_umask
-from .launch import ray_map, stop_tasks
+from .launch import ray_map, stop_tasks, task_setting
 from .preflight import repeated_ids_problem
 from .spec import JobSpec, SpecError
 from .watch import LocalNode, NodeLost
@@ -44,12 +43,10 @@ def start_feed(
 
 
 def _staged_stream(fn: Any, item: Any, umask: int) -> Iterator[Arrival]:
-    """The streaming task: `fn(item)`'s arrivals, its files written with the driver's modes."""
-    old = os.umask(umask)
-    try:
+    """The streaming task: `fn(item)`'s arrivals (in `task_setting`: the driver's file modes,
+    a cancel interrupts it)."""
+    with task_setting(umask):
         yield from fn(item)
-    finally:
-        os.umask(old)
 
 
 class StagingFeed:

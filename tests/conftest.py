@@ -43,10 +43,36 @@ def ray_local(slowdown_file: Path):
     import ray
 
     if not ray.is_initialized():
-        with slowdown_hooks.worker_env(slowdown_file):
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     logging_level=logging.WARNING)  # fmt: skip
+        _start_ray(slowdown_file)
     yield ray
+
+
+def _start_ray(slowdown_file: Path) -> None:
+    import ray
+
+    with slowdown_hooks.worker_env(slowdown_file):
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+
+
+@pytest.fixture
+def sigint_ignored(slowdown_file: Path):
+    """A local Ray started from a process that ignores SIGINT, as under `nohup clinicalbert
+    run ... &`: the raylet and every worker inherit SIG_IGN. Shut down after the test (the
+    next test that asks for `ray_local` starts the session's Ray afresh)."""
+    import signal
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _start_ray(slowdown_file)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

@@ -275,7 +275,7 @@ def test_a_run_stopped_mid_staging_resumes_to_a_clean_run(
 
 
 def _deaf(heard: str):
-    """A streaming task that a cancel does not stop: it notes the interrupt and goes on."""
+    """Arrivals that a cancel does not stop: the interrupt noted, and ignored."""
     import os
     import time
 
@@ -288,9 +288,9 @@ def _deaf(heard: str):
     yield "never cancelled"
 
 
-def _obedient():
-    """A streaming task that a cancel stops: Python code running (a cancel sets Python's
-    interrupt flag; one blocking call, e.g. a 60 s sleep, would not see it until it returns)."""
+def _obedient(_):
+    """Arrivals that a cancel stops: Python code running (a cancel sets Python's interrupt
+    flag; one blocking call, e.g. a 60 s sleep, would not see it until it returns)."""
     import os
     import time
 
@@ -300,33 +300,34 @@ def _obedient():
 
 
 @on_ray
-def test_stopped_tasks_end_and_a_task_deaf_to_its_cancel_loses_its_worker(ray_local, tmp_path):
-    """`stop_tasks` returns once every task has ended: a task its cancel interrupts ends so,
-    its worker kept; one still running after the grace is cancelled with force."""
-    import os
+def test_stopped_tasks_end_and_a_task_deaf_to_its_cancel_loses_its_worker(sigint_ignored, tmp_path):
+    """`stop_tasks` returns once every task has ended: a staging task its cancel interrupts
+    (in workers that inherited an ignored SIGINT too) ends so, its worker kept; one still
+    running after the grace is cancelled with force, its worker killed."""
     import time
 
+    from jobs.fs import current_umask
     from jobs.launch import stop_tasks
+    from jobs.pipeline import _staged_stream
 
-    heard = tmp_path / "heard"
-    deaf = ray_local.remote(num_cpus=1)(_deaf).remote(str(heard))
-    obedient = ray_local.remote(num_cpus=1)(_obedient).remote()
-    pids = [ray_local.get(next(gen)) for gen in (deaf, obedient)]
+    ray, heard = sigint_ignored, tmp_path / "heard"
+    task = ray.remote(num_cpus=1)(_staged_stream)
+    deaf = task.remote(_deaf, str(heard), current_umask())
+    obedient = task.remote(_obedient, None, current_umask())
+    pids = [ray.get(next(gen)) for gen in (deaf, obedient)]
     t0 = time.monotonic()
     stop_tasks([deaf, obedient], grace_s=1.0)
     assert time.monotonic() - t0 < 20
     ends = [deaf.completed(), obedient.completed()]
-    assert len(ray_local.wait(ends, num_returns=2, timeout=0)[0]) == 2  # both ended
+    assert len(ray.wait(ends, num_returns=2, timeout=0)[0]) == 2  # both ended
     assert heard.read_text() == "interrupted"  # the cancel reached it, and was ignored
     for end in ends:
-        with pytest.raises((ray_local.exceptions.TaskCancelledError,
-                            ray_local.exceptions.WorkerCrashedError)):  # fmt: skip
-            ray_local.get(end)
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+            ray.get(end)
     deadline = time.monotonic() + 10
     while _alive(pids[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pids[0]) and _alive(pids[1])  # only the deaf one's worker was killed
-    assert os.getpid() not in pids
 
 
 def _slow_or_refused(item: str, ended: str) -> None:
@@ -342,7 +343,9 @@ def _slow_or_refused(item: str, ended: str) -> None:
 
 
 @on_ray
-def test_an_input_refused_in_ray_map_stops_the_other_inputs_tasks(ray_local, tmp_path):
+def test_an_input_refused_in_ray_map_stops_the_other_inputs_tasks(sigint_ignored, tmp_path, caplog):
+    """The other inputs' tasks end before ray_map raises, their cancel enough (no worker
+    killed), in workers that inherited an ignored SIGINT too."""
     from functools import partial
 
     from jobs.launch import ray_map
@@ -351,6 +354,7 @@ def test_an_input_refused_in_ray_map_stops_the_other_inputs_tasks(ray_local, tmp
     with pytest.raises(ValueError, match="input refused"):
         ray_map(partial(_slow_or_refused, ended=str(ended)), ["slow", "refused"])
     assert ended.read_text() == "slow"  # ended before ray_map raised, not a minute later
+    assert "workers are killed" not in caplog.text
 
 
 def _alive(pid: int) -> bool:
