@@ -225,9 +225,16 @@ def checked_ids(
     log.info("ids checked for repeats (%.1fs)", time.monotonic() - t0)
     for line in unreadable:
         log.warning("corpus: %s", line)
-    if not unreadable and (verdict := verdict_json(key, repeated, shards)) is not None:
-        out.write_json(IDS_FILE, verdict)
+    if not unreadable:
+        keep_verdict(out, key, repeated, shards)
     return repeated
+
+
+def keep_verdict(out: OutputDir, key: str, repeated: RepeatedIds | None, shards: list[Shard]):
+    """Keep the verdict on these shards' ids in `out` (IDS_FILE): a resume over the unchanged
+    corpus reads no id."""
+    if (verdict := verdict_json(key, repeated, shards)) is not None:
+        out.write_json(IDS_FILE, verdict)
 
 
 def execute(plan: Plan, on_result: OnResult | None = None) -> DispatchOutcome:
@@ -301,6 +308,8 @@ def _staged_more(plan: Plan, progress: Progress, timeout_s: float) -> list[Shard
                  sum(s.num_rows for s in plan.shards))  # fmt: skip
         if spec.run.allow_duplicate_ids:  # read in this process: the actors hold the CPUs
             plan.repeated = refuse_repeated_ids(spec, plan.shards, plan.job.out)
+        else:  # every chunk's ids were checked as it came: none is repeated
+            keep_verdict(plan.job.out, verdict_key(plan.shards, spec.corpus), None, plan.shards)
     return todo
 
 

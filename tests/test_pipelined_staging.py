@@ -247,6 +247,30 @@ def test_a_csv_gz_job_encodes_while_it_is_staged_and_equals_a_clean_run(
 
 
 @on_ray
+def test_a_pipelined_runs_id_verdict_is_kept_for_a_resume(
+    tmp_path, model_dir, ray_local, small_chunks, caplog
+):
+    """Staging over, every chunk's ids checked as it came: the verdict is kept, so a run
+    planned whole from the staged chunks (all of them complete) reads no id again."""
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="jobs")
+    write_csv_gz(tmp_path / "notes.csv.gz", list(range(45)))
+    spec = job(tmp_path, model_dir, csv_corpus(tmp_path / "notes.csv.gz"),
+               run={"shard_rows": 5, "batch_rows": 4, "keep_staged": True})  # fmt: skip
+    run(spec, tmp_path)
+    assert "staging done: 9 shards" in caplog.text  # staged while it ran
+    assert json.loads((tmp_path / "out" / "_ids.json").read_text())["repeated"] is None
+    caplog.clear()
+    report = run(spec, tmp_path)
+    assert "staging done" not in caplog.text  # planned whole from the kept chunks
+    assert "the corpus is unchanged since a run that checked them" in caplog.text
+    assert "ids checked for repeats (" not in caplog.text
+    assert report["shards"]["committed_before"] == 9
+
+
+@on_ray
 def test_a_run_stopped_mid_staging_resumes_to_a_clean_run(
     tmp_path, model_dir, ray_local, slowdown, small_chunks
 ):
