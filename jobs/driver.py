@@ -230,7 +230,9 @@ def checked_ids(
     return repeated
 
 
-def keep_verdict(out: OutputDir, key: str, repeated: RepeatedIds | None, shards: list[Shard]):
+def keep_verdict(
+    out: OutputDir, key: str, repeated: RepeatedIds | None, shards: list[Shard]
+) -> None:
     """Keep the verdict on these shards' ids in `out` (IDS_FILE): a resume over the unchanged
     corpus reads no id."""
     if (verdict := verdict_json(key, repeated, shards)) is not None:

@@ -89,13 +89,12 @@ def ray_map(
                 log.info("planning: %d of %d inputs read or staged, elapsed %s",
                          len(refs) - len(pending), len(refs), fmt_duration(last - t0))  # fmt: skip
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:  # the input error itself, without Ray's traceback
-        stop_tasks(pending)
-        raise e.cause from None
     except NodeLost:  # the tasks went with the node
         raise
-    except BaseException:  # Ctrl-C: the other inputs' tasks end here too
+    except BaseException as e:  # an input refused, Ctrl-C: the other inputs' tasks end here
         stop_tasks(pending)
+        if isinstance(e, ray.exceptions.RayTaskError):  # the input's error, without Ray's traceback
+            raise e.cause from None
         raise
 
 
@@ -116,9 +115,10 @@ def stop_tasks(tasks: list[Any], grace_s: float = STOP_GRACE_S) -> None:
     for end in ends:
         ray.cancel(end)
     _, running = ray.wait(ends, num_returns=len(ends), timeout=grace_s, fetch_local=False)
-    if running:
-        log.warning("%d task(s) still running %.0f s after they were cancelled: their workers "
-                    "are killed", len(running), grace_s)  # fmt: skip
+    if not running:
+        return
+    log.warning("%d task(s) still running %.0f s after they were cancelled: their workers are "
+                "killed", len(running), grace_s)  # fmt: skip
     for end in running:
         ray.cancel(end, force=True)
     ray.wait(running, num_returns=len(running), timeout=10.0, fetch_local=False)
